@@ -1,0 +1,115 @@
+//! The admin endpoint: `/healthz` (alive), `/readyz` (connected, topology
+//! declared, consuming, not draining) and `/metrics` (Prometheus text,
+//! rendered by metrics-exporter-prometheus).
+
+use std::sync::{Arc, OnceLock};
+
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::worker::Health;
+
+/// Seconds; provider calls range from a few ms (local) to the 10 s timeout.
+const CALL_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide metrics recorder (once) and returns its handle.
+pub fn metrics_handle() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("approval_provider_call_duration_seconds".into()),
+                    CALL_BUCKETS,
+                )
+                .expect("static buckets are valid")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder (a test harness) may already be installed;
+            // the handle then simply renders nothing of ours.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(
+        "approval_decisions_total",
+        "Decisions settled, by provider, action and outcome status"
+    );
+    metrics::describe_histogram!(
+        "approval_provider_call_duration_seconds",
+        metrics::Unit::Seconds,
+        "Provider HTTP calls, by provider, operation and HTTP status class"
+    );
+    metrics::describe_counter!(
+        "approval_retries_scheduled_total",
+        "Retries scheduled, in process or through a retry queue"
+    );
+    metrics::describe_counter!(
+        "approval_parked_total",
+        "Decisions parked in P.dead, by error kind"
+    );
+    metrics::describe_gauge!("approval_in_flight", "Decisions being handled now");
+    metrics::describe_counter!(
+        "approval_token_refreshes_total",
+        "Provider access tokens fetched"
+    );
+    metrics::describe_counter!(
+        "approval_broker_reconnects_total",
+        "Broker sessions lost and retried"
+    );
+    metrics::describe_gauge!(
+        "approval_ready",
+        "1 when connected, consuming and not draining"
+    );
+}
+
+#[derive(Clone)]
+struct AdminState {
+    health: Arc<Health>,
+    metrics: PrometheusHandle,
+}
+
+pub fn router(health: Arc<Health>, metrics: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render))
+        .with_state(AdminState { health, metrics })
+}
+
+async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
+    if s.health.ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn render(State(s): State<AdminState>) -> ([(&'static str, &'static str); 1], String) {
+    s.metrics.run_upkeep();
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        s.metrics.render(),
+    )
+}
+
+/// Serves until `shutdown`; it keeps answering while the worker drains so
+/// probes see `/readyz` turn 503 rather than a refused connection.
+pub async fn serve(listener: TcpListener, health: Arc<Health>, stop: CancellationToken) {
+    let app = router(health, metrics_handle());
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+    {
+        tracing::error!(error = %e, "admin endpoint failed");
+    }
+}

@@ -1,0 +1,488 @@
+//! `approval-worker bench`: the worker's throughput, latency and memory,
+//! beside the broker's own ceiling measured in the same run.
+//!
+//! - ceiling: a bare relay loop with the worker's broker settings (quorum
+//!   queue, persistent messages, publisher confirms, manual acks, same
+//!   prefetch, one task per delivery): consume, publish a result, ack.
+//! - worker: the real `run` command as a child process (so its RSS and CPU
+//!   are its own) against the in-process simulator, with zero and then with
+//!   added provider latency.
+//!
+//! Rates are measured from the first to the last result of a pre-loaded
+//! queue, so publishing speed does not enter them; latency is measured on a
+//! paced stream, publish to outcome.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Channel, Connection,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions,
+    },
+    types::FieldTable,
+};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::{
+    broker::{self, Publisher, Topology},
+    capture,
+    settings::Settings,
+    sim::{self, Faults, PROVIDERS, SimConfig, samples},
+};
+
+const PHASE_DEADLINE: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub decisions: usize,
+    /// Providers the decisions are spread over (default: all five).
+    pub providers: Vec<String>,
+    pub provider_latency_ms: u64,
+    pub prefetch: Option<u16>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("RabbitMQ is not reachable at {0}")]
+    BrokerUnreachable(String),
+    #[error("broker error: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("{0}")]
+    Setup(String),
+    #[error("timed out in phase {0}: {1} of {2} results arrived")]
+    Timeout(&'static str, usize, usize),
+}
+
+pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, BenchError> {
+    let settings = Settings::load(config).map_err(|e| BenchError::Setup(e.to_string()))?;
+    let prefetch = options.prefetch.unwrap_or(settings.amqp.prefetch);
+    let n = options.decisions.max(10);
+    let url = settings.amqp_url_redacted();
+    let conn = broker::connect(&settings.amqp.url, "approval-worker bench")
+        .await
+        .map_err(|_| BenchError::BrokerUnreachable(url))?;
+
+    eprintln!("bench: ceiling, {n} messages at prefetch {prefetch}");
+    let ceiling = ceiling(&conn, prefetch, n).await?;
+    eprintln!("bench: ceiling {ceiling:.0}/s");
+
+    // The simulator shares the machine; skip its ECDSA verification so it
+    // takes less CPU from the worker being measured.
+    let sim_config = SimConfig {
+        ledger_v2_verify_signatures: false,
+        ..SimConfig::default()
+    };
+    let sim = sim::start(sim_config, "127.0.0.1:0".parse().expect("static address"))
+        .await
+        .map_err(|e| BenchError::Setup(format!("simulator: {e}")))?;
+    let prefix = format!("bench-w-{}", short_id());
+    let topology = Topology::new(&prefix, settings.amqp.delivery_limit);
+    let channel = conn.create_channel().await?;
+    topology.declare(&channel).await?;
+    let mut events = capture::outcomes(&channel, &topology).await?;
+    let publisher = Publisher::new(conn.create_channel().await?).await?;
+
+    let mix: Vec<&str> = if options.providers.is_empty() {
+        PROVIDERS.to_vec()
+    } else {
+        options.providers.iter().map(String::as_str).collect()
+    };
+    if let Some(bad) = mix.iter().find(|p| !PROVIDERS.contains(p)) {
+        return Err(BenchError::Setup(format!(
+            "unknown provider {bad}; expected some of {}",
+            PROVIDERS.join(",")
+        )));
+    }
+    // The phases compared with the ceiling use providers whose decision is
+    // one HTTP call. Ledger v2 makes two (challenge, then decision) and signs
+    // an ECDSA challenge; it is measured on its own and reported beside.
+    let one_call: Vec<&str> = mix.iter().copied().filter(|p| *p != "ledger_v2").collect();
+    let with_ledger_v2 = mix.contains(&"ledger_v2");
+    let mix = if one_call.is_empty() { mix } else { one_call };
+
+    // The worker starts and warms up (connections, provider tokens) first:
+    // the phases measure it running, not starting.
+    let mut worker = spawn_worker(config, &prefix, prefetch, &sim.worker_env())?;
+    let warm = n.min(2_000);
+    let bodies = sample_bodies(&mix, "w", warm, |i| {
+        if i % 2 == 0 { "approve" } else { "reject" }
+    });
+    publish_all(&publisher, &topology.decisions(), &bodies).await?;
+    drain_rate(&mut events, warm, "warm-up").await?;
+
+    // Phase A: zero latency. The publisher outruns the worker, so the rate
+    // between the first and the last outcome is the worker's.
+    let bodies = sample_bodies(
+        &mix,
+        "a",
+        n,
+        |i| if i % 2 == 0 { "approve" } else { "reject" },
+    );
+    eprintln!("bench: worker, {n} decisions, zero provider latency");
+    publish_all(&publisher, &topology.decisions(), &bodies).await?;
+    let worker_rate = drain_rate(&mut events, n, "worker").await?;
+    eprintln!("bench: worker {worker_rate:.0}/s");
+
+    // Latency: a paced stream at a third of the measured rate, so it shows
+    // the time through the worker rather than time spent queueing.
+    let paced = n.min(5_000);
+    let (p50, p99) = paced_latency(
+        &publisher,
+        &topology.decisions(),
+        &mut events,
+        &mix,
+        paced,
+        worker_rate / 3.0,
+    )
+    .await?;
+    eprintln!("bench: latency p50 {p50:.1} ms, p99 {p99:.1} ms");
+
+    // Phase B: added provider latency; the publisher outruns the worker, so
+    // the rate is the worker's.
+    let latency = options.provider_latency_ms;
+    for p in PROVIDERS {
+        sim.set_faults(
+            p,
+            Faults {
+                latency_ms: latency,
+                ..Faults::default()
+            },
+        );
+    }
+    let bodies = sample_bodies(&mix, "b", n, |_| "reject");
+    eprintln!("bench: worker, {n} decisions, {latency} ms provider latency");
+    publish_all(&publisher, &topology.decisions(), &bodies).await?;
+    let latency_rate = drain_rate(&mut events, n, "latency").await?;
+    let theoretical = if latency == 0 {
+        worker_rate
+    } else {
+        f64::from(prefetch) * 1000.0 / latency as f64
+    };
+    eprintln!("bench: with latency {latency_rate:.0}/s (theoretical max {theoretical:.0}/s)");
+
+    // Ledger v2 alone, with the latency phase's provider latency removed.
+    let ledger_v2_rate = if with_ledger_v2 {
+        sim.set_faults("ledger_v2", Faults::default());
+        let count = (n / 4).max(10);
+        let bodies = sample_bodies(&["ledger_v2"], "v2", count, |i| {
+            if i % 2 == 0 { "approve" } else { "reject" }
+        });
+        eprintln!("bench: worker, {count} Ledger v2 decisions (two calls and a signature each)");
+        publish_all(&publisher, &topology.decisions(), &bodies).await?;
+        Some(drain_rate(&mut events, count, "ledger_v2").await?)
+    } else {
+        None
+    };
+
+    let usage = process_usage(worker.id().unwrap_or_default());
+    terminate(&mut worker).await;
+    let stats = sim.stats();
+    let doubles: u64 = PROVIDERS
+        .iter()
+        .filter_map(|p| stats.provider(p))
+        .map(|s| s.double_state_changes)
+        .sum();
+    topology.delete(&channel).await?;
+    let _ = conn.close(200, "bench done".into()).await;
+    sim.shutdown();
+
+    let processed =
+        (2 * n + paced + warm + if with_ledger_v2 { (n / 4).max(10) } else { 0 }) as f64;
+    Ok(json!({
+        "decisions": n,
+        "providers": mix,
+        "prefetch": prefetch,
+        "ceiling_per_s": ceiling.round(),
+        "worker_per_s": worker_rate.round(),
+        "ratio": (worker_rate / ceiling * 100.0).round() / 100.0,
+        "p50_ms": (p50 * 10.0).round() / 10.0,
+        "p99_ms": (p99 * 10.0).round() / 10.0,
+        "provider_latency_ms": latency,
+        "latency_50ms_per_s": latency_rate.round(),
+        "latency_theoretical_per_s": theoretical.min(worker_rate).round(),
+        "peak_rss_mib": usage.map(|u| (u.peak_rss_kib as f64 / 1024.0 * 10.0).round() / 10.0),
+        "cpu_us_per_decision": usage.map(|u| (u.cpu_us as f64 / processed).round()),
+        "ledger_v2_per_s": ledger_v2_rate.map(f64::round),
+        "double_state_changes": doubles,
+    }))
+}
+
+fn sample_bodies(
+    mix: &[&str],
+    tag: &str,
+    n: usize,
+    action: impl Fn(usize) -> &'static str,
+) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            samples::decision(mix[i % mix.len()], action(i), &format!("{tag}-{i}"))
+                .to_string()
+                .into_bytes()
+        })
+        .collect()
+}
+
+fn short_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
+}
+
+/// Publishes every body with confirms pipelined (not awaited one by one).
+async fn publish_all(
+    publisher: &Publisher,
+    queue_or_exchange: &str,
+    bodies: &[Vec<u8>],
+) -> Result<(), BenchError> {
+    let channel = publisher.channel();
+    for body in bodies {
+        let _confirm = channel
+            .basic_publish(
+                "".into(),
+                queue_or_exchange.into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into()),
+            )
+            .await?;
+    }
+    channel.wait_for_confirms().await?;
+    Ok(())
+}
+
+/// Items per second between the first and the last of `n` results.
+async fn drain_rate<T>(
+    events: &mut mpsc::UnboundedReceiver<T>,
+    n: usize,
+    phase: &'static str,
+) -> Result<f64, BenchError> {
+    let deadline = Instant::now() + PHASE_DEADLINE;
+    let mut first = None;
+    let mut seen = 0;
+    while seen < n {
+        match tokio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            events.recv(),
+        )
+        .await
+        {
+            Ok(Some(_)) => {
+                seen += 1;
+                first.get_or_insert_with(Instant::now);
+            }
+            _ => return Err(BenchError::Timeout(phase, seen, n)),
+        }
+    }
+    let elapsed = first.map(|f| f.elapsed()).unwrap_or_default().as_secs_f64();
+    Ok(if elapsed > 0.0 {
+        (n - 1) as f64 / elapsed
+    } else {
+        n as f64
+    })
+}
+
+async fn paced_latency(
+    publisher: &Publisher,
+    queue: &str,
+    events: &mut mpsc::UnboundedReceiver<Value>,
+    mix: &[&str],
+    n: usize,
+    rate: f64,
+) -> Result<(f64, f64), BenchError> {
+    let mix: Vec<String> = mix.iter().map(|p| (*p).to_owned()).collect();
+    let rate = rate.max(100.0);
+    let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+    let publisher = publisher.clone();
+    let queue = queue.to_owned();
+    let log = sent.clone();
+    let pacer = tokio::spawn(async move {
+        let start = Instant::now();
+        for i in 0..n {
+            let due = start + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+            let id = format!("l-{i}");
+            let body = samples::decision(&mix[i % mix.len()], "reject", &id)
+                .to_string()
+                .into_bytes();
+            log.lock().expect("latency log").insert(id, Instant::now());
+            let _ = publisher
+                .channel()
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await;
+        }
+    });
+    let deadline = Instant::now() + PHASE_DEADLINE;
+    let mut latencies = Vec::with_capacity(n);
+    while latencies.len() < n {
+        match tokio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            events.recv(),
+        )
+        .await
+        {
+            Ok(Some(event)) => {
+                let arrived = Instant::now();
+                let id = event["decision_id"].as_str().unwrap_or_default();
+                if let Some(at) = sent.lock().expect("latency log").get(id) {
+                    latencies.push(arrived.duration_since(*at).as_secs_f64() * 1000.0);
+                }
+            }
+            _ => return Err(BenchError::Timeout("latency", latencies.len(), n)),
+        }
+    }
+    let _ = pacer.await;
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    Ok((pct(0.50), pct(0.99)))
+}
+
+/// The broker's relay ceiling with the worker's settings and no HTTP.
+async fn ceiling(conn: &Connection, prefetch: u16, n: usize) -> Result<f64, BenchError> {
+    let topology = Topology::new(&format!("bench-c-{}", short_id()), 20);
+    let setup = conn.create_channel().await?;
+    topology.declare(&setup).await?;
+    let mut results = capture::outcomes(&setup, &topology).await?;
+    let publisher = Publisher::new(conn.create_channel().await?).await?;
+    let body = samples::decision("qonto", "reject", "ceiling")
+        .to_string()
+        .into_bytes();
+    let bodies = vec![body; n];
+    publish_all(&publisher, &topology.decisions(), &bodies).await?;
+
+    let consume: Channel = conn.create_channel().await?;
+    consume
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let relay: Channel = conn.create_channel().await?;
+    relay
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut consumer = consume
+        .basic_consume(
+            topology.decisions().into(),
+            "ceiling".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let outcomes = topology.outcomes();
+    let relay_task = tokio::spawn(async move {
+        let mut count = 0;
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let relay = relay.clone();
+            let outcomes = outcomes.clone();
+            tokio::spawn(async move {
+                let confirm = relay
+                    .basic_publish(
+                        outcomes.as_str().into(),
+                        "ceiling.applied".into(),
+                        BasicPublishOptions::default(),
+                        br#"{"decision_id":"ceiling","status":"applied"}"#,
+                        BasicProperties::default()
+                            .with_delivery_mode(2)
+                            .with_content_type("application/json".into()),
+                    )
+                    .await;
+                if let Ok(confirm) = confirm
+                    && confirm.await.is_ok()
+                {
+                    let _ = delivery.ack(BasicAckOptions::default()).await;
+                }
+            });
+            count += 1;
+            if count == n {
+                break;
+            }
+        }
+    });
+    let rate = drain_rate(&mut results, n, "ceiling").await;
+    let _ = relay_task.await;
+    topology.delete(&setup).await?;
+    rate
+}
+
+fn spawn_worker(
+    config: Option<&Path>,
+    prefix: &str,
+    prefetch: u16,
+    sim_env: &[(String, String)],
+) -> Result<tokio::process::Child, BenchError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| BenchError::Setup(format!("cannot find own binary: {e}")))?;
+    let mut cmd = tokio::process::Command::new(exe);
+    if let Some(path) = config {
+        cmd.arg("--config").arg(path);
+    }
+    cmd.arg("run")
+        .envs(sim_env.iter().cloned())
+        .env("APPROVAL_AMQP__PREFIX", prefix)
+        .env("APPROVAL_AMQP__PREFETCH", prefetch.to_string())
+        .env("APPROVAL_ADMIN__BIND", "127.0.0.1:0")
+        .env("APPROVAL_LOG__LEVEL", "error")
+        .env("APPROVAL_LOG__FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    cmd.spawn()
+        .map_err(|e| BenchError::Setup(format!("cannot start the worker: {e}")))
+}
+
+async fn terminate(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    if tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    peak_rss_kib: u64,
+    cpu_us: u64,
+}
+
+/// Peak RSS (VmHWM) and CPU time (utime + stime) of a live process, from /proc.
+fn process_usage(pid: u32) -> Option<Usage> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let peak_rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // Linux reports in clock ticks of 1/100 s on every mainstream kernel config.
+    let cpu_us = (utime + stime) * 10_000;
+    Some(Usage {
+        peak_rss_kib,
+        cpu_us,
+    })
+}

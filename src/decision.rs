@@ -1,0 +1,347 @@
+//! The review decision message (CONTRACT.md section 4): parsing, the checks
+//! every provider shares, and the idempotency key.
+//!
+//! Parsing never panics and stops at the first problem, naming it, so an
+//! upstream team can fix its publisher from the `invalid` outcome alone.
+
+use serde_json::{Map, Value};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use uuid::Uuid;
+
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Namespace of every UUIDv5 this service derives (idempotency keys, event ids).
+pub const NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_2b0e_7a4d_4c59_9a51_3e0f_a7d2_c4b1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Approve,
+    Reject,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Approve => "approve",
+            Action::Reject => "reject",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub decision_id: String,
+    pub provider: String,
+    pub action: Action,
+    pub target: Map<String, Value>,
+    pub reason: Option<String>,
+    /// The given key, or one derived at parse time (see [`derived_key`]).
+    pub idempotency_key: String,
+    pub decided_by: Option<String>,
+    pub decided_at: Option<String>,
+}
+
+/// What could be read of a message that failed validation, echoed in its
+/// `invalid` outcome so consumers can still correlate it.
+#[derive(Debug, Clone, Default)]
+pub struct Echo {
+    pub decision_id: Option<String>,
+    pub provider: Option<String>,
+    pub action: Option<String>,
+    pub target: Option<Value>,
+    pub decided_by: Option<String>,
+    pub decided_at: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Invalid {
+    pub problem: String,
+    pub echo: Box<Echo>,
+}
+
+impl Decision {
+    pub fn echo(&self) -> Echo {
+        Echo {
+            decision_id: Some(self.decision_id.clone()),
+            provider: Some(self.provider.clone()),
+            action: Some(self.action.as_str().to_owned()),
+            target: Some(Value::Object(self.target.clone())),
+            decided_by: self.decided_by.clone(),
+            decided_at: self.decided_at.clone(),
+        }
+    }
+
+    pub fn target_str(&self, field: &str) -> Option<&str> {
+        self.target.get(field).and_then(Value::as_str)
+    }
+}
+
+pub fn derived_key(decision_id: &str, provider: &str, action: Action) -> String {
+    let name = format!("{decision_id}\n{provider}\n{}", action.as_str());
+    Uuid::new_v5(&NAMESPACE, name.as_bytes()).to_string()
+}
+
+/// Parses and checks the provider-independent shape of a decision.
+pub fn parse(body: &[u8]) -> Result<Decision, Invalid> {
+    let mut echo = Echo::default();
+    let fail = |echo: &Echo, problem: String| Invalid {
+        problem,
+        echo: Box::new(echo.clone()),
+    };
+    if body.len() > MAX_BODY_BYTES {
+        return Err(fail(
+            &echo,
+            format!(
+                "body is {} bytes; the limit is {MAX_BODY_BYTES}",
+                body.len()
+            ),
+        ));
+    }
+    let text =
+        std::str::from_utf8(body).map_err(|e| fail(&echo, format!("body is not UTF-8: {e}")))?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| fail(&echo, format!("body is not valid JSON: {e}")))?;
+    let Value::Object(obj) = value else {
+        return Err(fail(&echo, "body must be a JSON object".to_owned()));
+    };
+
+    // Fill the echo first so an invalid outcome carries whatever is readable.
+    let s = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_owned);
+    echo.decision_id = s("decision_id").filter(|id| is_decision_id(id));
+    echo.provider = s("provider");
+    echo.action = s("action");
+    echo.target = obj.get("target").cloned();
+    echo.decided_by = s("decided_by");
+    echo.decided_at = s("decided_at");
+
+    let decision_id = required_str(&obj, "decision_id").map_err(|p| fail(&echo, p))?;
+    if !is_decision_id(decision_id) {
+        return Err(fail(
+            &echo,
+            "decision_id must be 1..128 characters of [A-Za-z0-9._:-]".to_owned(),
+        ));
+    }
+    let provider = required_str(&obj, "provider").map_err(|p| fail(&echo, p))?;
+    if provider.is_empty() {
+        return Err(fail(&echo, "provider must not be empty".to_owned()));
+    }
+    let action = match required_str(&obj, "action").map_err(|p| fail(&echo, p))? {
+        "approve" => Action::Approve,
+        "reject" => Action::Reject,
+        other => {
+            return Err(fail(
+                &echo,
+                format!(
+                    "action must be \"approve\" or \"reject\", got {:?}",
+                    truncate(other, 40)
+                ),
+            ));
+        }
+    };
+    let target = match obj.get("target") {
+        Some(Value::Object(t)) => t.clone(),
+        Some(_) => return Err(fail(&echo, "target must be a JSON object".to_owned())),
+        None => return Err(fail(&echo, "missing required field target".to_owned())),
+    };
+    let reason = optional_str(&obj, "reason").map_err(|p| fail(&echo, p))?;
+    let idempotency_key = optional_str(&obj, "idempotency_key").map_err(|p| fail(&echo, p))?;
+    if let Some(k) = &idempotency_key
+        && (k.is_empty() || k.len() > 255 || k.chars().any(char::is_control))
+    {
+        return Err(fail(
+            &echo,
+            "idempotency_key must be 1..255 characters without control characters".to_owned(),
+        ));
+    }
+    let decided_by = optional_str(&obj, "decided_by").map_err(|p| fail(&echo, p))?;
+    let decided_at = optional_str(&obj, "decided_at").map_err(|p| fail(&echo, p))?;
+    if let Some(at) = &decided_at
+        && OffsetDateTime::parse(at, &Rfc3339).is_err()
+    {
+        return Err(fail(
+            &echo,
+            "decided_at must be an RFC 3339 time".to_owned(),
+        ));
+    }
+    Ok(Decision {
+        decision_id: decision_id.to_owned(),
+        provider: provider.to_owned(),
+        action,
+        target,
+        reason,
+        // Derived once here: every redelivery and retry reuses the same key.
+        idempotency_key: idempotency_key
+            .unwrap_or_else(|| derived_key(decision_id, provider, action)),
+        decided_by,
+        decided_at,
+    })
+}
+
+fn is_decision_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+}
+
+fn required_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a str, String> {
+    match obj.get(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(format!("{key} must be a string")),
+        None => Err(format!("missing required field {key}")),
+    }
+}
+
+fn optional_str(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(format!("{key} must be a string")),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Checks a value that will become one URL path segment: no separators,
+/// no dot segments, no control characters (it is percent-encoded later).
+pub fn check_segment(field: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("target.{field} must not be empty"));
+    }
+    if value.len() > 256 {
+        return Err(format!("target.{field} is longer than 256 characters"));
+    }
+    if value.contains(['/', '\\']) {
+        return Err(format!("target.{field} must not contain a path separator"));
+    }
+    if value.chars().all(|c| c == '.') {
+        return Err(format!("target.{field} must not be a dot segment"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!(
+            "target.{field} must not contain control characters"
+        ));
+    }
+    Ok(())
+}
+
+/// A required string field of `target`, checked as a path segment.
+pub fn target_segment<'a>(d: &'a Decision, field: &str) -> Result<&'a str, String> {
+    match d.target.get(field) {
+        Some(Value::String(s)) => {
+            check_segment(field, s)?;
+            Ok(s)
+        }
+        Some(_) => Err(format!("target.{field} must be a string")),
+        None => Err(format!("missing required field target.{field}")),
+    }
+}
+
+/// The decision's `reason`, required by some providers for a reject.
+pub fn required_reason(d: &Decision, max_chars: Option<usize>) -> Result<&str, String> {
+    let reason = d
+        .reason
+        .as_deref()
+        .filter(|r| !r.trim().is_empty())
+        .ok_or_else(|| {
+            format!(
+                "reason is required to {} on {}",
+                d.action.as_str(),
+                d.provider
+            )
+        })?;
+    if let Some(max) = max_chars {
+        let n = reason.chars().count();
+        if n > max {
+            return Err(format!(
+                "reason is {n} characters; {} accepts at most {max}",
+                d.provider
+            ));
+        }
+    }
+    Ok(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(json: &str) -> Decision {
+        parse(json.as_bytes()).expect("valid")
+    }
+    fn problem(json: &[u8]) -> String {
+        parse(json).expect_err("invalid").problem
+    }
+
+    const GOOD: &str = r#"{"decision_id":"d-1","provider":"qonto","action":"reject",
+        "target":{"request_type":"transfers","request_id":"7b6f4c1e-3c55-4a56-9f5e-0d6a1c1f2a3b"},
+        "reason":"no","decided_at":"2026-11-21T10:00:00Z"}"#;
+
+    #[test]
+    fn parses_a_valid_decision() {
+        let d = ok(GOOD);
+        assert_eq!(d.decision_id, "d-1");
+        assert_eq!(d.action, Action::Reject);
+        assert_eq!(d.reason.as_deref(), Some("no"));
+    }
+
+    #[test]
+    fn derived_key_is_stable_and_distinct_per_action() {
+        let d = ok(GOOD);
+        assert_eq!(
+            d.idempotency_key,
+            derived_key("d-1", "qonto", Action::Reject)
+        );
+        assert_ne!(
+            d.idempotency_key,
+            derived_key("d-1", "qonto", Action::Approve)
+        );
+        let given = ok(&GOOD.replace("\"reason\"", "\"idempotency_key\":\"k-9\",\"reason\""));
+        assert_eq!(given.idempotency_key, "k-9");
+    }
+
+    #[test]
+    fn names_the_first_problem() {
+        assert!(problem(b"\xff\xfe").contains("UTF-8"));
+        assert!(problem(b"{nope").contains("not valid JSON"));
+        assert!(problem(b"[1]").contains("JSON object"));
+        assert!(problem(br#"{"provider":"qonto"}"#).contains("decision_id"));
+        assert!(problem(br#"{"decision_id":"a b","provider":"q"}"#).contains("decision_id"));
+        assert!(
+            problem(br#"{"decision_id":"a","provider":"q","action":"maybe","target":{}}"#)
+                .contains("action")
+        );
+        assert!(
+            problem(br#"{"decision_id":"a","provider":"q","action":"approve","target":3}"#)
+                .contains("target")
+        );
+        assert!(
+            problem(GOOD.replace("2026-11-21T10:00:00Z", "yesterday").as_bytes())
+                .contains("decided_at")
+        );
+        let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(MAX_BODY_BYTES));
+        assert!(problem(big.as_bytes()).contains("limit is 65536"));
+    }
+
+    #[test]
+    fn echo_keeps_what_was_readable() {
+        let err = parse(br#"{"decision_id":"d-7","provider":"qonto","action":"nope","target":{}}"#)
+            .unwrap_err();
+        assert_eq!(err.echo.decision_id.as_deref(), Some("d-7"));
+        assert_eq!(err.echo.provider.as_deref(), Some("qonto"));
+    }
+
+    #[test]
+    fn path_segments_reject_traversal_and_controls() {
+        assert!(check_segment("id", "abc-123").is_ok());
+        for bad in ["", "..", ".", "a/b", "a\\b", "a\u{0}b", "a\nb"] {
+            assert!(check_segment("id", bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! The outcome event (CONTRACT.md section 5).
+
+use serde::Serialize;
+use serde_json::Value;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use uuid::Uuid;
+
+use crate::decision::{Echo, NAMESPACE};
+
+/// Provider answers are echoed for consumers, but bounded so one verbose
+/// provider cannot blow up every message on the bus.
+pub const MAX_PROVIDER_RESPONSE_BYTES: usize = 8 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Applied,
+    AlreadyApplied,
+    AwaitingConfirmation,
+    Failed,
+    Invalid,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Applied => "applied",
+            Status::AlreadyApplied => "already_applied",
+            Status::AwaitingConfirmation => "awaiting_confirmation",
+            Status::Failed => "failed",
+            Status::Invalid => "invalid",
+        }
+    }
+
+    /// Invalid and failed decisions are parked in `P.dead`.
+    pub fn is_parked(self) -> bool {
+        matches!(self, Status::Failed | Status::Invalid)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    Invalid,
+    ProviderDisabled,
+    RejectedByProvider,
+    Conflict,
+    Unauthorized,
+    Exhausted,
+    /// Delivered more often than the delivery limit allows without settling.
+    Poison,
+    /// A human confirmation step (Qonto SCA) was denied or expired.
+    ConfirmationDenied,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::ProviderDisabled => "provider_disabled",
+            ErrorKind::RejectedByProvider => "rejected_by_provider",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::Exhausted => "exhausted",
+            ErrorKind::Poison => "poison",
+            ErrorKind::ConfirmationDenied => "confirmation_denied",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct OutcomeError {
+    pub kind: ErrorKind,
+    pub message: String,
+    pub http_status: Option<u16>,
+    pub provider_code: Option<String>,
+}
+
+impl OutcomeError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            http_status: None,
+            provider_code: None,
+        }
+    }
+}
+
+/// A pending human step, reported with `awaiting_confirmation`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Confirmation {
+    pub kind: String,
+    pub expires_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OutcomeEvent {
+    pub event_id: Uuid,
+    pub decision_id: Option<String>,
+    pub provider: Option<String>,
+    pub action: Option<String>,
+    pub target: Option<Value>,
+    pub status: Status,
+    pub error: Option<OutcomeError>,
+    pub provider_state: Option<String>,
+    pub provider_response: Option<Value>,
+    pub idempotency_key: Option<String>,
+    pub attempts: u32,
+    /// How the status was established: `call` (the provider answered the
+    /// decision call) or `reconciled` (read back from the target's state).
+    pub resolution: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confirmation: Option<Confirmation>,
+    pub received_at: String,
+    pub completed_at: String,
+    pub decided_by: Option<String>,
+    pub decided_at: Option<String>,
+}
+
+impl OutcomeEvent {
+    /// `raw_body` identifies messages without a readable `decision_id`, so
+    /// even their event ids are stable across redeliveries.
+    pub fn new(echo: Echo, status: Status, received_at: OffsetDateTime, raw_body: &[u8]) -> Self {
+        Self {
+            event_id: event_id(echo.decision_id.as_deref(), status, raw_body),
+            decision_id: echo.decision_id,
+            provider: echo.provider,
+            action: echo.action,
+            target: echo.target,
+            status,
+            error: None,
+            provider_state: None,
+            provider_response: None,
+            idempotency_key: None,
+            attempts: 0,
+            resolution: None,
+            confirmation: None,
+            received_at: rfc3339(received_at),
+            completed_at: rfc3339(OffsetDateTime::now_utc()),
+            decided_by: echo.decided_by,
+            decided_at: echo.decided_at,
+        }
+    }
+
+    /// `<provider>.<status>`, with `unknown` when the provider is unreadable.
+    pub fn routing_key(&self) -> String {
+        let provider = self
+            .provider
+            .as_deref()
+            .filter(|p| {
+                p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            })
+            .filter(|p| !p.is_empty() && p.len() <= 64)
+            .unwrap_or("unknown");
+        format!("{provider}.{}", self.status.as_str())
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an outcome event always serializes")
+    }
+}
+
+pub fn event_id(decision_id: Option<&str>, status: Status, raw_body: &[u8]) -> Uuid {
+    match decision_id {
+        Some(id) => Uuid::new_v5(&NAMESPACE, format!("{id}\n{}", status.as_str()).as_bytes()),
+        None => {
+            let mut name = raw_body.to_vec();
+            name.extend_from_slice(b"\n");
+            name.extend_from_slice(status.as_str().as_bytes());
+            Uuid::new_v5(&NAMESPACE, &name)
+        }
+    }
+}
+
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// Keeps a provider answer whole when small, else a truncated string of it.
+pub fn bound_response(v: Value) -> Value {
+    let text = v.to_string();
+    if text.len() <= MAX_PROVIDER_RESPONSE_BYTES {
+        return v;
+    }
+    let mut cut = MAX_PROVIDER_RESPONSE_BYTES;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    serde_json::json!({ "truncated": true, "bytes": text.len(), "prefix": &text[..cut] })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_id_is_stable_per_decision_and_status() {
+        let a = event_id(Some("d1"), Status::Applied, b"x");
+        assert_eq!(a, event_id(Some("d1"), Status::Applied, b"other body"));
+        assert_ne!(a, event_id(Some("d1"), Status::Failed, b"x"));
+        assert_ne!(a, event_id(Some("d2"), Status::Applied, b"x"));
+        assert_eq!(
+            event_id(None, Status::Invalid, b"b"),
+            event_id(None, Status::Invalid, b"b")
+        );
+    }
+
+    #[test]
+    fn routing_key_falls_back_to_unknown() {
+        let mut e = OutcomeEvent::new(
+            Echo::default(),
+            Status::Invalid,
+            OffsetDateTime::now_utc(),
+            b"",
+        );
+        assert_eq!(e.routing_key(), "unknown.invalid");
+        e.provider = Some("qonto".into());
+        assert_eq!(e.routing_key(), "qonto.invalid");
+        e.provider = Some("a.#".into());
+        assert_eq!(e.routing_key(), "unknown.invalid");
+    }
+
+    #[test]
+    fn large_responses_are_bounded() {
+        let big = serde_json::json!({ "x": "y".repeat(50_000) });
+        let bounded = bound_response(big);
+        assert!(bounded.to_string().len() < MAX_PROVIDER_RESPONSE_BYTES + 200);
+        assert_eq!(bounded["truncated"], true);
+        let small = serde_json::json!({ "a": 1 });
+        assert_eq!(bound_response(small.clone()), small);
+    }
+}

@@ -1,0 +1,179 @@
+//! Bearer-token caches shared by every concurrent call to one provider.
+//!
+//! One token request at a time (the lock is held across the fetch, so a
+//! burst of decisions causes one token call, not hundreds), refreshed ahead
+//! of expiry, and invalidated only if the token that got a 401 is still the
+//! cached one, so concurrent 401s cause one refresh.
+
+use std::{
+    future::Future,
+    time::{Duration, Instant},
+};
+
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Mutex;
+
+use crate::retry::CallError;
+
+/// A token as issued, with its lifetimes.
+pub struct Token {
+    pub access: SecretString,
+    pub expires_in: Duration,
+    /// A refresh token and its lifetime, where the provider issues one.
+    pub refresh: Option<(SecretString, Duration)>,
+}
+
+struct Cached {
+    access: SecretString,
+    expires_at: Instant,
+    refresh: Option<(SecretString, Instant)>,
+}
+
+pub struct TokenCache {
+    provider: &'static str,
+    /// Renew this long before expiry, so a call never leaves with a token
+    /// that dies in flight.
+    margin: Duration,
+    state: Mutex<Option<Cached>>,
+}
+
+impl TokenCache {
+    pub fn new(provider: &'static str, margin: Duration) -> Self {
+        Self {
+            provider,
+            margin,
+            state: Mutex::new(None),
+        }
+    }
+
+    /// Returns a live access token, fetching one when needed. `fetch` gets
+    /// the refresh token when one is still valid, else `None` (log in again).
+    pub async fn get<F, Fut>(&self, fetch: F) -> Result<SecretString, CallError>
+    where
+        F: FnOnce(Option<SecretString>) -> Fut,
+        Fut: Future<Output = Result<Token, CallError>>,
+    {
+        let mut state = self.state.lock().await;
+        let now = Instant::now();
+        if let Some(c) = state.as_ref()
+            && c.expires_at > now + self.margin
+        {
+            return Ok(c.access.clone());
+        }
+        let refresh = state
+            .as_ref()
+            .and_then(|c| c.refresh.as_ref())
+            .filter(|(_, until)| *until > now + self.margin)
+            .map(|(t, _)| t.clone());
+        metrics::counter!("approval_token_refreshes_total", "provider" => self.provider)
+            .increment(1);
+        let token = fetch(refresh).await?;
+        let now = Instant::now();
+        let access = token.access.clone();
+        *state = Some(Cached {
+            access: token.access,
+            expires_at: now + token.expires_in,
+            refresh: token.refresh.map(|(t, ttl)| (t, now + ttl)),
+        });
+        Ok(access)
+    }
+
+    /// Forgets `stale` after the provider refused it; a newer token fetched
+    /// meanwhile by another call is kept.
+    pub async fn invalidate(&self, stale: &SecretString) {
+        let mut state = self.state.lock().await;
+        if state
+            .as_ref()
+            .is_some_and(|c| c.access.expose_secret() == stale.expose_secret())
+            && let Some(c) = state.as_mut()
+        {
+            c.expires_at = Instant::now();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    };
+
+    fn token(n: u32, ttl: Duration) -> Token {
+        Token {
+            access: SecretString::from(format!("t{n}")),
+            expires_in: ttl,
+            refresh: Some((SecretString::from(format!("r{n}")), ttl * 6)),
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_fetch() {
+        let cache = Arc::new(TokenCache::new("test", Duration::from_secs(1)));
+        let fetches = Arc::new(AtomicU32::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let cache = cache.clone();
+            let fetches = fetches.clone();
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get(|_| async move {
+                        let n = fetches.fetch_add(1, Ordering::SeqCst);
+                        tokio::task::yield_now().await;
+                        Ok(token(n, Duration::from_secs(300)))
+                    })
+                    .await
+                    .unwrap()
+                    .expose_secret()
+                    .to_owned()
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), "t0");
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn invalidate_refreshes_once_and_passes_the_refresh_token() {
+        let cache = TokenCache::new("test", Duration::from_secs(1));
+        let first = cache
+            .get(|r| async move {
+                assert!(r.is_none());
+                Ok(token(0, Duration::from_secs(300)))
+            })
+            .await
+            .unwrap();
+        cache.invalidate(&first).await;
+        let second = cache
+            .get(|r| async move {
+                assert_eq!(r.unwrap().expose_secret(), "r0");
+                Ok(token(1, Duration::from_secs(300)))
+            })
+            .await
+            .unwrap();
+        assert_eq!(second.expose_secret(), "t1");
+        // A late 401 for the old token must not throw away the new one.
+        cache.invalidate(&first).await;
+        let third = cache
+            .get(|_| async { panic!("no fetch expected") })
+            .await
+            .unwrap();
+        assert_eq!(third.expose_secret(), "t1");
+    }
+
+    #[tokio::test]
+    async fn tokens_are_renewed_ahead_of_expiry() {
+        let cache = TokenCache::new("test", Duration::from_secs(10));
+        cache
+            .get(|_| async { Ok(token(0, Duration::from_secs(5))) })
+            .await
+            .unwrap();
+        let t = cache
+            .get(|_| async { Ok(token(1, Duration::from_secs(300))) })
+            .await
+            .unwrap();
+        assert_eq!(t.expose_secret(), "t1");
+    }
+}

@@ -1,0 +1,253 @@
+//! What every provider's HTTP calls share: one pooled client, bounded body
+//! reads, path-segment encoding, status classes and call metrics.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::{RequestBuilder, StatusCode, Url, header::HeaderMap};
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+use crate::{
+    retry::{self, CallError, ErrorClass},
+    settings::SettingsError,
+};
+
+/// Answers larger than this are cut: we only need their state fields.
+const MAX_BODY: usize = 1024 * 1024;
+
+/// RFC 3986 unreserved characters stay; everything else is encoded.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+#[derive(Clone, Debug)]
+pub struct Http {
+    client: reqwest::Client,
+    /// Concurrent calls allowed per provider (each a pooled connection).
+    call_limit: Option<usize>,
+    limits: Arc<Mutex<HashMap<&'static str, Arc<Semaphore>>>>,
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Http {
+    /// A client without a call limit (tests, one-off tools).
+    pub fn new(timeout: Duration, connect_timeout: Duration) -> Result<Self, SettingsError> {
+        Self::limited(timeout, connect_timeout, None)
+    }
+
+    /// `call_limit` caps concurrent calls per provider. Each call in flight
+    /// holds a connection and its buffers, so this bounds memory under
+    /// bursts (a full prefetch arriving at once) and spares the provider a
+    /// connection storm; waiting calls queue in order. The pool keeps no
+    /// more idle connections than that: a connection returns to the pool a
+    /// moment after its call ends, so an unbounded pool drifts far above
+    /// the call limit under load.
+    pub fn limited(
+        timeout: Duration,
+        connect_timeout: Duration,
+        call_limit: Option<usize>,
+    ) -> Result<Self, SettingsError> {
+        let call_limit = call_limit.map(|l| l.max(1));
+        Ok(Self {
+            client: client(timeout, connect_timeout, call_limit.unwrap_or(1024))?,
+            call_limit,
+            limits: Arc::default(),
+        })
+    }
+
+    fn permit_slot(&self, provider: &'static str) -> Option<Arc<Semaphore>> {
+        let limit = self.call_limit?;
+        let mut limits = self.limits.lock().expect("call limits poisoned");
+        Some(
+            limits
+                .entry(provider)
+                .or_insert_with(|| Arc::new(Semaphore::new(limit)))
+                .clone(),
+        )
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// Sends one request and reads its body as JSON (a non-JSON body becomes
+    /// a JSON string). Transport failures become classified [`CallError`]s;
+    /// HTTP error statuses are returned for the provider to interpret.
+    pub async fn send(
+        &self,
+        provider: &'static str,
+        operation: &'static str,
+        request: RequestBuilder,
+    ) -> Result<Response, CallError> {
+        let slot = self.permit_slot(provider);
+        let _permit = match &slot {
+            Some(s) => Some(
+                s.acquire()
+                    .await
+                    .expect("call-limit semaphores are never closed"),
+            ),
+            None => None,
+        };
+        let started = Instant::now();
+        let result = self.send_inner(operation, request).await;
+        let class = match &result {
+            Ok(r) => status_class(r.status),
+            Err(_) => "transport",
+        };
+        metrics::histogram!(
+            "approval_provider_call_duration_seconds",
+            "provider" => provider,
+            "operation" => operation,
+            "status_class" => class,
+        )
+        .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn send_inner(
+        &self,
+        operation: &'static str,
+        request: RequestBuilder,
+    ) -> Result<Response, CallError> {
+        let mut response = request
+            .send()
+            .await
+            .map_err(|e| CallError::from_transport(operation, &e))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let mut bytes = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = MAX_BODY.saturating_sub(bytes.len());
+                    bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    if room < chunk.len() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return Err(CallError::from_transport(operation, &e)),
+            }
+        }
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+pub fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+fn client(
+    timeout: Duration,
+    connect_timeout: Duration,
+    max_idle: usize,
+) -> Result<reqwest::Client, SettingsError> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(connect_timeout)
+        // Decision calls must never be silently redirected elsewhere
+        // (Qonto's sandbox answers 302 to its portal without the staging token).
+        .redirect(reqwest::redirect::Policy::none())
+        // Retries are the worker's decision (classes, budgets, reconciliation).
+        .retry(reqwest::retry::never())
+        .pool_max_idle_per_host(max_idle)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!("approval-worker/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| SettingsError::Load(format!("HTTP client could not be built: {e}")))
+}
+
+/// Percent-encodes one path segment (already checked by validation).
+pub fn segment(value: &str) -> String {
+    utf8_percent_encode(value, SEGMENT).to_string()
+}
+
+/// `base` + `path`, where `path` starts with `/` and holds encoded segments.
+/// The base may carry its own path (`https://host/v1`), which is kept.
+pub fn join(base: &Url, path: &str) -> Url {
+    let mut url = base.clone();
+    let joined = format!("{}{}", base.path().trim_end_matches('/'), path);
+    url.set_path(&joined);
+    url
+}
+
+/// The class most providers give an HTTP status; each provider module
+/// refines it in its own `classify`.
+pub fn default_class(status: StatusCode) -> ErrorClass {
+    match status.as_u16() {
+        429 | 500..=599 => ErrorClass::Retryable,
+        401 => ErrorClass::Auth,
+        409 | 422 => ErrorClass::Ambiguous,
+        _ => ErrorClass::Permanent,
+    }
+}
+
+/// Builds the error for a non-success answer.
+pub fn error(
+    class: ErrorClass,
+    response: &Response,
+    provider_code: Option<String>,
+    message: Option<String>,
+) -> CallError {
+    CallError {
+        class,
+        message: message
+            .unwrap_or_else(|| format!("provider answered HTTP {}", response.status.as_u16())),
+        http_status: Some(response.status.as_u16()),
+        provider_code,
+        retry_after: retry::retry_after(&response.headers),
+        response: Some(response.body.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_keeps_the_base_path_and_encodes_segments() {
+        let base = Url::parse("https://re.vault.ledger.com/v1").unwrap();
+        let url = join(
+            &base,
+            &format!("/rest/requests/{}/reject", segment("a b?c")),
+        );
+        assert_eq!(
+            url.as_str(),
+            "https://re.vault.ledger.com/v1/rest/requests/a%20b%3Fc/reject"
+        );
+        let base = Url::parse("https://thirdparty.qonto.com/").unwrap();
+        assert_eq!(
+            join(&base, "/v2/x").as_str(),
+            "https://thirdparty.qonto.com/v2/x"
+        );
+    }
+}

@@ -1,0 +1,305 @@
+//! Fault tests against the provider simulator: the worker killed mid-flight,
+//! a provider storm, and one provider down while the others flow.
+//! They print their figures (`cargo test --test faults -- --nocapture`).
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use approval_worker::sim::{self, Faults, PROVIDERS, SimConfig, SimHandle, samples};
+use common::{InProcessWorker, ProcessWorker, TestBroker, wait_for};
+use rand::Rng;
+use serde_json::Value;
+
+async fn start_sim(faults: Faults) -> SimHandle {
+    let mut config = SimConfig::default();
+    for p in PROVIDERS {
+        config.faults.insert(p.to_owned(), faults);
+    }
+    sim::start(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+}
+
+fn assert_no_double_application(sim: &SimHandle) {
+    let stats = sim.stats();
+    for p in PROVIDERS {
+        let s = stats.provider(p).unwrap();
+        assert_eq!(
+            s.double_state_changes, 0,
+            "{p} decided a target twice: {s:?}"
+        );
+        assert_eq!(
+            s.conflicting_keys, 0,
+            "{p} saw two idempotency keys for one target: {s:?}"
+        );
+    }
+}
+
+/// The final outcome per decision (applied or already_applied), waiting
+/// until every one of `ids` has one.
+async fn settled(
+    broker: &TestBroker,
+    ids: &BTreeSet<String>,
+    deadline: Duration,
+) -> BTreeMap<String, Value> {
+    wait_for(
+        &format!("{} decisions to settle", ids.len()),
+        deadline,
+        || async {
+            let mut done = BTreeMap::new();
+            for o in broker.outcomes() {
+                if matches!(o.status(), "applied" | "already_applied") {
+                    done.insert(o.decision_id().to_owned(), o.body.clone());
+                }
+            }
+            (ids.iter().all(|id| done.contains_key(id))).then_some(done)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn sigkill_mid_flight_loses_nothing_and_applies_nothing_twice() {
+    let broker = TestBroker::new("f-crash").await;
+    let sim = start_sim(Faults {
+        latency_ms: 50,
+        ..Faults::default()
+    })
+    .await;
+    let mut env = broker.worker_env();
+    env.extend(sim.worker_env());
+    // Few slots and slow calls keep decisions in flight across the kills.
+    env.push(("APPROVAL_AMQP__PREFETCH".into(), "20".into()));
+    env.push(("APPROVAL_LOG__LEVEL".into(), "warn".into()));
+
+    let total = 800;
+    let mut ids = BTreeSet::new();
+    for i in 0..total {
+        let provider = PROVIDERS[i % PROVIDERS.len()];
+        let action = if i % 2 == 0 { "approve" } else { "reject" };
+        let d = samples::decision(provider, action, &format!("crash-{i}"));
+        ids.insert(d["decision_id"].as_str().unwrap().to_owned());
+        broker.publish(&d).await;
+    }
+    let started = Instant::now();
+    let mut worker = ProcessWorker::spawn(&["run"], &env);
+    let kills = 3;
+    for k in 0..kills {
+        broker.wait_consumer().await;
+        let wait = rand::thread_rng().gen_range(100..500);
+        tokio::time::sleep(Duration::from_millis(wait)).await; // a random moment, not a synchronisation
+        worker.signal("KILL");
+        worker.wait(Duration::from_secs(10)).await;
+        let done = broker.outcomes().len();
+        println!(
+            "kill {} after {wait} ms: {done} outcome events so far",
+            k + 1
+        );
+        worker = ProcessWorker::spawn(&["run"], &env);
+    }
+    let outcomes = settled(&broker, &ids, Duration::from_secs(120)).await;
+    let elapsed = started.elapsed();
+    broker.wait_consumer().await;
+    worker.signal("TERM");
+    assert_eq!(worker.wait(Duration::from_secs(20)).await.code(), Some(0));
+
+    let already = outcomes
+        .values()
+        .filter(|o| o["status"] == "already_applied")
+        .count();
+    println!(
+        "crash test: {total} decisions, {kills} SIGKILLs, settled in {:.1} s, {} applied, {already} already_applied (reconciled)",
+        elapsed.as_secs_f64(),
+        total - already,
+    );
+    assert!(
+        broker
+            .outcomes()
+            .iter()
+            .all(|o| o.status() != "failed" && o.status() != "invalid")
+    );
+    assert_no_double_application(&sim);
+    let stats = sim.stats();
+    let changes: u64 = PROVIDERS
+        .iter()
+        .map(|p| stats.provider(p).unwrap().state_changes)
+        .sum();
+    assert_eq!(changes, total as u64, "every target decided exactly once");
+
+    // Nothing left behind, nothing unacknowledged (the worker is gone, so
+    // unacknowledged messages would be ready again).
+    let q = broker.topology.decisions();
+    let ready = wait_for("the consumer to go", Duration::from_secs(10), || {
+        let q = q.clone();
+        let broker = &broker;
+        async move {
+            let (ready, consumers) = broker.queue_counts(&q).await;
+            (consumers == 0).then_some(ready)
+        }
+    })
+    .await;
+    assert_eq!(ready, 0);
+    assert_eq!(broker.queue_counts(&broker.topology.dead()).await.0, 0);
+}
+
+#[tokio::test]
+async fn a_provider_storm_ends_applied_within_the_attempt_limit() {
+    let broker = TestBroker::new("f-storm").await;
+    let sim = start_sim(Faults {
+        error_rate: 0.3,
+        error_status: 503,
+        rate_limit_ratio: 0.05,
+        retry_after_secs: 1,
+        timeout_ratio: 0.02,
+        timeout_hold_ms: 5_000,
+        ..Faults::default()
+    })
+    .await;
+    // Ledger v2 makes two faultable calls per attempt (challenge, decision), so
+    // its attempts fail with p ~ 0.6: 30 keeps a flake below one in a million.
+    let max_attempts = 30;
+    let mut env = broker.worker_env();
+    env.extend(sim.worker_env());
+    env.extend([
+        (
+            "APPROVAL_RETRY__MAX_ATTEMPTS".into(),
+            max_attempts.to_string(),
+        ),
+        ("APPROVAL_RETRY__MAX_BACKOFF_MS".into(), "200".into()),
+        ("APPROVAL_WORKER__HTTP_TIMEOUT_MS".into(), "500".into()),
+        ("APPROVAL_LOG__LEVEL".into(), "error".into()),
+    ]);
+    let worker = InProcessWorker::start(env).await;
+    broker.wait_consumer().await;
+
+    let total = 200;
+    let mut ids = BTreeSet::new();
+    for i in 0..total {
+        let provider = PROVIDERS[i % PROVIDERS.len()];
+        let action = if i % 3 == 0 { "reject" } else { "approve" };
+        let d = samples::decision(provider, action, &format!("storm-{i}"));
+        ids.insert(d["decision_id"].as_str().unwrap().to_owned());
+        broker.publish(&d).await;
+    }
+    let started = Instant::now();
+    let outcomes = settled(&broker, &ids, Duration::from_secs(120)).await;
+    let mut histogram = BTreeMap::<u64, usize>::new();
+    for o in outcomes.values() {
+        let calls = o["attempts"].as_u64().unwrap();
+        assert!(calls >= 1 && calls <= max_attempts, "{o}");
+        *histogram.entry(calls).or_default() += 1;
+    }
+    let stats = sim.stats();
+    let by_status: BTreeMap<u16, u64> = PROVIDERS
+        .iter()
+        .flat_map(|p| stats.provider(p).unwrap().by_status.clone())
+        .fold(BTreeMap::new(), |mut acc, (s, n)| {
+            *acc.entry(s).or_default() += n;
+            acc
+        });
+    println!(
+        "storm test: {total} decisions settled in {:.1} s; calls per decision -> decisions: {histogram:?}; provider answers by status: {by_status:?}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        by_status.get(&503).copied().unwrap_or(0) > 0
+            && by_status.get(&429).copied().unwrap_or(0) > 0
+    );
+    assert!(
+        histogram.keys().any(|&calls| calls > 1),
+        "the storm forced retries"
+    );
+    assert!(
+        broker.outcomes().iter().all(|o| o.status() != "failed"),
+        "nothing failed"
+    );
+    assert_no_double_application(&sim);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn one_provider_down_does_not_slow_the_others() {
+    let broker = TestBroker::new("f-outage").await;
+    let sim = start_sim(Faults::default()).await;
+    sim.set_faults(
+        "qonto",
+        Faults {
+            down: true,
+            ..Faults::default()
+        },
+    );
+    let mut env = broker.worker_env();
+    env.extend(sim.worker_env());
+    env.extend([
+        ("APPROVAL_AMQP__PREFETCH".into(), "20".into()),
+        ("APPROVAL_RETRY__MAX_ATTEMPTS".into(), "100".into()),
+        ("APPROVAL_RETRY__IN_PROCESS_ATTEMPTS".into(), "3".into()),
+        ("APPROVAL_RETRY__MAX_BACKOFF_MS".into(), "1000".into()),
+        ("APPROVAL_LOG__LEVEL".into(), "error".into()),
+    ]);
+    let worker = InProcessWorker::start(env).await;
+    broker.wait_consumer().await;
+
+    // More Qonto decisions than prefetch slots wait out the outage...
+    let mut waiting = BTreeSet::new();
+    for i in 0..40 {
+        let d = samples::decision("qonto", "reject", &format!("down-{i}"));
+        waiting.insert(d["decision_id"].as_str().unwrap().to_owned());
+        broker.publish(&d).await;
+    }
+    wait_for(
+        "the outage to outlast the in-process budget",
+        Duration::from_secs(20),
+        || async {
+            (sim.stats()
+                .provider("qonto")
+                .unwrap()
+                .by_status
+                .get(&503)
+                .copied()
+                .unwrap_or(0)
+                >= 120)
+                .then_some(())
+        },
+    )
+    .await;
+    // ...while 200 decisions for other providers flow through.
+    let started = Instant::now();
+    let mut others = BTreeSet::new();
+    for i in 0..200 {
+        let provider = PROVIDERS[1 + i % 4];
+        let d = samples::decision(provider, "approve", &format!("up-{i}"));
+        others.insert(d["decision_id"].as_str().unwrap().to_owned());
+        broker.publish(&d).await;
+    }
+    settled(&broker, &others, Duration::from_secs(20)).await;
+    let flow = started.elapsed();
+    println!(
+        "outage test: 200 decisions for healthy providers took {:.2} s while qonto was down",
+        flow.as_secs_f64()
+    );
+    assert!(
+        flow < Duration::from_secs(10),
+        "healthy providers were held up: {flow:?}"
+    );
+    assert!(
+        broker
+            .outcomes()
+            .iter()
+            .all(|o| !waiting.contains(o.decision_id())),
+        "nothing settled for the provider that is down"
+    );
+
+    sim.set_faults("qonto", Faults::default());
+    let done = settled(&broker, &waiting, Duration::from_secs(30)).await;
+    assert!(
+        done.values().any(|o| o["attempts"].as_u64().unwrap() > 3),
+        "decisions outlasted the in-process budget and came back through retry queues"
+    );
+    assert_no_double_application(&sim);
+    worker.stop().await;
+}

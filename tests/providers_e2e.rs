@@ -1,0 +1,69 @@
+//! Every provider end to end: the real broker, the worker, and the
+//! project's provider simulator.
+
+mod common;
+
+use approval_worker::sim::{self, PROVIDERS, SimConfig, samples};
+use common::{InProcessWorker, TestBroker};
+
+#[tokio::test]
+async fn one_approve_and_one_reject_per_provider_give_ten_applied_events() {
+    let broker = TestBroker::new("e2e-five").await;
+    let sim = sim::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let mut env = broker.worker_env();
+    env.extend(sim.worker_env());
+    let worker = InProcessWorker::start(env).await;
+    broker.wait_consumer().await;
+
+    let mut decisions = Vec::new();
+    for provider in PROVIDERS {
+        for action in ["approve", "reject"] {
+            let d = samples::decision(provider, action, &format!("e2e-{provider}-{action}"));
+            broker.publish(&d).await;
+            decisions.push(d);
+        }
+    }
+    let applied = broker.wait_outcomes(10, |o| o.status() == "applied").await;
+    assert_eq!(applied.len(), 10, "{:#?}", broker.outcomes());
+    for d in &decisions {
+        let id = d["decision_id"].as_str().unwrap();
+        let provider = d["provider"].as_str().unwrap();
+        let o = applied
+            .iter()
+            .find(|o| o.decision_id() == id)
+            .expect("an applied event per decision");
+        assert_eq!(o.body["attempts"], 1, "{id}");
+        assert_eq!(o.routing_key, format!("{provider}.applied"));
+        let state = sim
+            .target_state(provider, &samples::target_key(d))
+            .expect("the sim saw the target");
+        let expected = match (provider, d["action"].as_str().unwrap()) {
+            ("qonto", "approve") => "approved",
+            ("qonto", _) => "declined",
+            ("ledger_v1" | "ledger_v2", "approve") => "APPROVED",
+            ("ledger_v1" | "ledger_v2", _) => "REJECTED",
+            ("moneypipe", "approve") => "confirmed",
+            ("moneypipe", _) => "rejected",
+            (_, "approve") => "COMPLETED",
+            _ => "REJECTED",
+        };
+        assert_eq!(state, expected, "{id}");
+        assert_eq!(o.body["provider_state"], expected, "{id}");
+    }
+    let stats = sim.stats();
+    for p in PROVIDERS {
+        let s = stats.provider(p).unwrap();
+        assert_eq!(s.state_changes, 2, "{p}");
+        assert_eq!(s.double_state_changes, 0, "{p}");
+        assert_eq!(s.conflicting_keys, 0, "{p}");
+    }
+    assert_eq!(
+        stats.provider("ledger_v2").unwrap().token_issued,
+        1,
+        "one token shared by both calls"
+    );
+    assert_eq!(stats.provider("flexpay").unwrap().token_issued, 1);
+    worker.stop().await;
+}

@@ -1,0 +1,559 @@
+//! The worker end to end on the real broker, with Qonto mocked by wiremock.
+
+mod common;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use common::{InProcessWorker, TestBroker, wait_for};
+use serde_json::{Value, json};
+use wiremock::{
+    Mock, MockServer, Request, Respond, ResponseTemplate,
+    matchers::{method, path_regex},
+};
+
+const LOGIN: &str = "acme-login";
+const SECRET: &str = "qonto-secret-key-XYZ123";
+const STAGING: &str = "staging-token-QQQ";
+
+/// Answers from a script, one per call (the last repeats), noting when each
+/// call arrived.
+#[derive(Clone)]
+struct Script {
+    replies: Arc<Vec<ResponseTemplate>>,
+    calls: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl Script {
+    fn new(replies: Vec<ResponseTemplate>) -> Self {
+        Self {
+            replies: Arc::new(replies),
+            calls: Arc::default(),
+        }
+    }
+    fn times(&self) -> Vec<Instant> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl Respond for Script {
+    fn respond(&self, _: &Request) -> ResponseTemplate {
+        let mut calls = self.calls.lock().unwrap();
+        calls.push(Instant::now());
+        let i = (calls.len() - 1).min(self.replies.len() - 1);
+        self.replies[i].clone()
+    }
+}
+
+fn qonto_ok(status: &str) -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_json(json!({
+        "request_transfer": {
+            "id": "7b6f4c1e-3c55-4a56-9f5e-0d6a1c1f2a3b",
+            "request_type": "transfer",
+            "status": status,
+        }
+    }))
+}
+
+fn env(broker: &TestBroker, qonto: &MockServer) -> Vec<(String, String)> {
+    let mut env = broker.worker_env();
+    env.extend([
+        ("APPROVAL_PROVIDERS__QONTO__BASE_URL".into(), qonto.uri()),
+        ("APPROVAL_PROVIDERS__QONTO__LOGIN".into(), LOGIN.into()),
+        (
+            "APPROVAL_PROVIDERS__QONTO__SECRET_KEY".into(),
+            SECRET.into(),
+        ),
+        (
+            "APPROVAL_PROVIDERS__QONTO__STAGING_TOKEN".into(),
+            STAGING.into(),
+        ),
+    ]);
+    env
+}
+
+fn request_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn decline(decision_id: &str, request_id: &str) -> Value {
+    json!({
+        "decision_id": decision_id,
+        "provider": "qonto",
+        "action": "reject",
+        "target": {"request_type": "transfer", "request_id": request_id},
+        "reason": "Budget exceeded",
+        "decided_by": "reviewer@acme.test",
+        "decided_at": "2026-11-21T09:30:00Z",
+    })
+}
+
+fn derived_key(decision_id: &str, action: &str) -> String {
+    let action = if action == "approve" {
+        approval_worker::decision::Action::Approve
+    } else {
+        approval_worker::decision::Action::Reject
+    };
+    approval_worker::decision::derived_key(decision_id, "qonto", action)
+}
+
+fn header<'a>(r: &'a Request, name: &str) -> Option<&'a str> {
+    r.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn calls_to(server: &MockServer, path: &str) -> Vec<Request> {
+    server
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.url.path() == path)
+        .collect()
+}
+
+#[tokio::test]
+async fn decline_is_sent_exactly_and_reported_applied() {
+    let broker = TestBroker::new("q-decline").await;
+    let qonto = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path_regex("^/v2/requests/transfers/.*/decline$"))
+        .respond_with(qonto_ok("declined"))
+        .mount(&qonto)
+        .await;
+    let worker = InProcessWorker::start(env(&broker, &qonto)).await;
+    broker.wait_consumer().await;
+
+    let rid = request_id();
+    broker.publish(&decline("dec-1", &rid)).await;
+    let outcome = broker.outcome("dec-1", "applied").await;
+
+    let calls = qonto.received_requests().await.unwrap();
+    assert_eq!(calls.len(), 1);
+    let call = &calls[0];
+    assert_eq!(call.method.as_str(), "POST");
+    assert_eq!(
+        call.url.path(),
+        format!("/v2/requests/transfers/{rid}/decline")
+    );
+    assert_eq!(call.url.query(), None);
+    assert_eq!(
+        header(call, "authorization"),
+        Some(format!("{LOGIN}:{SECRET}").as_str())
+    );
+    assert_eq!(header(call, "x-qonto-staging-token"), Some(STAGING));
+    assert_eq!(
+        header(call, "x-qonto-idempotency-key"),
+        Some(derived_key("dec-1", "reject").as_str())
+    );
+    assert_eq!(header(call, "content-type"), Some("application/json"));
+    assert_eq!(call.body, br#"{"declined_note":"Budget exceeded"}"#);
+
+    let b = &outcome.body;
+    assert_eq!(b["provider"], "qonto");
+    assert_eq!(b["action"], "reject");
+    assert_eq!(b["provider_state"], "declined");
+    assert_eq!(b["attempts"], 1);
+    assert_eq!(b["error"], Value::Null);
+    assert_eq!(b["idempotency_key"], derived_key("dec-1", "reject"));
+    assert_eq!(b["target"]["request_id"], rid);
+    assert_eq!(b["decided_by"], "reviewer@acme.test");
+    assert_eq!(b["decided_at"], "2026-11-21T09:30:00Z");
+    assert_eq!(
+        b["provider_response"]["request_transfer"]["status"],
+        "declined"
+    );
+    assert_eq!(outcome.routing_key, "qonto.applied");
+    assert_eq!(outcome.message_id.as_deref(), b["event_id"].as_str());
+    assert_eq!(outcome.correlation_id.as_deref(), Some("dec-1"));
+    assert_eq!(outcome.content_type.as_deref(), Some("application/json"));
+    assert_eq!(outcome.delivery_mode, Some(2));
+    let text = b.to_string();
+    assert!(!text.contains(SECRET) && !text.contains(STAGING));
+
+    worker.stop().await;
+    assert_eq!(broker.queue_counts(&broker.topology.decisions()).await.0, 0);
+    assert_eq!(broker.queue_counts(&broker.topology.dead()).await.0, 0);
+}
+
+#[tokio::test]
+async fn approve_sends_debit_iban_and_the_given_key() {
+    let broker = TestBroker::new("q-approve").await;
+    let qonto = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path_regex("^/v2/requests/.*/approve$"))
+        .respond_with(qonto_ok("approved"))
+        .mount(&qonto)
+        .await;
+    let worker = InProcessWorker::start(env(&broker, &qonto)).await;
+    broker.wait_consumer().await;
+
+    let (r1, r2) = (request_id(), request_id());
+    broker
+        .publish(&json!({
+            "decision_id": "app-1", "provider": "qonto", "action": "approve",
+            "target": {"request_type": "multi_transfers", "request_id": r1, "debit_iban": "FR7630001007941234567890185"},
+            "idempotency_key": "given-key-1",
+        }))
+        .await;
+    broker
+        .publish(&json!({
+            "decision_id": "app-2", "provider": "qonto", "action": "approve",
+            "target": {"request_type": "flash_card", "request_id": r2},
+        }))
+        .await;
+    let o1 = broker.outcome("app-1", "applied").await;
+    let o2 = broker.outcome("app-2", "applied").await;
+    assert_eq!(o1.body["idempotency_key"], "given-key-1");
+    assert_eq!(o2.body["idempotency_key"], derived_key("app-2", "approve"));
+
+    let c1 = calls_to(
+        &qonto,
+        &format!("/v2/requests/multi_transfers/{r1}/approve"),
+    )
+    .await;
+    assert_eq!(c1.len(), 1);
+    assert_eq!(
+        header(&c1[0], "x-qonto-idempotency-key"),
+        Some("given-key-1")
+    );
+    assert_eq!(
+        c1[0].body,
+        br#"{"debit_iban":"FR7630001007941234567890185"}"#
+    );
+    let c2 = calls_to(&qonto, &format!("/v2/requests/flash_cards/{r2}/approve")).await;
+    assert_eq!(c2.len(), 1);
+    assert!(c2[0].body.is_empty(), "no body without debit_iban");
+    assert_eq!(
+        header(&c2[0], "x-qonto-idempotency-key"),
+        Some(derived_key("app-2", "approve").as_str())
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_decision_twice_uses_one_key_and_one_event_id() {
+    let broker = TestBroker::new("q-twice").await;
+    let qonto = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(qonto_ok("declined"))
+        .mount(&qonto)
+        .await;
+    let worker = InProcessWorker::start(env(&broker, &qonto)).await;
+    broker.wait_consumer().await;
+
+    let d = decline("dup-1", &request_id());
+    broker.publish(&d).await;
+    broker.publish(&d).await;
+    let outcomes = broker
+        .wait_outcomes(2, |o| o.decision_id() == "dup-1")
+        .await;
+    assert!(outcomes.iter().all(|o| o.status() == "applied"));
+    assert_eq!(outcomes[0].body["event_id"], outcomes[1].body["event_id"]);
+    let keys: Vec<_> = qonto
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| header(r, "x-qonto-idempotency-key").unwrap().to_owned())
+        .collect();
+    assert_eq!(keys.len(), 2);
+    assert_eq!(keys[0], keys[1]);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_with_one_key() {
+    let broker = TestBroker::new("q-503").await;
+    let qonto = MockServer::start().await;
+    let script = Script::new(vec![
+        ResponseTemplate::new(503),
+        ResponseTemplate::new(503),
+        qonto_ok("declined"),
+    ]);
+    Mock::given(method("POST"))
+        .respond_with(script.clone())
+        .mount(&qonto)
+        .await;
+    let worker = InProcessWorker::start(env(&broker, &qonto)).await;
+    broker.wait_consumer().await;
+
+    broker.publish(&decline("retry-1", &request_id())).await;
+    let o = broker.outcome("retry-1", "applied").await;
+    assert_eq!(o.body["attempts"], 3);
+    let calls = qonto.received_requests().await.unwrap();
+    assert_eq!(calls.len(), 3);
+    let key = derived_key("retry-1", "reject");
+    assert!(
+        calls
+            .iter()
+            .all(|r| header(r, "x-qonto-idempotency-key") == Some(key.as_str()))
+    );
+    assert!(calls.iter().all(|r| r.body == calls[0].body));
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_permanent_refusal_is_failed_parked_and_called_once() {
+    let broker = TestBroker::new("q-422").await;
+    let qonto = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(422).set_body_json(json!({
+            "errors": [{"code": "kyc_not_accepted", "detail": "Approver kyc is not accepted"}]
+        })))
+        .mount(&qonto)
+        .await;
+    let worker = InProcessWorker::start(env(&broker, &qonto)).await;
+    broker.wait_consumer().await;
+
+    let d = decline("perm-1", &request_id());
+    broker.publish(&d).await;
+    let o = broker.outcome("perm-1", "failed").await;
+    assert_eq!(o.body["error"]["kind"], "rejected_by_provider");
+    assert_eq!(o.body["error"]["http_status"], 422);
+    assert_eq!(o.body["error"]["provider_code"], "kyc_not_accepted");
+    assert_eq!(o.body["error"]["message"], "Approver kyc is not accepted");
+    assert_eq!(o.body["attempts"], 1);
+    assert_eq!(o.routing_key, "qonto.failed");
+
+    let parked = broker.wait_parked(1).await;
+    assert_eq!(parked[0].body, d.to_string().as_bytes());
+    assert_eq!(
+        parked[0].headers["x-approval-error-kind"],
+        "rejected_by_provider"
+    );
+    assert_eq!(parked[0].headers["x-approval-attempts"], "1");
+    assert!(
+        parked[0]
+            .headers
+            .contains_key("x-approval-first-received-at")
+    );
+    assert!(parked[0].headers["x-approval-error"].contains("kyc"));
+    assert_eq!(
+        qonto
+            .received_requests()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| r.method.as_str() == "POST")
+            .count(),
+        1
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn rate_limits_wait_at_least_retry_after() {
+    let broker = TestBroker::new("q-429").await;
+    let qonto = MockServer::start().await;
+    let script = Script::new(vec![
+        ResponseTemplate::new(429).insert_header("Retry-After", "1"),
+        qonto_ok("declined"),
+    ]);
+    Mock::given(method("POST"))
+        .respond_with(script.clone())
+        .mount(&qonto)
+        .await;
+    let worker = InProcessWorker::start(env(&broker, &qonto)).await;
+    broker.wait_consumer().await;
+
+    broker.publish(&decline("rl-1", &request_id())).await;
+    let o = broker.outcome("rl-1", "applied").await;
+    assert_eq!(o.body["attempts"], 2);
+    let times = script.times();
+    assert_eq!(times.len(), 2);
+    let waited = times[1] - times[0];
+    assert!(waited >= Duration::from_secs(1), "waited only {waited:?}");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn attempts_run_out_into_exhausted() {
+    let broker = TestBroker::new("q-exhaust").await;
+    let qonto = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&qonto)
+        .await;
+    let mut env = env(&broker, &qonto);
+    env.push(("APPROVAL_RETRY__MAX_ATTEMPTS".into(), "3".into()));
+    env.push(("APPROVAL_RETRY__IN_PROCESS_ATTEMPTS".into(), "5".into()));
+    let worker = InProcessWorker::start(env).await;
+    broker.wait_consumer().await;
+
+    broker.publish(&decline("ex-1", &request_id())).await;
+    let o = broker.outcome("ex-1", "failed").await;
+    assert_eq!(o.body["error"]["kind"], "exhausted");
+    assert_eq!(o.body["attempts"], 3);
+    assert_eq!(qonto.received_requests().await.unwrap().len(), 3);
+    let parked = broker.wait_parked(1).await;
+    assert_eq!(parked[0].headers["x-approval-error-kind"], "exhausted");
+    assert_eq!(parked[0].headers["x-approval-attempts"], "3");
+    worker.stop().await;
+}
+
+/// Every kind of malformed message: `invalid`, parked byte for byte with
+/// the reason, and no provider call.
+#[tokio::test]
+async fn malformed_messages_are_invalid_and_parked() {
+    let broker = TestBroker::new("q-invalid").await;
+    let qonto = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(qonto_ok("declined"))
+        .mount(&qonto)
+        .await;
+    let worker = InProcessWorker::start(env(&broker, &qonto)).await;
+    broker.wait_consumer().await;
+
+    let rid = request_id();
+    let huge = format!(
+        r#"{{"decision_id":"big","pad":"{}"}}"#,
+        "x".repeat(70 * 1024)
+    );
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"not json at all".to_vec(), "not valid JSON"),
+        (b"\xff\xfe\xfd".to_vec(), "UTF-8"),
+        (b"[1,2,3]".to_vec(), "JSON object"),
+        (huge.into_bytes(), "limit is 65536"),
+        (json!({"provider": "qonto", "action": "reject"}).to_string().into_bytes(), "decision_id"),
+        (json!({"decision_id": "bad id!", "provider": "qonto"}).to_string().into_bytes(), "decision_id"),
+        (json!({"decision_id": "i-1", "provider": "qonto", "action": "maybe", "target": {}}).to_string().into_bytes(), "action"),
+        (json!({"decision_id": "i-2", "provider": "nobank", "action": "approve", "target": {}}).to_string().into_bytes(), "provider must be one of"),
+        (json!({"decision_id": "i-3", "provider": "qonto", "action": "approve", "target": {"request_type": "transfers", "request_id": "not-a-uuid"}}).to_string().into_bytes(), "UUID"),
+        (json!({"decision_id": "i-4", "provider": "qonto", "action": "approve", "target": {"request_type": "transfers", "request_id": "../../etc/passwd"}}).to_string().into_bytes(), "UUID"),
+        (json!({"decision_id": "i-5", "provider": "qonto", "action": "approve", "target": {"request_type": "../admin", "request_id": rid}}).to_string().into_bytes(), "request_type"),
+        (json!({"decision_id": "i-6", "provider": "qonto", "action": "reject", "target": {"request_type": "transfers", "request_id": rid}}).to_string().into_bytes(), "reason is required"),
+        (json!({"decision_id": "i-7", "provider": "qonto", "action": "reject", "target": "x"}).to_string().into_bytes(), "target"),
+        (json!({"decision_id": "i-8", "provider": "qonto", "action": "reject", "reason": "r", "idempotency_key": "", "target": {"request_type": "transfers", "request_id": rid}}).to_string().into_bytes(), "idempotency_key"),
+    ];
+    for (body, _) in &cases {
+        broker.publish_raw("qonto.reject", body).await;
+    }
+    let outcomes = broker
+        .wait_outcomes(cases.len(), |o| o.status() == "invalid")
+        .await;
+    assert_eq!(outcomes.len(), cases.len());
+    for (_, needle) in &cases {
+        assert!(
+            outcomes.iter().any(|o| o.body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(needle)),
+            "no invalid outcome mentions {needle:?}: {outcomes:#?}"
+        );
+    }
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.body["error"]["kind"] == "invalid")
+    );
+    let unreadable = outcomes
+        .iter()
+        .find(|o| {
+            o.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("UTF-8")
+        })
+        .unwrap();
+    assert_eq!(unreadable.routing_key, "unknown.invalid");
+    assert_eq!(unreadable.correlation_id, None);
+    let with_id = outcomes.iter().find(|o| o.decision_id() == "i-6").unwrap();
+    assert_eq!(with_id.routing_key, "qonto.invalid");
+    assert_eq!(with_id.correlation_id.as_deref(), Some("i-6"));
+
+    let parked = broker.wait_parked(cases.len()).await;
+    for (body, _) in &cases {
+        let p = parked
+            .iter()
+            .find(|p| &p.body == body)
+            .expect("parked byte for byte");
+        assert_eq!(p.headers["x-approval-error-kind"], "invalid");
+        assert!(!p.headers["x-approval-error"].is_empty());
+        assert_eq!(p.headers["x-approval-attempts"], "0");
+        assert!(p.headers.contains_key("x-approval-first-received-at"));
+    }
+    assert!(
+        qonto.received_requests().await.unwrap().is_empty(),
+        "no provider call for bad input"
+    );
+
+    // The worker is still healthy after all of that.
+    broker.publish(&decline("after-bad", &request_id())).await;
+    broker.outcome("after-bad", "applied").await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_provider_without_credentials_is_disabled_and_parked() {
+    let broker = TestBroker::new("q-disabled").await;
+    let qonto = MockServer::start().await;
+    let mut env = broker.worker_env();
+    env.push(("APPROVAL_PROVIDERS__QONTO__BASE_URL".into(), qonto.uri()));
+    let worker = InProcessWorker::start(env).await;
+    broker.wait_consumer().await;
+
+    let d = decline("dis-1", &request_id());
+    broker.publish(&d).await;
+    let o = broker.outcome("dis-1", "invalid").await;
+    assert_eq!(o.body["error"]["kind"], "provider_disabled");
+    let parked = broker.wait_parked(1).await;
+    assert_eq!(parked[0].body, d.to_string().as_bytes());
+    assert_eq!(
+        parked[0].headers["x-approval-error-kind"],
+        "provider_disabled"
+    );
+    assert!(qonto.received_requests().await.unwrap().is_empty());
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn decisions_are_processed_concurrently() {
+    let broker = TestBroker::new("q-concurrent").await;
+    let qonto = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(qonto_ok("declined").set_delay(Duration::from_millis(500)))
+        .mount(&qonto)
+        .await;
+    let worker = InProcessWorker::start(env(&broker, &qonto)).await;
+    broker.wait_consumer().await;
+
+    for i in 0..20 {
+        broker
+            .publish(&decline(&format!("conc-{i}"), &request_id()))
+            .await;
+    }
+    // Serially this would take 10 s; concurrently every call is in flight at once.
+    wait_for(
+        "20 calls in flight together",
+        Duration::from_secs(3),
+        || async {
+            let n = qonto.received_requests().await.unwrap_or_default().len();
+            (n >= 20).then_some(())
+        },
+    )
+    .await;
+    broker.wait_outcomes(20, |o| o.status() == "applied").await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn the_worker_carries_on_after_its_connection_is_closed() {
+    let broker = TestBroker::new("q-conn").await;
+    let qonto = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(qonto_ok("declined"))
+        .mount(&qonto)
+        .await;
+    let worker = InProcessWorker::start(env(&broker, &qonto)).await;
+    broker.wait_consumer().await;
+    broker.publish(&decline("before", &request_id())).await;
+    broker.outcome("before", "applied").await;
+
+    let closed = common::close_connections_named(&format!("approval-worker {}", broker.prefix));
+    assert_eq!(closed, 1, "the worker's connection was found and closed");
+    broker.publish(&decline("after", &request_id())).await;
+    broker.outcome("after", "applied").await;
+    worker.stop().await;
+}
