@@ -223,6 +223,18 @@ impl TestBroker {
         (q.message_count(), q.consumer_count())
     }
 
+    /// Waits until `queue` holds exactly `n` ready messages. Requeues (a
+    /// nack, a closed channel) reach a quorum queue asynchronously, so a
+    /// count read straight after them can lag.
+    pub async fn wait_ready(&self, queue: &str, n: u32) {
+        wait_for(
+            &format!("{n} ready messages in {queue}"),
+            DEADLINE,
+            || async move { (self.queue_counts(queue).await.0 == n).then_some(()) },
+        )
+        .await;
+    }
+
     /// Takes every parked message out of `P.dead`.
     pub async fn drain_parked(&self) -> Vec<Parked> {
         let mut out = Vec::new();
