@@ -81,7 +81,7 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
         ledger_v2_verify_signatures: false,
         ..SimConfig::default()
     };
-    let sim = sim::start(sim_config, "127.0.0.1:0".parse().expect("static address"))
+    let sim = sim::start_per_provider(sim_config, std::net::Ipv4Addr::LOCALHOST.into())
         .await
         .map_err(|e| BenchError::Setup(format!("simulator: {e}")))?;
     let prefix = format!("bench-w-{}", short_id());

@@ -43,7 +43,7 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -254,13 +254,36 @@ impl Provider {
 pub struct SimHandle {
     sim: Arc<Sim>,
     addr: SocketAddr,
+    /// Set by [`start_per_provider`]: each provider's own listener.
+    provider_addrs: HashMap<&'static str, SocketAddr>,
 }
 
 /// Binds `bind` (port 0 picks a free port) and serves on a spawned tokio task.
 pub async fn start(config: SimConfig, bind: SocketAddr) -> std::io::Result<SimHandle> {
     let (sim, listener, addr) = prepare(config, bind).await?;
     tokio::spawn(run(sim.clone(), listener));
-    Ok(SimHandle { sim, addr })
+    Ok(SimHandle {
+        sim,
+        addr,
+        provider_addrs: HashMap::new(),
+    })
+}
+
+/// Like [`start`] on `ip`, plus one listener per provider that its base URL
+/// points at. Real providers live on separate hosts, so a worker keeps one
+/// connection pool per provider; on one shared port the pools of all
+/// providers would compete for one host's idle-connection cap and churn
+/// connections, which the benchmark would then measure instead of the worker.
+pub async fn start_per_provider(config: SimConfig, ip: IpAddr) -> std::io::Result<SimHandle> {
+    let mut handle = start(config, SocketAddr::new(ip, 0)).await?;
+    for provider in Provider::ALL {
+        let listener = TcpListener::bind(SocketAddr::new(ip, 0)).await?;
+        handle
+            .provider_addrs
+            .insert(provider.name(), listener.local_addr()?);
+        tokio::spawn(run(handle.sim.clone(), listener));
+    }
+    Ok(handle)
 }
 
 /// Serves until the returned future is dropped; for the `simulate` command,
@@ -309,17 +332,19 @@ impl SimHandle {
     /// `http://IP:PORT`; a wildcard bind address is replaced by loopback so
     /// the URL is connectable.
     pub fn root_url(&self) -> String {
-        let mut addr = self.addr;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        }
-        format!("http://{addr}")
+        connectable_url(self.addr)
     }
 
     /// The base URL a worker configures for `provider` (panics on an unknown
     /// provider name).
     pub fn base_url(&self, provider: &str) -> String {
-        format!("{}{}", self.root_url(), Provider::expect(provider).prefix())
+        let provider = Provider::expect(provider);
+        let addr = self
+            .provider_addrs
+            .get(provider.name())
+            .copied()
+            .unwrap_or(self.addr);
+        format!("{}{}", connectable_url(addr), provider.prefix())
     }
 
     /// Environment variables (CONTRACT.md section 2) pointing a worker at this
@@ -397,6 +422,13 @@ impl SimHandle {
     pub fn shutdown(self) {
         // Drop does the work; this name makes intent explicit at call sites.
     }
+}
+
+fn connectable_url(mut addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    format!("http://{addr}")
 }
 
 impl Drop for SimHandle {
