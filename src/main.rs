@@ -57,6 +57,9 @@ enum Command {
         /// Prefetch for both the ceiling loop and the worker (default: APPROVAL_AMQP__PREFETCH).
         #[arg(long)]
         prefetch: Option<u16>,
+        /// Rounds of ceiling, worker and latency phases; figures are medians.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// Inspect or replay the parking lot (P.dead).
     #[command(subcommand)]
@@ -124,12 +127,14 @@ fn main() -> ExitCode {
                 provider_latency_ms,
                 providers,
                 prefetch,
+                rounds,
             } => {
                 let options = bench::BenchOptions {
                     decisions,
                     providers,
                     provider_latency_ms,
                     prefetch,
+                    rounds,
                 };
                 match bench::run(cli.config.as_deref(), options).await {
                     Ok(figures) => {
