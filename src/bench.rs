@@ -8,8 +8,10 @@
 //!   are its own) against the in-process simulator, with zero and then with
 //!   added provider latency.
 //!
-//! Rates are measured from the first to the last result of a pre-loaded
-//! queue, so publishing speed does not enter them; latency is measured on a
+//! Every rate is measured the same way: the consumer (relay or worker) is
+//! already running when the bench publishes the batch with pipelined
+//! confirms, and the rate runs from the first result to the last, whether
+//! the first arrives during the load or after it. Latency is measured on a
 //! paced stream, publish to outcome.
 
 use std::{
@@ -114,16 +116,33 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     let bodies = sample_bodies(&mix, "w", warm, |i| {
         if i % 2 == 0 { "approve" } else { "reject" }
     });
-    publish_all(&publisher, &topology.decisions(), &bodies).await?;
-    drain_rate(&mut events, warm, "warm-up").await?;
+    load_and_drain(
+        &publisher,
+        &topology.decisions(),
+        bodies,
+        &mut events,
+        "warm-up",
+    )
+    .await?;
 
     // Latency: a paced stream at a third of a first measured rate, so it
     // shows the time through the worker rather than time spent queueing.
-    let bodies = sample_bodies(&mix, "p", n, |i| {
-        if i % 2 == 0 { "approve" } else { "reject" }
-    });
-    publish_all(&publisher, &topology.decisions(), &bodies).await?;
-    let first_rate = drain_rate(&mut events, n, "worker").await?;
+    let bodies = sample_bodies(
+        &mix,
+        "p",
+        n,
+        |i| {
+            if i % 2 == 0 { "approve" } else { "reject" }
+        },
+    );
+    let first_rate = load_and_drain(
+        &publisher,
+        &topology.decisions(),
+        bodies,
+        &mut events,
+        "worker",
+    )
+    .await?;
     let paced = n.min(5_000);
     let (p50, p99) = paced_latency(
         &publisher,
@@ -154,13 +173,25 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
         let bodies = sample_bodies(&mix, &format!("a{round}"), n, |i| {
             if i % 2 == 0 { "approve" } else { "reject" }
         });
-        publish_all(&publisher, &topology.decisions(), &bodies).await?;
-        let worker_rate = drain_rate(&mut events, n, "worker").await?;
+        let worker_rate = load_and_drain(
+            &publisher,
+            &topology.decisions(),
+            bodies,
+            &mut events,
+            "worker",
+        )
+        .await?;
 
         set_latency(&sim, latency);
         let bodies = sample_bodies(&mix, &format!("b{round}"), n, |_| "reject");
-        publish_all(&publisher, &topology.decisions(), &bodies).await?;
-        let latency_rate = drain_rate(&mut events, n, "latency").await?;
+        let latency_rate = load_and_drain(
+            &publisher,
+            &topology.decisions(),
+            bodies,
+            &mut events,
+            "latency",
+        )
+        .await?;
         let theoretical = latency_cap(prefetch, latency, worker_rate);
         eprintln!(
             "bench: round {round}/{rounds}: ceiling {ceiling:.0}/s, worker {worker_rate:.0}/s \
@@ -186,8 +217,16 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
             if i % 2 == 0 { "approve" } else { "reject" }
         });
         eprintln!("bench: worker, {count} Ledger v2 decisions (two calls and a signature each)");
-        publish_all(&publisher, &topology.decisions(), &bodies).await?;
-        Some(drain_rate(&mut events, count, "ledger_v2").await?)
+        Some(
+            load_and_drain(
+                &publisher,
+                &topology.decisions(),
+                bodies,
+                &mut events,
+                "ledger_v2",
+            )
+            .await?,
+        )
     } else {
         None
     };
@@ -204,10 +243,9 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     let _ = conn.close(200, "bench done".into()).await;
     sim.shutdown();
 
-    let processed = ((2 * rounds + 1) * n
-        + paced
-        + warm
-        + if with_ledger_v2 { (n / 4).max(10) } else { 0 }) as f64;
+    let processed =
+        ((2 * rounds + 1) * n + paced + warm + if with_ledger_v2 { (n / 4).max(10) } else { 0 })
+            as f64;
     Ok(json!({
         "decisions": n,
         "providers": mix,
@@ -319,6 +357,26 @@ async fn publish_all(
     Ok(())
 }
 
+/// Publishes `bodies` while counting the results they cause: the rate runs
+/// from the first result, which may arrive while the load is still being
+/// published, to the last.
+async fn load_and_drain<T>(
+    publisher: &Publisher,
+    queue: &str,
+    bodies: Vec<Vec<u8>>,
+    events: &mut mpsc::UnboundedReceiver<T>,
+    phase: &'static str,
+) -> Result<f64, BenchError> {
+    let n = bodies.len();
+    let publisher = publisher.clone();
+    let queue = queue.to_owned();
+    let load = tokio::spawn(async move { publish_all(&publisher, &queue, &bodies).await });
+    let rate = drain_rate(events, n, phase).await?;
+    load.await
+        .map_err(|e| BenchError::Setup(format!("publisher task: {e}")))??;
+    Ok(rate)
+}
+
 /// Items per second between the first and the last of `n` results.
 async fn drain_rate<T>(
     events: &mut mpsc::UnboundedReceiver<T>,
@@ -422,7 +480,6 @@ async fn ceiling(conn: &Connection, prefetch: u16, n: usize) -> Result<f64, Benc
         .to_string()
         .into_bytes();
     let bodies = vec![body; n];
-    publish_all(&publisher, &topology.decisions(), &bodies).await?;
 
     let consume: Channel = conn.create_channel().await?;
     consume
@@ -470,7 +527,14 @@ async fn ceiling(conn: &Connection, prefetch: u16, n: usize) -> Result<f64, Benc
             }
         }
     });
-    let rate = drain_rate(&mut results, n, "ceiling").await;
+    let rate = load_and_drain(
+        &publisher,
+        &topology.decisions(),
+        bodies,
+        &mut results,
+        "ceiling",
+    )
+    .await;
     let _ = relay_task.await;
     topology.delete(&setup).await?;
     rate
