@@ -88,8 +88,11 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     let topology = Topology::new(&prefix, settings.amqp.delivery_limit);
     let channel = conn.create_channel().await?;
     topology.declare(&channel).await?;
-    let mut events = capture::outcomes(&channel, &topology).await?;
-    let publisher = Publisher::new(conn.create_channel().await?).await?;
+    let mut feed = Feed {
+        events: capture::outcomes(&channel, &topology).await?,
+        publisher: Publisher::new(conn.create_channel().await?).await?,
+        queue: topology.decisions(),
+    };
 
     let mix: Vec<&str> = if options.providers.is_empty() {
         PROVIDERS.to_vec()
@@ -113,46 +116,16 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     // the phases measure it running, not starting.
     let mut worker = spawn_worker(config, &prefix, prefetch, &sim.worker_env())?;
     let warm = n.min(2_000);
-    let bodies = sample_bodies(&mix, "w", warm, |i| {
-        if i % 2 == 0 { "approve" } else { "reject" }
-    });
-    load_and_drain(
-        &publisher,
-        &topology.decisions(),
-        bodies,
-        &mut events,
-        "warm-up",
-    )
-    .await?;
+    feed.phase("warm-up", sample_bodies(&mix, "w", warm, alternate))
+        .await?;
 
     // Latency: a paced stream at a third of a first measured rate, so it
     // shows the time through the worker rather than time spent queueing.
-    let bodies = sample_bodies(
-        &mix,
-        "p",
-        n,
-        |i| {
-            if i % 2 == 0 { "approve" } else { "reject" }
-        },
-    );
-    let first_rate = load_and_drain(
-        &publisher,
-        &topology.decisions(),
-        bodies,
-        &mut events,
-        "worker",
-    )
-    .await?;
+    let first_rate = feed
+        .phase("pacing", sample_bodies(&mix, "p", n, alternate))
+        .await?;
     let paced = n.min(5_000);
-    let (p50, p99) = paced_latency(
-        &publisher,
-        &topology.decisions(),
-        &mut events,
-        &mix,
-        paced,
-        first_rate / 3.0,
-    )
-    .await?;
+    let (p50, p99) = paced_latency(&mut feed, &mix, paced, first_rate / 3.0).await?;
     eprintln!("bench: latency p50 {p50:.1} ms, p99 {p99:.1} ms");
 
     // Rounds of (ceiling, worker, worker with provider latency), back to
@@ -170,28 +143,12 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
         let ceiling = ceiling(&conn, prefetch, n).await?;
 
         set_latency(&sim, 0);
-        let bodies = sample_bodies(&mix, &format!("a{round}"), n, |i| {
-            if i % 2 == 0 { "approve" } else { "reject" }
-        });
-        let worker_rate = load_and_drain(
-            &publisher,
-            &topology.decisions(),
-            bodies,
-            &mut events,
-            "worker",
-        )
-        .await?;
+        let bodies = sample_bodies(&mix, &format!("a{round}"), n, alternate);
+        let worker_rate = feed.phase("worker", bodies).await?;
 
         set_latency(&sim, latency);
         let bodies = sample_bodies(&mix, &format!("b{round}"), n, |_| "reject");
-        let latency_rate = load_and_drain(
-            &publisher,
-            &topology.decisions(),
-            bodies,
-            &mut events,
-            "latency",
-        )
-        .await?;
+        let latency_rate = feed.phase("latency", bodies).await?;
         let theoretical = latency_cap(prefetch, latency, worker_rate);
         eprintln!(
             "bench: round {round}/{rounds}: ceiling {ceiling:.0}/s, worker {worker_rate:.0}/s \
@@ -213,20 +170,9 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     // Ledger v2 alone, without added latency.
     let ledger_v2_rate = if with_ledger_v2 {
         let count = (n / 4).max(10);
-        let bodies = sample_bodies(&["ledger_v2"], "v2", count, |i| {
-            if i % 2 == 0 { "approve" } else { "reject" }
-        });
+        let bodies = sample_bodies(&["ledger_v2"], "v2", count, alternate);
         eprintln!("bench: worker, {count} Ledger v2 decisions (two calls and a signature each)");
-        Some(
-            load_and_drain(
-                &publisher,
-                &topology.decisions(),
-                bodies,
-                &mut events,
-                "ledger_v2",
-            )
-            .await?,
-        )
+        Some(feed.phase("ledger_v2", bodies).await?)
     } else {
         None
     };
@@ -312,6 +258,41 @@ fn max(values: &[f64]) -> f64 {
 
 fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
+}
+
+/// The worker's decisions queue and its outcome stream, seen from the bench.
+struct Feed {
+    publisher: Publisher,
+    queue: String,
+    events: mpsc::UnboundedReceiver<Value>,
+}
+
+impl Feed {
+    /// Loads `bodies` into the worker's queue and returns the rate of their
+    /// outcomes.
+    async fn phase(
+        &mut self,
+        phase: &'static str,
+        bodies: Vec<Vec<u8>>,
+    ) -> Result<f64, BenchError> {
+        load_and_drain(
+            &self.publisher,
+            &self.queue,
+            bodies,
+            &mut self.events,
+            phase,
+        )
+        .await
+    }
+}
+
+/// Half approvals, half rejections.
+fn alternate(i: usize) -> &'static str {
+    if i.is_multiple_of(2) {
+        "approve"
+    } else {
+        "reject"
+    }
 }
 
 fn sample_bodies(
@@ -409,9 +390,7 @@ async fn drain_rate<T>(
 }
 
 async fn paced_latency(
-    publisher: &Publisher,
-    queue: &str,
-    events: &mut mpsc::UnboundedReceiver<Value>,
+    feed: &mut Feed,
     mix: &[&str],
     n: usize,
     rate: f64,
@@ -419,8 +398,8 @@ async fn paced_latency(
     let mix: Vec<String> = mix.iter().map(|p| (*p).to_owned()).collect();
     let rate = rate.max(100.0);
     let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
-    let publisher = publisher.clone();
-    let queue = queue.to_owned();
+    let publisher = feed.publisher.clone();
+    let queue = feed.queue.clone();
     let log = sent.clone();
     let pacer = tokio::spawn(async move {
         let start = Instant::now();
@@ -449,7 +428,7 @@ async fn paced_latency(
     while latencies.len() < n {
         match tokio::time::timeout(
             deadline.saturating_duration_since(Instant::now()),
-            events.recv(),
+            feed.events.recv(),
         )
         .await
         {
