@@ -264,7 +264,7 @@ fn round2(v: f64) -> f64 {
 struct Feed {
     publisher: Publisher,
     queue: String,
-    events: mpsc::UnboundedReceiver<Value>,
+    events: mpsc::UnboundedReceiver<Vec<u8>>,
 }
 
 impl Feed {
@@ -434,8 +434,10 @@ async fn paced_latency(
         {
             Ok(Some(event)) => {
                 let arrived = Instant::now();
-                let id = event["decision_id"].as_str().unwrap_or_default();
-                if let Some(at) = sent.lock().expect("latency log").get(id) {
+                let id = serde_json::from_slice::<EventId>(&event)
+                    .map(|e| e.decision_id)
+                    .unwrap_or_default();
+                if let Some(at) = sent.lock().expect("latency log").get(&id) {
                     latencies.push(arrived.duration_since(*at).as_secs_f64() * 1000.0);
                 }
             }
@@ -446,6 +448,13 @@ async fn paced_latency(
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     Ok((pct(0.50), pct(0.99)))
+}
+
+/// The one field the latency phase reads from an outcome event.
+#[derive(serde::Deserialize)]
+struct EventId {
+    #[serde(default)]
+    decision_id: String,
 }
 
 /// The broker's relay ceiling with the worker's settings and no HTTP.

@@ -7,16 +7,17 @@ use lapin::{
     options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
     types::FieldTable,
 };
-use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::broker::Topology;
 
-/// Binds a private queue to `P.outcomes` and forwards every event's JSON.
+/// Binds a private queue to `P.outcomes` and forwards every event's JSON
+/// text unparsed: the bench counts most events without reading them, and
+/// parsing here would take CPU from the worker it measures.
 pub async fn outcomes(
     channel: &Channel,
     topology: &Topology,
-) -> Result<mpsc::UnboundedReceiver<Value>, lapin::Error> {
+) -> Result<mpsc::UnboundedReceiver<Vec<u8>>, lapin::Error> {
     let queue = channel
         .queue_declare(
             "".into(),
@@ -47,8 +48,7 @@ pub async fn outcomes(
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(Ok(delivery)) = consumer.next().await {
-            let body = serde_json::from_slice(&delivery.data).unwrap_or(Value::Null);
-            if tx.send(body).is_err() {
+            if tx.send(delivery.data).is_err() {
                 break;
             }
         }

@@ -8,6 +8,7 @@ use std::{
 };
 
 use lapin::{BasicProperties, options::BasicPublishOptions};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -175,6 +176,7 @@ pub async fn run(config: Option<&Path>) -> Result<(), DemoError> {
         else {
             break;
         };
+        let event: Value = serde_json::from_slice(&event).unwrap_or(Value::Null);
         let id = event["decision_id"].as_str().unwrap_or_default();
         let status = event["status"].as_str().unwrap_or_default().to_owned();
         let Some(row) = rows.iter_mut().find(|r| r.decision_id == id) else {

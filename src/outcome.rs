@@ -158,7 +158,10 @@ impl OutcomeEvent {
     }
 
     pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("an outcome event always serializes")
+        // Sized for a typical event, so serializing does not regrow the buffer.
+        let mut json = Vec::with_capacity(1024);
+        serde_json::to_writer(&mut json, self).expect("an outcome event always serializes");
+        json
     }
 }
 
@@ -181,15 +184,34 @@ pub fn rfc3339(t: OffsetDateTime) -> String {
 
 /// Keeps a provider answer whole when small, else a truncated string of it.
 pub fn bound_response(v: Value) -> Value {
-    let text = v.to_string();
-    if text.len() <= MAX_PROVIDER_RESPONSE_BYTES {
+    // Most answers are small: measure them without building their text.
+    let mut size = SizeLimit(MAX_PROVIDER_RESPONSE_BYTES);
+    if serde_json::to_writer(&mut size, &v).is_ok() {
         return v;
     }
+    let text = v.to_string();
     let mut cut = MAX_PROVIDER_RESPONSE_BYTES;
     while !text.is_char_boundary(cut) {
         cut -= 1;
     }
     serde_json::json!({ "truncated": true, "bytes": text.len(), "prefix": &text[..cut] })
+}
+
+/// A writer that accepts up to its budget of bytes and fails past it.
+struct SizeLimit(usize);
+
+impl std::io::Write for SizeLimit {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 = self
+            .0
+            .checked_sub(buf.len())
+            .ok_or_else(|| std::io::Error::other("over the size limit"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -231,5 +253,11 @@ mod tests {
         assert_eq!(bounded["truncated"], true);
         let small = serde_json::json!({ "a": 1 });
         assert_eq!(bound_response(small.clone()), small);
+        // Exactly at the limit stays whole; one byte more is cut.
+        let pad = MAX_PROVIDER_RESPONSE_BYTES - r#"{"x":""}"#.len();
+        let at_limit = serde_json::json!({ "x": "y".repeat(pad) });
+        assert_eq!(bound_response(at_limit.clone()), at_limit);
+        let over = serde_json::json!({ "x": "y".repeat(pad + 1) });
+        assert_eq!(bound_response(over)["truncated"], true);
     }
 }

@@ -32,7 +32,7 @@ use tracing::{Instrument, Span, debug, error, field, info, info_span, warn};
 
 use crate::{
     broker::{self, Publisher, Topology, headers},
-    decision::{self, Decision, Echo},
+    decision::{self, Action, Decision, Echo},
     locks::TargetLocks,
     outcome::{
         Confirmation, ErrorKind, OutcomeError, OutcomeEvent, Status, bound_response, rfc3339,
@@ -764,8 +764,8 @@ async fn deliver(
             let kind = event.error.as_ref().map(|e| e.kind);
             metrics::counter!(
                 "approval_decisions_total",
-                "provider" => metric_label(event.provider.as_deref()),
-                "action" => metric_label(event.action.as_deref()),
+                "provider" => provider_label(&shared.registry, event.provider.as_deref()),
+                "action" => action_label(event.action.as_deref()),
                 "status" => event.status.as_str(),
             )
             .increment(1);
@@ -868,16 +868,19 @@ async fn publish_outcome(
         .await
 }
 
-/// Bounded label values: an unreadable message must not mint new series.
-fn metric_label(value: Option<&str>) -> String {
-    match value {
-        Some(v)
-            if v.len() <= 32
-                && v.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') =>
-        {
-            v.to_owned()
-        }
-        _ => "unknown".to_owned(),
-    }
+/// Bounded label values: an unreadable message must not mint new series,
+/// and a known value is a static string, so counting allocates nothing.
+fn provider_label(registry: &Registry, value: Option<&str>) -> &'static str {
+    registry
+        .names()
+        .find(|(name, _)| Some(*name) == value)
+        .map_or("unknown", |(name, _)| name)
+}
+
+fn action_label(value: Option<&str>) -> &'static str {
+    [Action::Approve, Action::Reject]
+        .into_iter()
+        .map(Action::as_str)
+        .find(|a| Some(*a) == value)
+        .unwrap_or("unknown")
 }
