@@ -115,67 +115,88 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     // The worker starts and warms up (connections, provider tokens) first:
     // the phases measure it running, not starting.
     let mut worker = spawn_worker(config, &prefix, prefetch, &sim.worker_env())?;
-    let warm = n.min(2_000);
-    feed.phase("warm-up", sample_bodies(&mix, "w", warm, alternate))
-        .await?;
+    // Whatever happens in the phases, the worker stops and the bench's
+    // queues and exchanges are removed before the result is returned.
+    let measured = async {
+        let warm = n.min(2_000);
+        feed.phase("warm-up", sample_bodies(&mix, "w", warm, alternate))
+            .await?;
 
-    // Latency: a paced stream at a third of a first measured rate, so it
-    // shows the time through the worker rather than time spent queueing.
-    let first_rate = feed
-        .phase("pacing", sample_bodies(&mix, "p", n, alternate))
-        .await?;
-    let paced = n.min(5_000);
-    let (p50, p99) = paced_latency(&mut feed, &mix, paced, first_rate / 3.0).await?;
-    eprintln!("bench: latency p50 {p50:.1} ms, p99 {p99:.1} ms");
+        // Latency: a paced stream at a third of a first measured rate, so it
+        // shows the time through the worker rather than time spent queueing.
+        let first_rate = feed
+            .phase("pacing", sample_bodies(&mix, "p", n, alternate))
+            .await?;
+        let paced = n.min(5_000);
+        let (p50, p99) = paced_latency(&mut feed, &mix, paced, first_rate / 3.0).await?;
+        eprintln!("bench: latency p50 {p50:.1} ms, p99 {p99:.1} ms");
 
-    // Rounds of (ceiling, worker, worker with provider latency), back to
-    // back, so each ratio compares phases run under the same conditions.
-    // On a shared two-core machine single phases swing by a third from run
-    // to run; the medians over rounds are what the bench reports.
-    let latency = options.provider_latency_ms;
-    let rounds = options.rounds.max(1);
-    let mut ceilings = Vec::new();
-    let mut worker_rates = Vec::new();
-    let mut latency_rates = Vec::new();
-    let mut ratios = Vec::new();
-    let mut latency_shares = Vec::new();
-    for round in 1..=rounds {
-        let ceiling = ceiling(&conn, prefetch, n).await?;
+        // Rounds of (ceiling, worker, worker with provider latency), back to
+        // back, so each ratio compares phases run under the same conditions.
+        // On a shared two-core machine single phases swing by a third from run
+        // to run; the medians over rounds are what the bench reports.
+        let latency = options.provider_latency_ms;
+        let rounds = options.rounds.max(1);
+        let mut ceilings = Vec::new();
+        let mut worker_rates = Vec::new();
+        let mut latency_rates = Vec::new();
+        let mut ratios = Vec::new();
+        let mut latency_shares = Vec::new();
+        for round in 1..=rounds {
+            let ceiling = ceiling(&conn, prefetch, n).await?;
 
+            set_latency(&sim, 0);
+            let bodies = sample_bodies(&mix, &format!("a{round}"), n, alternate);
+            let worker_rate = feed.phase("worker", bodies).await?;
+
+            set_latency(&sim, latency);
+            let bodies = sample_bodies(&mix, &format!("b{round}"), n, |_| "reject");
+            let latency_rate = feed.phase("latency", bodies).await?;
+            let theoretical = latency_cap(prefetch, latency, worker_rate);
+            eprintln!(
+                "bench: round {round}/{rounds}: ceiling {ceiling:.0}/s, worker {worker_rate:.0}/s \
+                 (ratio {:.2}), with {latency} ms provider latency {latency_rate:.0}/s of \
+                 {theoretical:.0}/s",
+                worker_rate / ceiling
+            );
+            ratios.push(worker_rate / ceiling);
+            latency_shares.push(latency_rate / theoretical);
+            ceilings.push(ceiling);
+            worker_rates.push(worker_rate);
+            latency_rates.push(latency_rate);
+        }
         set_latency(&sim, 0);
-        let bodies = sample_bodies(&mix, &format!("a{round}"), n, alternate);
-        let worker_rate = feed.phase("worker", bodies).await?;
+        let worker_rate = median(&mut worker_rates);
+        let ceiling = median(&mut ceilings);
+        let latency_rate = median(&mut latency_rates);
 
-        set_latency(&sim, latency);
-        let bodies = sample_bodies(&mix, &format!("b{round}"), n, |_| "reject");
-        let latency_rate = feed.phase("latency", bodies).await?;
-        let theoretical = latency_cap(prefetch, latency, worker_rate);
-        eprintln!(
-            "bench: round {round}/{rounds}: ceiling {ceiling:.0}/s, worker {worker_rate:.0}/s \
-             (ratio {:.2}), with {latency} ms provider latency {latency_rate:.0}/s of \
-             {theoretical:.0}/s",
-            worker_rate / ceiling
-        );
-        ratios.push(worker_rate / ceiling);
-        latency_shares.push(latency_rate / theoretical);
-        ceilings.push(ceiling);
-        worker_rates.push(worker_rate);
-        latency_rates.push(latency_rate);
+        // Ledger v2 alone, without added latency.
+        let ledger_v2_rate = if with_ledger_v2 {
+            let count = (n / 4).max(10);
+            let bodies = sample_bodies(&["ledger_v2"], "v2", count, alternate);
+            eprintln!(
+                "bench: worker, {count} Ledger v2 decisions (two calls and a signature each)"
+            );
+            Some(feed.phase("ledger_v2", bodies).await?)
+        } else {
+            None
+        };
+        Ok::<_, BenchError>(Figures {
+            warm,
+            paced,
+            p50,
+            p99,
+            latency,
+            rounds,
+            ceiling,
+            worker_rate,
+            latency_rate,
+            ratios,
+            latency_shares,
+            ledger_v2_rate,
+        })
     }
-    set_latency(&sim, 0);
-    let worker_rate = median(&mut worker_rates);
-    let ceiling = median(&mut ceilings);
-    let latency_rate = median(&mut latency_rates);
-
-    // Ledger v2 alone, without added latency.
-    let ledger_v2_rate = if with_ledger_v2 {
-        let count = (n / 4).max(10);
-        let bodies = sample_bodies(&["ledger_v2"], "v2", count, alternate);
-        eprintln!("bench: worker, {count} Ledger v2 decisions (two calls and a signature each)");
-        Some(feed.phase("ledger_v2", bodies).await?)
-    } else {
-        None
-    };
+    .await;
 
     let usage = process_usage(worker.id().unwrap_or_default());
     terminate(&mut worker).await;
@@ -185,9 +206,23 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
         .filter_map(|p| stats.provider(p))
         .map(|s| s.double_state_changes)
         .sum();
-    topology.delete(&channel).await?;
+    remove(&conn, &topology).await;
     let _ = conn.close(200, "bench done".into()).await;
     sim.shutdown();
+    let Figures {
+        warm,
+        paced,
+        p50,
+        p99,
+        latency,
+        rounds,
+        ceiling,
+        worker_rate,
+        latency_rate,
+        mut ratios,
+        mut latency_shares,
+        ledger_v2_rate,
+    } = measured?;
 
     let processed =
         ((2 * rounds + 1) * n + paced + warm + if with_ledger_v2 { (n / 4).max(10) } else { 0 })
@@ -213,6 +248,39 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
         "ledger_v2_per_s": ledger_v2_rate.map(f64::round),
         "double_state_changes": doubles,
     }))
+}
+
+/// What the phases measured, before it is summarised.
+struct Figures {
+    warm: usize,
+    paced: usize,
+    p50: f64,
+    p99: f64,
+    latency: u64,
+    rounds: usize,
+    ceiling: f64,
+    worker_rate: f64,
+    latency_rate: f64,
+    ratios: Vec<f64>,
+    latency_shares: Vec<f64>,
+    ledger_v2_rate: Option<f64>,
+}
+
+/// Deletes a phase's queues and exchanges on a channel of its own, so an
+/// error on a busy channel cannot leave them behind; a second try follows
+/// a failure, and a failure to clean up is reported without discarding
+/// figures already taken.
+async fn remove(conn: &Connection, topology: &Topology) {
+    for attempt in 1..=2 {
+        let result = async { topology.delete(&conn.create_channel().await?).await }.await;
+        match result {
+            Ok(()) => return,
+            Err(e) => eprintln!(
+                "bench: removing {}.* failed (attempt {attempt} of 2): {e}",
+                topology.prefix()
+            ),
+        }
+    }
 }
 
 /// Every provider answers after `latency_ms` from now on.
@@ -524,7 +592,7 @@ async fn ceiling(conn: &Connection, prefetch: u16, n: usize) -> Result<f64, Benc
     )
     .await;
     let _ = relay_task.await;
-    topology.delete(&setup).await?;
+    remove(conn, &topology).await;
     rate
 }
 

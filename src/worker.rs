@@ -90,6 +90,8 @@ struct Shared {
     delays: RetryDelays,
     locks: TargetLocks,
     shutdown: CancellationToken,
+    /// Named once: every decision publishes here.
+    outcomes_exchange: String,
 }
 
 pub struct Worker {
@@ -106,6 +108,7 @@ impl Worker {
             max: Duration::from_millis(settings.retry.max_backoff_ms),
         };
         let connection_name = format!("approval-worker {}", settings.amqp.prefix);
+        let outcomes_exchange = topology.outcomes();
         Self {
             shared: Arc::new(Shared {
                 settings,
@@ -114,6 +117,7 @@ impl Worker {
                 delays,
                 locks: TargetLocks::default(),
                 shutdown,
+                outcomes_exchange,
             }),
             health: Arc::new(Health::default()),
             connection_name,
@@ -789,7 +793,10 @@ async fn deliver(
                 let props = headers::copy_properties(&delivery.properties, h);
                 let dead = topology.dead();
                 let park = publisher.publish("", &dead, &delivery.data, props, true);
-                tokio::try_join!(outcome, park)?;
+                // Parking and retries are the rare paths: their second
+                // publish lives on the heap, so every in-flight decision's
+                // task stays the size of the common single publish.
+                tokio::try_join!(Box::pin(outcome), Box::pin(park))?;
                 metrics::counter!("approval_parked_total", "kind" => kind.as_str()).increment(1);
                 info!(
                     status = event.status.as_str(),
@@ -823,10 +830,10 @@ async fn deliver(
             }
             let props = headers::copy_properties(&delivery.properties, h)
                 .with_expiration(delay.as_millis().max(1).to_string().into());
-            let retry = publisher.publish("", &queue, &delivery.data, props, true);
+            let retry = Box::pin(publisher.publish("", &queue, &delivery.data, props, true));
             match event {
                 Some(event) => {
-                    tokio::try_join!(publish_outcome(shared, publisher, &event), retry)?;
+                    tokio::try_join!(Box::pin(publish_outcome(shared, publisher, &event)), retry)?;
                 }
                 None => retry.await?,
             }
@@ -859,7 +866,7 @@ async fn publish_outcome(
     }
     publisher
         .publish(
-            &shared.topology.outcomes(),
+            &shared.outcomes_exchange,
             &event.routing_key(),
             &event.to_json(),
             props,

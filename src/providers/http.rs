@@ -127,7 +127,7 @@ impl Http {
             .await
             .map_err(|e| CallError::from_transport(operation, &e))?;
         let status = response.status();
-        let headers = response.headers().clone();
+        let headers = std::mem::take(response.headers_mut());
         let mut bytes = Vec::new();
         loop {
             match response.chunk().await {
