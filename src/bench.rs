@@ -115,6 +115,8 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     // The worker starts and warms up (connections, provider tokens) first:
     // the phases measure it running, not starting.
     let mut worker = spawn_worker(config, &prefix, prefetch, &sim.worker_env())?;
+    let latency = options.provider_latency_ms;
+    let rounds = options.rounds.max(1);
     // Whatever happens in the phases, the worker stops and the bench's
     // queues and exchanges are removed before the result is returned.
     let measured = async {
@@ -135,8 +137,6 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
         // back, so each ratio compares phases run under the same conditions.
         // On a shared two-core machine single phases swing by a third from run
         // to run; the medians over rounds are what the bench reports.
-        let latency = options.provider_latency_ms;
-        let rounds = options.rounds.max(1);
         let mut ceilings = Vec::new();
         let mut worker_rates = Vec::new();
         let mut latency_rates = Vec::new();
@@ -171,23 +171,22 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
         let latency_rate = median(&mut latency_rates);
 
         // Ledger v2 alone, without added latency.
+        let mut processed = (2 * rounds + 1) * n + paced + warm;
         let ledger_v2_rate = if with_ledger_v2 {
             let count = (n / 4).max(10);
             let bodies = sample_bodies(&["ledger_v2"], "v2", count, alternate);
             eprintln!(
                 "bench: worker, {count} Ledger v2 decisions (two calls and a signature each)"
             );
+            processed += count;
             Some(feed.phase("ledger_v2", bodies).await?)
         } else {
             None
         };
         Ok::<_, BenchError>(Figures {
-            warm,
-            paced,
+            processed,
             p50,
             p99,
-            latency,
-            rounds,
             ceiling,
             worker_rate,
             latency_rate,
@@ -209,55 +208,37 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     remove(&conn, &topology).await;
     let _ = conn.close(200, "bench done".into()).await;
     sim.shutdown();
-    let Figures {
-        warm,
-        paced,
-        p50,
-        p99,
-        latency,
-        rounds,
-        ceiling,
-        worker_rate,
-        latency_rate,
-        mut ratios,
-        mut latency_shares,
-        ledger_v2_rate,
-    } = measured?;
-
-    let processed =
-        ((2 * rounds + 1) * n + paced + warm + if with_ledger_v2 { (n / 4).max(10) } else { 0 })
-            as f64;
+    let mut f = measured?;
+    let processed = f.processed as f64;
     Ok(json!({
         "decisions": n,
         "providers": mix,
         "prefetch": prefetch,
         "rounds": rounds,
-        "ceiling_per_s": ceiling.round(),
-        "worker_per_s": worker_rate.round(),
-        "ratio": (median(&mut ratios) * 100.0).round() / 100.0,
-        "ratio_range": [round2(min(&ratios)), round2(max(&ratios))],
-        "p50_ms": (p50 * 10.0).round() / 10.0,
-        "p99_ms": (p99 * 10.0).round() / 10.0,
+        "ceiling_per_s": f.ceiling.round(),
+        "worker_per_s": f.worker_rate.round(),
+        "ratio": round2(median(&mut f.ratios)),
+        "ratio_range": [round2(min(&f.ratios)), round2(max(&f.ratios))],
+        "p50_ms": (f.p50 * 10.0).round() / 10.0,
+        "p99_ms": (f.p99 * 10.0).round() / 10.0,
         "provider_latency_ms": latency,
-        "latency_50ms_per_s": latency_rate.round(),
-        "latency_theoretical_per_s": latency_cap(prefetch, latency, worker_rate).round(),
-        "latency_share": round2(median(&mut latency_shares)),
-        "latency_share_range": [round2(min(&latency_shares)), round2(max(&latency_shares))],
+        "latency_50ms_per_s": f.latency_rate.round(),
+        "latency_theoretical_per_s": latency_cap(prefetch, latency, f.worker_rate).round(),
+        "latency_share": round2(median(&mut f.latency_shares)),
+        "latency_share_range": [round2(min(&f.latency_shares)), round2(max(&f.latency_shares))],
         "peak_rss_mib": usage.map(|u| (u.peak_rss_kib as f64 / 1024.0 * 10.0).round() / 10.0),
         "cpu_us_per_decision": usage.map(|u| (u.cpu_us as f64 / processed).round()),
-        "ledger_v2_per_s": ledger_v2_rate.map(f64::round),
+        "ledger_v2_per_s": f.ledger_v2_rate.map(f64::round),
         "double_state_changes": doubles,
     }))
 }
 
 /// What the phases measured, before it is summarised.
 struct Figures {
-    warm: usize,
-    paced: usize,
+    /// Decisions the worker handled in all phases (for CPU per decision).
+    processed: usize,
     p50: f64,
     p99: f64,
-    latency: u64,
-    rounds: usize,
     ceiling: f64,
     worker_rate: f64,
     latency_rate: f64,
