@@ -200,11 +200,7 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     let usage = process_usage(worker.id().unwrap_or_default());
     terminate(&mut worker).await;
     let stats = sim.stats();
-    let doubles: u64 = PROVIDERS
-        .iter()
-        .filter_map(|p| stats.provider(p))
-        .map(|s| s.double_state_changes)
-        .sum();
+    let total = stats.total();
     remove(&conn, &topology).await;
     let _ = conn.close(200, "bench done".into()).await;
     sim.shutdown();
@@ -229,7 +225,12 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
         "peak_rss_mib": usage.map(|u| (u.peak_rss_kib as f64 / 1024.0 * 10.0).round() / 10.0),
         "cpu_us_per_decision": usage.map(|u| (u.cpu_us as f64 / processed).round()),
         "ledger_v2_per_s": f.ledger_v2_rate.map(f64::round),
-        "double_state_changes": doubles,
+        "provider_http": match total.http2_calls {
+            0 => "HTTP/1.1",
+            n if n == total.calls => "HTTP/2",
+            _ => "mixed",
+        },
+        "double_state_changes": total.double_state_changes,
     }))
 }
 
@@ -593,6 +594,10 @@ fn spawn_worker(
         .envs(sim_env.iter().cloned())
         .env("APPROVAL_AMQP__PREFIX", prefix)
         .env("APPROVAL_AMQP__PREFETCH", prefetch.to_string())
+        // Real providers are reached over TLS, where ALPN settles on HTTP/2
+        // when they offer it; the simulator is plain HTTP and cannot
+        // negotiate, so the worker is told to speak HTTP/2 to it.
+        .env("APPROVAL_WORKER__HTTP2_PRIOR_KNOWLEDGE", "true")
         .env("APPROVAL_ADMIN__BIND", "127.0.0.1:0")
         .env("APPROVAL_LOG__LEVEL", "error")
         .env("APPROVAL_LOG__FORMAT", "json")

@@ -49,6 +49,8 @@ pub struct WorkerSettings {
     pub max_calls_per_provider: usize,
     pub http_timeout_ms: u64,
     pub connect_timeout_ms: u64,
+    /// Speak HTTP/2 from the first byte (h2c on `http://`), see default.toml.
+    pub http2_prior_knowledge: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

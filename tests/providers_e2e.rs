@@ -8,12 +8,31 @@ use common::{InProcessWorker, TestBroker};
 
 #[tokio::test]
 async fn one_approve_and_one_reject_per_provider_give_ten_applied_events() {
-    let broker = TestBroker::new("e2e-five").await;
+    let sim = ten_decisions("e2e-five", false).await;
+    assert_eq!(sim.stats().total().http2_calls, 0);
+}
+
+/// The same over h2c, as the bench runs it: every call, token calls
+/// included, multiplexed on HTTP/2.
+#[tokio::test]
+async fn the_same_ten_decisions_over_http2_prior_knowledge() {
+    let sim = ten_decisions("e2e-five-h2", true).await;
+    let total = sim.stats().total();
+    assert!(total.calls >= 14, "{total:?}");
+    assert_eq!(total.http2_calls, total.calls);
+}
+
+async fn ten_decisions(name: &str, http2: bool) -> sim::SimHandle {
+    let broker = TestBroker::new(name).await;
     let sim = sim::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let mut env = broker.worker_env();
     env.extend(sim.worker_env());
+    env.push((
+        "APPROVAL_WORKER__HTTP2_PRIOR_KNOWLEDGE".into(),
+        http2.to_string(),
+    ));
     let worker = InProcessWorker::start(env).await;
     broker.wait_consumer().await;
 
@@ -66,4 +85,5 @@ async fn one_approve_and_one_reject_per_provider_give_ten_applied_events() {
     );
     assert_eq!(stats.provider("flexpay").unwrap().token_issued, 1);
     worker.stop().await;
+    sim
 }

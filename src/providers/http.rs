@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 
 use crate::{
     retry::{self, CallError, ErrorClass},
-    settings::SettingsError,
+    settings::{SettingsError, WorkerSettings},
 };
 
 /// Answers larger than this are cut: we only need their state fields.
@@ -45,25 +45,30 @@ pub struct Response {
 impl Http {
     /// A client without a call limit (tests, one-off tools).
     pub fn new(timeout: Duration, connect_timeout: Duration) -> Result<Self, SettingsError> {
-        Self::limited(timeout, connect_timeout, None)
+        Ok(Self {
+            client: client(timeout, connect_timeout, 1024, false)?,
+            call_limit: None,
+            limits: Arc::default(),
+        })
     }
 
-    /// `call_limit` caps concurrent calls per provider. Each call in flight
-    /// holds a connection and its buffers, so this bounds memory under
-    /// bursts (a full prefetch arriving at once) and spares the provider a
-    /// connection storm; waiting calls queue in order. The pool keeps no
-    /// more idle connections than that: a connection returns to the pool a
-    /// moment after its call ends, so an unbounded pool drifts far above
-    /// the call limit under load.
-    pub fn limited(
-        timeout: Duration,
-        connect_timeout: Duration,
-        call_limit: Option<usize>,
-    ) -> Result<Self, SettingsError> {
-        let call_limit = call_limit.map(|l| l.max(1));
+    /// The worker's client. `max_calls_per_provider` caps concurrent calls
+    /// per provider. Over HTTP/1 each call in flight holds a connection and
+    /// its buffers, so this bounds memory under bursts (a full prefetch
+    /// arriving at once) and spares the provider a connection storm; waiting
+    /// calls queue in order. The pool keeps no more idle connections than
+    /// that: a connection returns to the pool a moment after its call ends,
+    /// so an unbounded pool drifts far above the call limit under load.
+    pub fn from_settings(worker: &WorkerSettings) -> Result<Self, SettingsError> {
+        let call_limit = worker.max_calls_per_provider.max(1);
         Ok(Self {
-            client: client(timeout, connect_timeout, call_limit.unwrap_or(1024))?,
-            call_limit,
+            client: client(
+                Duration::from_millis(worker.http_timeout_ms),
+                Duration::from_millis(worker.connect_timeout_ms),
+                call_limit,
+                worker.http2_prior_knowledge,
+            )?,
+            call_limit: Some(call_limit),
             limits: Arc::default(),
         })
     }
@@ -170,8 +175,15 @@ fn client(
     timeout: Duration,
     connect_timeout: Duration,
     max_idle: usize,
+    http2_prior_knowledge: bool,
 ) -> Result<reqwest::Client, SettingsError> {
-    reqwest::Client::builder()
+    let builder = reqwest::Client::builder();
+    let builder = if http2_prior_knowledge {
+        builder.http2_prior_knowledge()
+    } else {
+        builder
+    };
+    builder
         .timeout(timeout)
         .connect_timeout(connect_timeout)
         // Decision calls must never be silently redirected elsewhere

@@ -4,7 +4,7 @@
 //! Adding a provider: write `providers/<name>.rs` with a `build` function
 //! and add one line to [`REGISTRY`]. Providers never touch the broker.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc};
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -139,11 +139,7 @@ pub struct Registry {
 
 impl Registry {
     pub fn from_settings(settings: &Settings) -> Result<Self, SettingsError> {
-        let http = http::Http::limited(
-            Duration::from_millis(settings.worker.http_timeout_ms),
-            Duration::from_millis(settings.worker.connect_timeout_ms),
-            Some(settings.worker.max_calls_per_provider),
-        )?;
+        let http = http::Http::from_settings(&settings.worker)?;
         Self::build(&settings.providers, &http)
     }
 

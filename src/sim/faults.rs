@@ -144,6 +144,9 @@ async fn inject(
 ) -> Response {
     let counters = ctx.sim.counters(ctx.provider);
     Counters::bump(&counters.calls);
+    if request.version() == axum::http::Version::HTTP_2 {
+        Counters::bump(&counters.http2_calls);
+    }
     let kind = classify(request.method(), request.uri().path());
     if kind == CallKind::Decision {
         Counters::bump(&counters.state_changing_calls);

@@ -11,6 +11,7 @@ const STATUS_SLOTS: usize = 600;
 
 pub(crate) struct Counters {
     pub calls: AtomicU64,
+    pub http2_calls: AtomicU64,
     pub state_changing_calls: AtomicU64,
     pub state_changes: AtomicU64,
     pub double_state_changes: AtomicU64,
@@ -24,6 +25,7 @@ impl Default for Counters {
     fn default() -> Self {
         Self {
             calls: AtomicU64::new(0),
+            http2_calls: AtomicU64::new(0),
             state_changing_calls: AtomicU64::new(0),
             state_changes: AtomicU64::new(0),
             double_state_changes: AtomicU64::new(0),
@@ -50,9 +52,10 @@ impl Counters {
         }
     }
 
-    fn scalars(&self) -> [&AtomicU64; 7] {
+    fn scalars(&self) -> [&AtomicU64; 8] {
         [
             &self.calls,
+            &self.http2_calls,
             &self.state_changing_calls,
             &self.state_changes,
             &self.double_state_changes,
@@ -81,6 +84,7 @@ impl Counters {
             .collect();
         ProviderStats {
             calls: load(&self.calls),
+            http2_calls: load(&self.http2_calls),
             state_changing_calls: load(&self.state_changing_calls),
             state_changes: load(&self.state_changes),
             double_state_changes: load(&self.double_state_changes),
@@ -97,6 +101,8 @@ impl Counters {
 pub struct ProviderStats {
     /// Every request under the provider's prefix: decisions, reads, tokens.
     pub calls: u64,
+    /// Of those, requests that came over HTTP/2.
+    pub http2_calls: u64,
     /// Requests to approve/reject/link endpoints, whatever their answer
     /// (faulted, refused, replayed or applied).
     pub state_changing_calls: u64,
@@ -149,6 +155,7 @@ impl SimStats {
         let mut total = ProviderStats::default();
         for p in all {
             total.calls += p.calls;
+            total.http2_calls += p.http2_calls;
             total.state_changing_calls += p.state_changing_calls;
             total.state_changes += p.state_changes;
             total.double_state_changes += p.double_state_changes;
