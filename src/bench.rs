@@ -26,13 +26,14 @@ use futures_util::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection,
     options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
         ConfirmSelectOptions,
     },
     types::FieldTable,
 };
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
 
 use crate::{
     broker::{self, Publisher, Topology},
@@ -536,12 +537,14 @@ async fn ceiling(conn: &Connection, prefetch: u16, n: usize) -> Result<f64, Benc
         )
         .await?;
     let outcomes = topology.outcomes();
+    let relay_channel = relay.clone();
     let relay_task = tokio::spawn(async move {
+        let acks = TaskTracker::new();
         let mut count = 0;
         while let Some(Ok(delivery)) = consumer.next().await {
             let relay = relay.clone();
             let outcomes = outcomes.clone();
-            tokio::spawn(async move {
+            acks.spawn(async move {
                 let confirm = relay
                     .basic_publish(
                         outcomes.as_str().into(),
@@ -564,6 +567,9 @@ async fn ceiling(conn: &Connection, prefetch: u16, n: usize) -> Result<f64, Benc
                 break;
             }
         }
+        acks.close();
+        acks.wait().await;
+        consumer
     });
     let rate = load_and_drain(
         &publisher,
@@ -573,7 +579,25 @@ async fn ceiling(conn: &Connection, prefetch: u16, n: usize) -> Result<f64, Benc
         "ceiling",
     )
     .await;
-    let _ = relay_task.await;
+    if rate.is_err() {
+        relay_task.abort();
+    }
+    // Cancel explicitly, and wait for it, before the queue is deleted. A
+    // dropped consumer cancels itself in the background; that cancel racing
+    // the broker's own cancel of a deleted queue's consumer draws a cancel-ok
+    // lapin does not expect, which closes the bench's whole connection.
+    if let Ok(consumer) = relay_task.await {
+        if let Err(e) = consume
+            .basic_cancel("ceiling".into(), BasicCancelOptions::default())
+            .await
+        {
+            eprintln!("bench: cancelling the ceiling consumer failed: {e}");
+        }
+        drop(consumer);
+    }
+    for channel in [&consume, &relay_channel] {
+        let _ = channel.close(200, "ceiling done".into()).await;
+    }
     remove(conn, &topology).await;
     rate
 }
