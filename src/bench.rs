@@ -26,8 +26,8 @@ use futures_util::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection,
     options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-        ConfirmSelectOptions,
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
+        BasicQosOptions, ConfirmSelectOptions,
     },
     types::FieldTable,
 };

@@ -364,6 +364,33 @@ mod tests {
         )
     }
 
+    /// Every shipped key has its `APPROVAL_` variable wired in the
+    /// Kubernetes ConfigMap or Secret, so a new setting cannot be forgotten there.
+    #[test]
+    fn every_default_key_is_wired_in_the_kubernetes_manifests() {
+        let manifests = concat!(
+            include_str!("../deploy/k8s/configmap.yaml"),
+            include_str!("../deploy/k8s/secret.yaml")
+        );
+        let mut section = String::new();
+        let mut missing = Vec::new();
+        for line in include_str!("../config/default.toml")
+            .lines()
+            .map(str::trim)
+        {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name.to_uppercase().replace('.', "__");
+            } else if let Some((key, _)) = line.split_once('=').filter(|_| !line.starts_with('#')) {
+                let var = format!("APPROVAL_{section}__{}", key.trim().to_uppercase());
+                if !manifests.contains(&format!("{var}:")) {
+                    missing.push(var);
+                }
+            }
+        }
+        assert!(section.len() > 1, "default.toml has sections");
+        assert_eq!(missing, Vec::<String>::new());
+    }
+
     #[test]
     fn defaults_load_and_match_the_contract() {
         let s = load(&[]).unwrap();
