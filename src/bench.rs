@@ -86,6 +86,7 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
         .await
         .map_err(|e| BenchError::Setup(format!("simulator: {e}")))?;
     let prefix = format!("bench-w-{}", short_id());
+    let ceiling_topology = Topology::new(&format!("bench-c-{}", short_id()), 20);
     let topology = Topology::new(&prefix, settings.amqp.delivery_limit);
     let channel = conn.create_channel().await?;
     topology.declare(&channel).await?;
@@ -121,6 +122,7 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     // Whatever happens in the phases, the worker stops and the bench's
     // queues and exchanges are removed before the result is returned.
     let measured = async {
+        let mut ceiling = Ceiling::declare(&conn, &ceiling_topology, n).await?;
         let warm = n.min(2_000);
         feed.phase("warm-up", sample_bodies(&mix, "w", warm, alternate))
             .await?;
@@ -144,7 +146,7 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
         let mut ratios = Vec::new();
         let mut latency_shares = Vec::new();
         for round in 1..=rounds {
-            let ceiling = ceiling(&conn, prefetch, n).await?;
+            let ceiling = ceiling.measure(&conn, prefetch).await?;
 
             set_latency(&sim, 0);
             let bodies = sample_bodies(&mix, &format!("a{round}"), n, alternate);
@@ -203,6 +205,7 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     let stats = sim.stats();
     let total = stats.total();
     remove(&conn, &topology).await;
+    remove(&conn, &ceiling_topology).await;
     let _ = conn.close(200, "bench done".into()).await;
     sim.shutdown();
     let mut f = measured?;
@@ -508,98 +511,118 @@ struct EventId {
     decision_id: String,
 }
 
-/// The broker's relay ceiling with the worker's settings and no HTTP.
-async fn ceiling(conn: &Connection, prefetch: u16, n: usize) -> Result<f64, BenchError> {
-    let topology = Topology::new(&format!("bench-c-{}", short_id()), 20);
-    let setup = conn.create_channel().await?;
-    topology.declare(&setup).await?;
-    let mut results = capture::outcomes(&setup, &topology).await?;
-    let publisher = Publisher::new(conn.create_channel().await?).await?;
-    let body = samples::decision("qonto", "reject", "ceiling")
-        .to_string()
-        .into_bytes();
-    let bodies = vec![body; n];
+/// The broker's relay ceiling with the worker's settings and no HTTP. Its
+/// queues are declared once and removed after the last round: deleting a
+/// quorum queue keeps the broker busy for a while, and that work must not
+/// fall into the worker phase that follows each ceiling.
+struct Ceiling {
+    decisions: String,
+    outcomes: String,
+    results: mpsc::UnboundedReceiver<Vec<u8>>,
+    publisher: Publisher,
+    bodies: Vec<Vec<u8>>,
+}
 
-    let consume: Channel = conn.create_channel().await?;
-    consume
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
-    let relay: Channel = conn.create_channel().await?;
-    relay
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let mut consumer = consume
-        .basic_consume(
-            topology.decisions().into(),
-            "ceiling".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let outcomes = topology.outcomes();
-    let relay_channel = relay.clone();
-    let relay_task = tokio::spawn(async move {
-        let acks = TaskTracker::new();
-        let mut count = 0;
-        while let Some(Ok(delivery)) = consumer.next().await {
-            let relay = relay.clone();
-            let outcomes = outcomes.clone();
-            acks.spawn(async move {
-                let confirm = relay
-                    .basic_publish(
-                        outcomes.as_str().into(),
-                        "ceiling.applied".into(),
-                        BasicPublishOptions::default(),
-                        br#"{"decision_id":"ceiling","status":"applied"}"#,
-                        BasicProperties::default()
-                            .with_delivery_mode(2)
-                            .with_content_type("application/json".into()),
-                    )
-                    .await;
-                if let Ok(confirm) = confirm
-                    && confirm.await.is_ok()
-                {
-                    let _ = delivery.ack(BasicAckOptions::default()).await;
+impl Ceiling {
+    async fn declare(conn: &Connection, topology: &Topology, n: usize) -> Result<Self, BenchError> {
+        let setup = conn.create_channel().await?;
+        topology.declare(&setup).await?;
+        let body = samples::decision("qonto", "reject", "ceiling")
+            .to_string()
+            .into_bytes();
+        Ok(Self {
+            decisions: topology.decisions(),
+            outcomes: topology.outcomes(),
+            results: capture::outcomes(&setup, topology).await?,
+            publisher: Publisher::new(conn.create_channel().await?).await?,
+            bodies: vec![body; n],
+        })
+    }
+
+    /// One round: consume a decision, publish a result, ack, for every
+    /// decision of the batch, one task per delivery.
+    async fn measure(&mut self, conn: &Connection, prefetch: u16) -> Result<f64, BenchError> {
+        let n = self.bodies.len();
+        let consume: Channel = conn.create_channel().await?;
+        consume
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let relay: Channel = conn.create_channel().await?;
+        relay
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let mut consumer = consume
+            .basic_consume(
+                self.decisions.as_str().into(),
+                "ceiling".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let outcomes = self.outcomes.clone();
+        let relay_channel = relay.clone();
+        let relay_task = tokio::spawn(async move {
+            let acks = TaskTracker::new();
+            let mut count = 0;
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let relay = relay.clone();
+                let outcomes = outcomes.clone();
+                acks.spawn(async move {
+                    let confirm = relay
+                        .basic_publish(
+                            outcomes.as_str().into(),
+                            "ceiling.applied".into(),
+                            BasicPublishOptions::default(),
+                            br#"{"decision_id":"ceiling","status":"applied"}"#,
+                            BasicProperties::default()
+                                .with_delivery_mode(2)
+                                .with_content_type("application/json".into()),
+                        )
+                        .await;
+                    if let Ok(confirm) = confirm
+                        && confirm.await.is_ok()
+                    {
+                        let _ = delivery.ack(BasicAckOptions::default()).await;
+                    }
+                });
+                count += 1;
+                if count == n {
+                    break;
                 }
-            });
-            count += 1;
-            if count == n {
-                break;
             }
+            acks.close();
+            acks.wait().await;
+            consumer
+        });
+        let rate = load_and_drain(
+            &self.publisher,
+            &self.decisions,
+            self.bodies.clone(),
+            &mut self.results,
+            "ceiling",
+        )
+        .await;
+        if rate.is_err() {
+            relay_task.abort();
         }
-        acks.close();
-        acks.wait().await;
-        consumer
-    });
-    let rate = load_and_drain(
-        &publisher,
-        &topology.decisions(),
-        bodies,
-        &mut results,
-        "ceiling",
-    )
-    .await;
-    if rate.is_err() {
-        relay_task.abort();
-    }
-    // Cancel explicitly, and wait for it, before the queue is deleted. A
-    // dropped consumer cancels itself in the background; that cancel racing
-    // the broker's own cancel of a deleted queue's consumer draws a cancel-ok
-    // lapin does not expect, which closes the bench's whole connection.
-    if let Ok(consumer) = relay_task.await {
-        if let Err(e) = consume
-            .basic_cancel("ceiling".into(), BasicCancelOptions::default())
-            .await
-        {
-            eprintln!("bench: cancelling the ceiling consumer failed: {e}");
+        // Cancel explicitly, and wait for it. A dropped consumer cancels
+        // itself in the background; if that ever races the broker's own
+        // cancel (the queue deleted), lapin meets a cancel-ok it does not
+        // expect and closes the bench's whole connection.
+        if let Ok(consumer) = relay_task.await {
+            if let Err(e) = consume
+                .basic_cancel("ceiling".into(), BasicCancelOptions::default())
+                .await
+            {
+                eprintln!("bench: cancelling the ceiling consumer failed: {e}");
+            }
+            drop(consumer);
         }
-        drop(consumer);
+        for channel in [&consume, &relay_channel] {
+            let _ = channel.close(200, "ceiling round done".into()).await;
+        }
+        rate
     }
-    for channel in [&consume, &relay_channel] {
-        let _ = channel.close(200, "ceiling done".into()).await;
-    }
-    remove(conn, &topology).await;
-    rate
 }
 
 fn spawn_worker(
