@@ -18,6 +18,9 @@
 //! | moneypipe (`/moneypipe/v1`) | `PUT /operations/{op}/link-transactions`, `PUT /operations/{op}/reject-transactions`, `GET /operations/{op}`, `GET /transactions/{id}` |
 //! | flexpay (`/flexpay/api`) | `POST /v1/auth/token`, `POST /v1/transactions/{ref}/accept`, `POST /v1/transactions/{ref}/reject`, `GET /v1/transactions/pending`, `GET /v1/transactions/{ref}` |
 //!
+//! The server speaks HTTP/1.1 and HTTP/2 without TLS (h2c, prior knowledge);
+//! the stats count how many calls came over HTTP/2.
+//!
 //! Control endpoints live under `/_sim` and are never faulted or counted:
 //! `GET /_sim/stats`, `POST /_sim/reset`, `GET|PUT /_sim/faults/{provider}`,
 //! `GET /_sim/targets/{provider}/{key}`, `POST /_sim/qonto/sca`.
