@@ -88,13 +88,7 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     let prefix = format!("bench-w-{}", short_id());
     let ceiling_topology = Topology::new(&format!("bench-c-{}", short_id()), 20);
     let topology = Topology::new(&prefix, settings.amqp.delivery_limit);
-    let channel = conn.create_channel().await?;
-    topology.declare(&channel).await?;
-    let mut feed = Feed {
-        events: capture::outcomes(&channel, &topology).await?,
-        publisher: Publisher::new(conn.create_channel().await?).await?,
-        queue: topology.decisions(),
-    };
+    let mut feed = Feed::declare(&conn, &topology).await?;
 
     let mix: Vec<&str> = if options.providers.is_empty() {
         PROVIDERS.to_vec()
@@ -322,6 +316,18 @@ struct Feed {
 }
 
 impl Feed {
+    /// Declares `topology` and opens its feed: a confirmed publisher to its
+    /// decisions queue and a capture of its outcomes exchange.
+    async fn declare(conn: &Connection, topology: &Topology) -> Result<Self, BenchError> {
+        let setup = conn.create_channel().await?;
+        topology.declare(&setup).await?;
+        Ok(Self {
+            events: capture::outcomes(&setup, topology).await?,
+            publisher: Publisher::new(conn.create_channel().await?).await?,
+            queue: topology.decisions(),
+        })
+    }
+
     /// Loads `bodies` into the worker's queue and returns the rate of their
     /// outcomes.
     async fn phase(
@@ -516,25 +522,19 @@ struct EventId {
 /// quorum queue keeps the broker busy for a while, and that work must not
 /// fall into the worker phase that follows each ceiling.
 struct Ceiling {
-    decisions: String,
+    feed: Feed,
     outcomes: String,
-    results: mpsc::UnboundedReceiver<Vec<u8>>,
-    publisher: Publisher,
     bodies: Vec<Vec<u8>>,
 }
 
 impl Ceiling {
     async fn declare(conn: &Connection, topology: &Topology, n: usize) -> Result<Self, BenchError> {
-        let setup = conn.create_channel().await?;
-        topology.declare(&setup).await?;
         let body = samples::decision("qonto", "reject", "ceiling")
             .to_string()
             .into_bytes();
         Ok(Self {
-            decisions: topology.decisions(),
+            feed: Feed::declare(conn, topology).await?,
             outcomes: topology.outcomes(),
-            results: capture::outcomes(&setup, topology).await?,
-            publisher: Publisher::new(conn.create_channel().await?).await?,
             bodies: vec![body; n],
         })
     }
@@ -553,7 +553,7 @@ impl Ceiling {
             .await?;
         let mut consumer = consume
             .basic_consume(
-                self.decisions.as_str().into(),
+                self.feed.queue.as_str().into(),
                 "ceiling".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -594,14 +594,7 @@ impl Ceiling {
             acks.wait().await;
             consumer
         });
-        let rate = load_and_drain(
-            &self.publisher,
-            &self.decisions,
-            self.bodies.clone(),
-            &mut self.results,
-            "ceiling",
-        )
-        .await;
+        let rate = self.feed.phase("ceiling", self.bodies.clone()).await;
         if rate.is_err() {
             relay_task.abort();
         }
