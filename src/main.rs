@@ -199,10 +199,20 @@ async fn run(settings: Settings) -> ExitCode {
     let worker = Worker::new(settings, registry, shutdown);
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(admin, worker.health(), admin_stop.clone()));
-    worker.run().await;
+    // On a runtime thread, not the one blocked in `block_on`: each delivery
+    // task is then spawned onto the thread that received it, instead of
+    // through the global queue with a wake-up of another thread.
+    let outcome = tokio::spawn(worker.run()).await;
     admin_stop.cancel();
     let _ = admin_task.await;
-    ExitCode::SUCCESS
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "the worker task failed");
+            eprintln!("approval-worker: the worker task failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// One cancellation signal for the whole process. Handlers are installed
