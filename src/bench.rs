@@ -603,32 +603,37 @@ impl Ceiling {
                 FieldTable::default(),
             )
             .await?;
-        let outcomes = self.outcomes.clone();
-        let result = self.result.clone();
-        let properties = Self::properties();
-        let relay_channel = relay.clone();
+        // What every delivery task shares, behind one `Arc` as in the worker.
+        let shared = Arc::new((
+            relay.clone(),
+            consume.clone(),
+            self.outcomes.clone(),
+            self.result.clone(),
+            Self::properties(),
+        ));
         let relay_task = tokio::spawn(async move {
             let acks = TaskTracker::new();
             let mut count = 0;
             while let Some(Ok(delivery)) = consumer.next().await {
-                let relay = relay.clone();
-                let outcomes = outcomes.clone();
-                let result = result.clone();
-                let properties = properties.clone();
+                let shared = shared.clone();
                 acks.spawn(async move {
+                    let (relay, consume, outcomes, result, properties) = &*shared;
                     let confirm = relay
                         .basic_publish(
                             outcomes.as_str().into(),
                             "ceiling.applied".into(),
                             BasicPublishOptions::default(),
-                            &result,
-                            properties,
+                            result,
+                            properties.clone(),
                         )
                         .await;
                     if let Ok(confirm) = confirm
                         && confirm.await.is_ok()
                     {
-                        let _ = delivery.ack(BasicAckOptions::default()).await;
+                        // Settled on the channel, as the worker does.
+                        let _ = consume
+                            .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+                            .await;
                     }
                 });
                 count += 1;
@@ -657,7 +662,7 @@ impl Ceiling {
             }
             drop(consumer);
         }
-        for channel in [&consume, &relay_channel] {
+        for channel in [&consume, &relay] {
             let _ = channel.close(200, "ceiling round done".into()).await;
         }
         rate
