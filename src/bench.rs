@@ -40,6 +40,7 @@ use crate::{
     capture,
     settings::Settings,
     sim::{self, Faults, PROVIDERS, SimConfig, samples},
+    worker,
 };
 
 const PHASE_DEADLINE: Duration = Duration::from_secs(600);
@@ -571,18 +572,6 @@ impl Ceiling {
         })
     }
 
-    /// The properties the worker sets on an outcome event (`publish_outcome`).
-    fn properties() -> BasicProperties {
-        BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_message_id(uuid::Uuid::nil().to_string().into())
-            .with_app_id("approval-worker".into())
-            .with_type("approval.outcome".into())
-            .with_timestamp(0)
-            .with_correlation_id("ceiling".into())
-    }
-
     /// One round: consume a decision, publish a result, ack, for every
     /// decision of the batch, one task per delivery.
     async fn measure(&mut self, conn: &Connection, prefetch: u16) -> Result<f64, BenchError> {
@@ -609,7 +598,7 @@ impl Ceiling {
             consume.clone(),
             self.outcomes.clone(),
             self.result.clone(),
-            Self::properties(),
+            worker::outcome_properties(&uuid::Uuid::nil().to_string(), Some("ceiling")),
         ));
         let relay_task = tokio::spawn(async move {
             let acks = TaskTracker::new();
