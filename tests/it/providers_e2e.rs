@@ -1,40 +1,33 @@
 //! Every provider end to end: the real broker, the worker, and the
 //! project's provider simulator.
 
-mod common;
+use approval_worker::sim::{Faults, PROVIDERS, samples};
 
-use approval_worker::sim::{self, PROVIDERS, SimConfig, samples};
-use common::{InProcessWorker, TestBroker};
+use crate::helpers::app::{App, TestApp, spawn_app};
 
 #[tokio::test]
 async fn one_approve_and_one_reject_per_provider_give_ten_applied_events() {
-    let sim = ten_decisions("e2e-five", false).await;
-    assert_eq!(sim.stats().total().http2_calls, 0);
+    let app = ten_decisions("e2e-five", false).await;
+    assert_eq!(app.sim().stats().total().http2_calls, 0);
 }
 
 /// The same over h2c, as the bench runs it: every call, token calls
 /// included, multiplexed on HTTP/2.
 #[tokio::test]
 async fn the_same_ten_decisions_over_http2_prior_knowledge() {
-    let sim = ten_decisions("e2e-five-h2", true).await;
-    let total = sim.stats().total();
+    let app = ten_decisions("e2e-five-h2", true).await;
+    let total = app.sim().stats().total();
     assert!(total.calls >= 14, "{total:?}");
     assert_eq!(total.http2_calls, total.calls);
 }
 
-async fn ten_decisions(name: &str, http2: bool) -> sim::SimHandle {
-    let broker = TestBroker::new(name).await;
-    let sim = sim::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let mut env = broker.worker_env();
-    env.extend(sim.worker_env());
-    env.push((
-        "APPROVAL_WORKER__HTTP2_PRIOR_KNOWLEDGE".into(),
-        http2.to_string(),
-    ));
-    let worker = InProcessWorker::start(env).await;
-    broker.wait_consumer().await;
+async fn ten_decisions(name: &str, http2: bool) -> TestApp {
+    let app = spawn_app(
+        App::simulator(name, Faults::default())
+            .env("APPROVAL_WORKER__HTTP2_PRIOR_KNOWLEDGE", http2),
+    )
+    .await;
+    let (broker, sim) = (&app.broker, app.sim());
 
     let mut decisions = Vec::new();
     for provider in PROVIDERS {
@@ -84,6 +77,6 @@ async fn ten_decisions(name: &str, http2: bool) -> sim::SimHandle {
         "one token shared by both calls"
     );
     assert_eq!(stats.provider("flexpay").unwrap().token_issued, 1);
-    worker.stop().await;
-    sim
+    app.stop_worker().await;
+    app
 }

@@ -1,68 +1,46 @@
-//! The real binary: graceful shutdown, `check`, and no secret in its logs.
-
-mod common;
+//! The real binary: graceful shutdown, `check`, `demo`, and no secret in its
+//! logs.
 
 use std::time::Duration;
 
-use common::{ProcessWorker, TestBroker, wait_for};
-use serde_json::json;
-use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
+use wiremock::{Mock, ResponseTemplate, matchers::method};
 
-const SECRETS: &[&str] = &["login-S3CRET-a", "key-S3CRET-b", "token-S3CRET-c"];
+use crate::helpers::{
+    app::{App, TestApp, spawn_app},
+    broker::AMQP_URL,
+    mock,
+    qonto::{self, SECRETS},
+    wait::wait_for,
+    worker::Process,
+};
 
-fn env(broker: &TestBroker, qonto: &MockServer) -> Vec<(String, String)> {
-    let mut env = broker.worker_env();
-    env.extend([
-        ("APPROVAL_PROVIDERS__QONTO__BASE_URL".into(), qonto.uri()),
-        ("APPROVAL_PROVIDERS__QONTO__LOGIN".into(), SECRETS[0].into()),
-        (
-            "APPROVAL_PROVIDERS__QONTO__SECRET_KEY".into(),
-            SECRETS[1].into(),
-        ),
-        (
-            "APPROVAL_PROVIDERS__QONTO__STAGING_TOKEN".into(),
-            SECRETS[2].into(),
-        ),
-        ("APPROVAL_LOG__FORMAT".into(), "json".into()),
-        ("APPROVAL_LOG__LEVEL".into(), "debug".into()),
-    ]);
-    env
-}
-
-fn decline(id: &str) -> serde_json::Value {
-    json!({
-        "decision_id": id, "provider": "qonto", "action": "reject", "reason": "no",
-        "target": {"request_type": "transfers", "request_id": uuid::Uuid::new_v4().to_string()},
-    })
+/// Qonto with every credential set, logging everything as JSON.
+async fn app(name: &str) -> TestApp {
+    spawn_app(
+        App::qonto(name, qonto::Auth::ApiKey)
+            .env("APPROVAL_LOG__FORMAT", "json")
+            .env("APPROVAL_LOG__LEVEL", "debug")
+            .without_worker(),
+    )
+    .await
 }
 
 #[tokio::test]
 async fn sigterm_finishes_the_call_in_flight_then_exits_zero() {
-    let broker = TestBroker::new("p-sigterm").await;
-    let qonto = MockServer::start().await;
+    let app = app("p-sigterm").await;
+    let (broker, provider) = (&app.broker, app.qonto());
     Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"request_transfer": {"status": "declined"}}))
-                .set_delay(Duration::from_millis(1500)),
-        )
-        .mount(&qonto)
+        .respond_with(qonto::answer("declined").set_delay(Duration::from_millis(1500)))
+        .mount(provider)
         .await;
-    let mut worker = ProcessWorker::spawn(&["run"], &env(&broker, &qonto));
+    let mut worker = app.run(&["run"]);
     broker.wait_consumer().await;
 
-    broker.publish(&decline("term-1")).await;
+    broker.publish(&qonto::decision("term-1", "reject")).await;
     wait_for(
         "the provider call to start",
         Duration::from_secs(10),
-        || async {
-            (!qonto
-                .received_requests()
-                .await
-                .unwrap_or_default()
-                .is_empty())
-            .then_some(())
-        },
+        || async { (!mock::requests(provider).await.is_empty()).then_some(()) },
     )
     .await;
     worker.signal("TERM");
@@ -76,51 +54,43 @@ async fn sigterm_finishes_the_call_in_flight_then_exits_zero() {
 
     let o = broker.outcome("term-1", "applied").await;
     assert_eq!(o.body["attempts"], 1);
-    // The broker notices the closed connection a moment later; then any
-    // unacknowledged decision would be ready again.
-    let q = broker.topology.decisions();
-    let ready = wait_for("the consumer to disappear", Duration::from_secs(10), || {
-        let q = q.clone();
-        let broker = &broker;
-        async move {
-            let (ready, consumers) = broker.queue_counts(&q).await;
-            (consumers == 0).then_some(ready)
-        }
-    })
-    .await;
-    assert_eq!(ready, 0, "acknowledged before exit, nothing to redeliver");
+    // Any unacknowledged decision would be ready again once the consumer is gone.
+    assert_eq!(
+        broker.wait_consumer_gone().await,
+        0,
+        "acknowledged before exit, nothing to redeliver"
+    );
     let logs = worker.output();
     assert!(logs.contains("SIGTERM"), "{logs}");
 }
 
 #[tokio::test]
 async fn no_configured_secret_reaches_the_logs() {
-    let broker = TestBroker::new("p-secrets").await;
-    let qonto = MockServer::start().await;
+    let app = app("p-secrets").await;
+    let (broker, provider) = (&app.broker, app.qonto());
     // A mix of answers so success, retry, refusal and auth-failure paths all log.
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(401).set_body_json(
-            json!({"errors": [{"code": "authorization_token_invalid", "detail": "bad token"}]}),
+            serde_json::json!({"errors": [{"code": "authorization_token_invalid", "detail": "bad token"}]}),
         ))
         .up_to_n_times(1)
-        .mount(&qonto)
+        .mount(provider)
         .await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(503))
         .up_to_n_times(2)
-        .mount(&qonto)
+        .mount(provider)
         .await;
     Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"request_transfer": {"status": "declined"}})),
-        )
-        .mount(&qonto)
+        .respond_with(qonto::answer("declined"))
+        .mount(provider)
         .await;
-    let mut worker = ProcessWorker::spawn(&["run"], &env(&broker, &qonto));
+    let mut worker = app.run(&["run"]);
     broker.wait_consumer().await;
     for i in 0..4 {
-        broker.publish(&decline(&format!("sec-{i}"))).await;
+        broker
+            .publish(&qonto::decision(&format!("sec-{i}"), "reject"))
+            .await;
     }
     broker.publish_raw("qonto.reject", b"{broken").await;
     broker.wait_outcomes(5, |_| true).await;
@@ -154,9 +124,8 @@ async fn no_configured_secret_reaches_the_logs() {
 
 #[tokio::test]
 async fn check_reports_providers_and_fails_clearly() {
-    let broker = TestBroker::new("p-check").await;
-    let qonto = MockServer::start().await;
-    let mut ok = ProcessWorker::spawn(&["check"], &env(&broker, &qonto));
+    let app = app("p-check").await;
+    let mut ok = app.run(&["check"]);
     assert_eq!(
         ok.wait(Duration::from_secs(20)).await.code(),
         Some(0),
@@ -167,9 +136,7 @@ async fn check_reports_providers_and_fails_clearly() {
     assert!(out.contains("provider qonto: enabled"), "{out}");
     assert!(SECRETS.iter().all(|s| !out.contains(s)));
 
-    let mut bad_env = env(&broker, &qonto);
-    bad_env.push(("APPROVAL_AMQP__PREFETCH".into(), "many".into()));
-    let mut bad = ProcessWorker::spawn(&["check"], &bad_env);
+    let mut bad = app.run_with(&["check"], &[("APPROVAL_AMQP__PREFETCH", "many")]);
     assert_ne!(bad.wait(Duration::from_secs(20)).await.code(), Some(0));
     assert!(
         bad.output().contains("APPROVAL_AMQP__PREFETCH"),
@@ -177,12 +144,13 @@ async fn check_reports_providers_and_fails_clearly() {
         bad.output()
     );
 
-    let mut down_env = env(&broker, &qonto);
-    down_env.push((
-        "APPROVAL_AMQP__URL".into(),
-        "amqp://guest:pw-S3CRET@127.0.0.1:1/%2f".into(),
-    ));
-    let mut down = ProcessWorker::spawn(&["check"], &down_env);
+    let mut down = app.run_with(
+        &["check"],
+        &[(
+            "APPROVAL_AMQP__URL",
+            "amqp://guest:pw-S3CRET@127.0.0.1:1/%2f",
+        )],
+    );
     assert_ne!(down.wait(Duration::from_secs(20)).await.code(), Some(0));
     let out = down.output();
     assert!(
@@ -192,12 +160,10 @@ async fn check_reports_providers_and_fails_clearly() {
     assert!(!out.contains("pw-S3CRET"), "{out}");
 }
 
+/// `demo` brings its own simulator and namespace: only the broker is given.
 #[tokio::test]
 async fn demo_runs_the_whole_loop_and_says_when_the_broker_is_missing() {
-    let mut demo = ProcessWorker::spawn(
-        &["demo"],
-        &[("APPROVAL_AMQP__URL".into(), common::AMQP_URL.into())],
-    );
+    let mut demo = Process::spawn(&["demo"], &[("APPROVAL_AMQP__URL".into(), AMQP_URL.into())]);
     let status = demo.wait(Duration::from_secs(90)).await;
     let out = demo.output();
     assert_eq!(status.code(), Some(0), "{out}");
@@ -221,7 +187,7 @@ async fn demo_runs_the_whole_loop_and_says_when_the_broker_is_missing() {
         "{out}"
     );
 
-    let mut down = ProcessWorker::spawn(
+    let mut down = Process::spawn(
         &["demo"],
         &[(
             "APPROVAL_AMQP__URL".into(),

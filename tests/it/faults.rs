@@ -1,28 +1,21 @@
 //! Fault tests against the provider simulator: the worker killed mid-flight,
 //! a provider storm, and one provider down while the others flow.
-//! They print their figures (`cargo test --test faults -- --nocapture`).
-
-mod common;
+//! They print their figures (`cargo test --test it faults -- --nocapture`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
 };
 
-use approval_worker::sim::{self, Faults, PROVIDERS, SimConfig, SimHandle, samples};
-use common::{InProcessWorker, ProcessWorker, TestBroker, wait_for};
+use approval_worker::sim::{Faults, PROVIDERS, SimHandle, samples};
 use rand::Rng;
 use serde_json::Value;
 
-async fn start_sim(faults: Faults) -> SimHandle {
-    let mut config = SimConfig::default();
-    for p in PROVIDERS {
-        config.faults.insert(p.to_owned(), faults);
-    }
-    sim::start(config, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap()
-}
+use crate::helpers::{
+    app::{App, spawn_app},
+    broker::TestBroker,
+    wait::wait_for,
+};
 
 fn assert_no_double_application(sim: &SimHandle) {
     let stats = sim.stats();
@@ -64,17 +57,19 @@ async fn settled(
 
 #[tokio::test]
 async fn sigkill_mid_flight_loses_nothing_and_applies_nothing_twice() {
-    let broker = TestBroker::new("f-crash").await;
-    let sim = start_sim(Faults {
+    // Few slots and slow calls keep decisions in flight across the kills.
+    let faults = Faults {
         latency_ms: 50,
         ..Faults::default()
-    })
+    };
+    let app = spawn_app(
+        App::simulator("f-crash", faults)
+            .env("APPROVAL_AMQP__PREFETCH", 20)
+            .env("APPROVAL_LOG__LEVEL", "warn")
+            .without_worker(),
+    )
     .await;
-    let mut env = broker.worker_env();
-    env.extend(sim.worker_env());
-    // Few slots and slow calls keep decisions in flight across the kills.
-    env.push(("APPROVAL_AMQP__PREFETCH".into(), "20".into()));
-    env.push(("APPROVAL_LOG__LEVEL".into(), "warn".into()));
+    let (broker, sim) = (&app.broker, app.sim());
 
     let total = 800;
     let mut ids = BTreeSet::new();
@@ -86,7 +81,7 @@ async fn sigkill_mid_flight_loses_nothing_and_applies_nothing_twice() {
         broker.publish(&d).await;
     }
     let started = Instant::now();
-    let mut worker = ProcessWorker::spawn(&["run"], &env);
+    let mut worker = app.run(&["run"]);
     let kills = 3;
     for k in 0..kills {
         broker.wait_consumer().await;
@@ -99,9 +94,9 @@ async fn sigkill_mid_flight_loses_nothing_and_applies_nothing_twice() {
             "kill {} after {wait} ms: {done} outcome events so far",
             k + 1
         );
-        worker = ProcessWorker::spawn(&["run"], &env);
+        worker = app.run(&["run"]);
     }
-    let outcomes = settled(&broker, &ids, Duration::from_secs(120)).await;
+    let outcomes = settled(broker, &ids, Duration::from_secs(120)).await;
     let elapsed = started.elapsed();
     broker.wait_consumer().await;
     worker.signal("TERM");
@@ -122,7 +117,7 @@ async fn sigkill_mid_flight_loses_nothing_and_applies_nothing_twice() {
             .iter()
             .all(|o| o.status() != "failed" && o.status() != "invalid")
     );
-    assert_no_double_application(&sim);
+    assert_no_double_application(sim);
     let stats = sim.stats();
     let changes: u64 = PROVIDERS
         .iter()
@@ -132,24 +127,13 @@ async fn sigkill_mid_flight_loses_nothing_and_applies_nothing_twice() {
 
     // Nothing left behind, nothing unacknowledged (the worker is gone, so
     // unacknowledged messages would be ready again).
-    let q = broker.topology.decisions();
-    let ready = wait_for("the consumer to go", Duration::from_secs(10), || {
-        let q = q.clone();
-        let broker = &broker;
-        async move {
-            let (ready, consumers) = broker.queue_counts(&q).await;
-            (consumers == 0).then_some(ready)
-        }
-    })
-    .await;
-    assert_eq!(ready, 0);
+    assert_eq!(broker.wait_consumer_gone().await, 0);
     assert_eq!(broker.queue_counts(&broker.topology.dead()).await.0, 0);
 }
 
 #[tokio::test]
 async fn a_provider_storm_ends_applied_within_the_attempt_limit() {
-    let broker = TestBroker::new("f-storm").await;
-    let sim = start_sim(Faults {
+    let faults = Faults {
         error_rate: 0.3,
         error_status: 503,
         rate_limit_ratio: 0.05,
@@ -157,24 +141,19 @@ async fn a_provider_storm_ends_applied_within_the_attempt_limit() {
         timeout_ratio: 0.02,
         timeout_hold_ms: 5_000,
         ..Faults::default()
-    })
-    .await;
+    };
     // Ledger v2 makes two faultable calls per attempt (challenge, decision), so
     // its attempts fail with p ~ 0.6: 30 keeps a flake below one in a million.
     let max_attempts = 30;
-    let mut env = broker.worker_env();
-    env.extend(sim.worker_env());
-    env.extend([
-        (
-            "APPROVAL_RETRY__MAX_ATTEMPTS".into(),
-            max_attempts.to_string(),
-        ),
-        ("APPROVAL_RETRY__MAX_BACKOFF_MS".into(), "200".into()),
-        ("APPROVAL_WORKER__HTTP_TIMEOUT_MS".into(), "500".into()),
-        ("APPROVAL_LOG__LEVEL".into(), "error".into()),
-    ]);
-    let worker = InProcessWorker::start(env).await;
-    broker.wait_consumer().await;
+    let app = spawn_app(
+        App::simulator("f-storm", faults)
+            .env("APPROVAL_RETRY__MAX_ATTEMPTS", max_attempts)
+            .env("APPROVAL_RETRY__MAX_BACKOFF_MS", 200)
+            .env("APPROVAL_WORKER__HTTP_TIMEOUT_MS", 500)
+            .env("APPROVAL_LOG__LEVEL", "error"),
+    )
+    .await;
+    let (broker, sim) = (&app.broker, app.sim());
 
     let total = 200;
     let mut ids = BTreeSet::new();
@@ -186,7 +165,7 @@ async fn a_provider_storm_ends_applied_within_the_attempt_limit() {
         broker.publish(&d).await;
     }
     let started = Instant::now();
-    let outcomes = settled(&broker, &ids, Duration::from_secs(120)).await;
+    let outcomes = settled(broker, &ids, Duration::from_secs(120)).await;
     let mut histogram = BTreeMap::<u64, usize>::new();
     for o in outcomes.values() {
         let calls = o["attempts"].as_u64().unwrap();
@@ -217,14 +196,22 @@ async fn a_provider_storm_ends_applied_within_the_attempt_limit() {
         broker.outcomes().iter().all(|o| o.status() != "failed"),
         "nothing failed"
     );
-    assert_no_double_application(&sim);
-    worker.stop().await;
+    assert_no_double_application(sim);
+    app.stop_worker().await;
 }
 
 #[tokio::test]
 async fn one_provider_down_does_not_slow_the_others() {
-    let broker = TestBroker::new("f-outage").await;
-    let sim = start_sim(Faults::default()).await;
+    let app = spawn_app(
+        App::simulator("f-outage", Faults::default())
+            .env("APPROVAL_AMQP__PREFETCH", 20)
+            .env("APPROVAL_RETRY__MAX_ATTEMPTS", 100)
+            .env("APPROVAL_RETRY__IN_PROCESS_ATTEMPTS", 3)
+            .env("APPROVAL_RETRY__MAX_BACKOFF_MS", 1000)
+            .env("APPROVAL_LOG__LEVEL", "error"),
+    )
+    .await;
+    let (broker, sim) = (&app.broker, app.sim());
     sim.set_faults(
         "qonto",
         Faults {
@@ -232,17 +219,6 @@ async fn one_provider_down_does_not_slow_the_others() {
             ..Faults::default()
         },
     );
-    let mut env = broker.worker_env();
-    env.extend(sim.worker_env());
-    env.extend([
-        ("APPROVAL_AMQP__PREFETCH".into(), "20".into()),
-        ("APPROVAL_RETRY__MAX_ATTEMPTS".into(), "100".into()),
-        ("APPROVAL_RETRY__IN_PROCESS_ATTEMPTS".into(), "3".into()),
-        ("APPROVAL_RETRY__MAX_BACKOFF_MS".into(), "1000".into()),
-        ("APPROVAL_LOG__LEVEL".into(), "error".into()),
-    ]);
-    let worker = InProcessWorker::start(env).await;
-    broker.wait_consumer().await;
 
     // More Qonto decisions than prefetch slots wait out the outage...
     let mut waiting = BTreeSet::new();
@@ -276,7 +252,7 @@ async fn one_provider_down_does_not_slow_the_others() {
         others.insert(d["decision_id"].as_str().unwrap().to_owned());
         broker.publish(&d).await;
     }
-    settled(&broker, &others, Duration::from_secs(20)).await;
+    settled(broker, &others, Duration::from_secs(20)).await;
     let flow = started.elapsed();
     println!(
         "outage test: 200 decisions for healthy providers took {:.2} s while qonto was down",
@@ -295,11 +271,11 @@ async fn one_provider_down_does_not_slow_the_others() {
     );
 
     sim.set_faults("qonto", Faults::default());
-    let done = settled(&broker, &waiting, Duration::from_secs(30)).await;
+    let done = settled(broker, &waiting, Duration::from_secs(30)).await;
     assert!(
         done.values().any(|o| o["attempts"].as_u64().unwrap() > 3),
         "decisions outlasted the in-process budget and came back through retry queues"
     );
-    assert_no_double_application(&sim);
-    worker.stop().await;
+    assert_no_double_application(sim);
+    app.stop_worker().await;
 }

@@ -1,23 +1,15 @@
 //! The admin endpoint of the real binary: health, readiness through a
 //! drain, and metrics that match the outcomes published.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{ProcessWorker, TestBroker, wait_for};
-use serde_json::json;
-use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
+use wiremock::{Mock, ResponseTemplate, matchers::method};
 
-fn admin_url(env: &[(String, String)]) -> String {
-    let bind = &env
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "APPROVAL_ADMIN__BIND")
-        .unwrap()
-        .1;
-    format!("http://{bind}")
-}
+use crate::helpers::{
+    app::{App, spawn_app},
+    mock, qonto,
+    wait::wait_for,
+};
 
 async fn get(url: &str) -> Option<(u16, String)> {
     let r = reqwest::get(url).await.ok()?;
@@ -48,31 +40,19 @@ fn series(metrics: &str, name_and_labels: &str) -> f64 {
 
 #[tokio::test]
 async fn health_readiness_and_metrics_follow_the_work() {
-    let broker = TestBroker::new("a-metrics").await;
-    let qonto = MockServer::start().await;
+    let app = spawn_app(App::qonto("a-metrics", qonto::Auth::AccessToken).without_worker()).await;
+    let (broker, provider) = (&app.broker, app.qonto());
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(503))
         .up_to_n_times(1)
-        .mount(&qonto)
+        .mount(provider)
         .await;
     Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"request_transfer": {"status": "declined"}}))
-                .set_delay(Duration::from_millis(300)),
-        )
-        .mount(&qonto)
+        .respond_with(qonto::answer("declined").set_delay(Duration::from_millis(300)))
+        .mount(provider)
         .await;
-    let mut env = broker.worker_env();
-    env.extend([
-        ("APPROVAL_PROVIDERS__QONTO__BASE_URL".into(), qonto.uri()),
-        (
-            "APPROVAL_PROVIDERS__QONTO__ACCESS_TOKEN".into(),
-            "tok".into(),
-        ),
-    ]);
-    let base = admin_url(&env);
-    let mut worker = ProcessWorker::spawn(&["run"], &env);
+    let base = app.admin_url();
+    let mut worker = app.run(&["run"]);
     broker.wait_consumer().await;
     wait_for("/readyz 200", Duration::from_secs(10), || async {
         get(&format!("{base}/readyz"))
@@ -84,8 +64,7 @@ async fn health_readiness_and_metrics_follow_the_work() {
 
     for i in 0..3 {
         broker
-            .publish(&json!({"decision_id": format!("m-{i}"), "provider": "qonto", "action": "reject", "reason": "r",
-                "target": {"request_type": "transfers", "request_id": uuid::Uuid::new_v4().to_string()}}))
+            .publish(&qonto::decision(&format!("m-{i}"), "reject"))
             .await;
     }
     broker.publish_raw("qonto.reject", b"{}").await;
@@ -140,14 +119,11 @@ async fn health_readiness_and_metrics_follow_the_work() {
     assert_eq!(series(&metrics, "approval_ready"), 1.0);
 
     // A drain turns readiness off at once, while the last call finishes.
-    broker
-        .publish(&json!({"decision_id": "m-last", "provider": "qonto", "action": "reject", "reason": "r",
-            "target": {"request_type": "transfers", "request_id": uuid::Uuid::new_v4().to_string()}}))
-        .await;
+    broker.publish(&qonto::decision("m-last", "reject")).await;
     wait_for(
         "the last call in flight",
         Duration::from_secs(10),
-        || async { (qonto.received_requests().await.unwrap_or_default().len() >= 5).then_some(()) },
+        || async { (mock::requests(provider).await.len() >= 5).then_some(()) },
     )
     .await;
     worker.signal("TERM");

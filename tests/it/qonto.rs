@@ -1,93 +1,24 @@
 //! The worker end to end on the real broker, with Qonto mocked by wiremock.
 
-mod common;
+use std::time::Duration;
 
-use std::{
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
-
-use common::{InProcessWorker, TestBroker, wait_for};
 use serde_json::{Value, json};
 use wiremock::{
-    Mock, MockServer, Request, Respond, ResponseTemplate,
+    Mock, ResponseTemplate,
     matchers::{method, path_regex},
 };
 
-const LOGIN: &str = "acme-login";
-const SECRET: &str = "qonto-secret-key-XYZ123";
-const STAGING: &str = "staging-token-QQQ";
+use crate::helpers::{
+    app::{App, TestApp, spawn_app},
+    broker::close_connections_named,
+    mock::{self, Script, calls_to, header},
+    qonto::{self, LOGIN, SECRET_KEY, STAGING_TOKEN, decline, request_id},
+    wait::wait_for,
+};
 
-/// Answers from a script, one per call (the last repeats), noting when each
-/// call arrived.
-#[derive(Clone)]
-struct Script {
-    replies: Arc<Vec<ResponseTemplate>>,
-    calls: Arc<Mutex<Vec<Instant>>>,
-}
-
-impl Script {
-    fn new(replies: Vec<ResponseTemplate>) -> Self {
-        Self {
-            replies: Arc::new(replies),
-            calls: Arc::default(),
-        }
-    }
-    fn times(&self) -> Vec<Instant> {
-        self.calls.lock().unwrap().clone()
-    }
-}
-
-impl Respond for Script {
-    fn respond(&self, _: &Request) -> ResponseTemplate {
-        let mut calls = self.calls.lock().unwrap();
-        calls.push(Instant::now());
-        let i = (calls.len() - 1).min(self.replies.len() - 1);
-        self.replies[i].clone()
-    }
-}
-
-fn qonto_ok(status: &str) -> ResponseTemplate {
-    ResponseTemplate::new(200).set_body_json(json!({
-        "request_transfer": {
-            "id": "7b6f4c1e-3c55-4a56-9f5e-0d6a1c1f2a3b",
-            "request_type": "transfer",
-            "status": status,
-        }
-    }))
-}
-
-fn env(broker: &TestBroker, qonto: &MockServer) -> Vec<(String, String)> {
-    let mut env = broker.worker_env();
-    env.extend([
-        ("APPROVAL_PROVIDERS__QONTO__BASE_URL".into(), qonto.uri()),
-        ("APPROVAL_PROVIDERS__QONTO__LOGIN".into(), LOGIN.into()),
-        (
-            "APPROVAL_PROVIDERS__QONTO__SECRET_KEY".into(),
-            SECRET.into(),
-        ),
-        (
-            "APPROVAL_PROVIDERS__QONTO__STAGING_TOKEN".into(),
-            STAGING.into(),
-        ),
-    ]);
-    env
-}
-
-fn request_id() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-fn decline(decision_id: &str, request_id: &str) -> Value {
-    json!({
-        "decision_id": decision_id,
-        "provider": "qonto",
-        "action": "reject",
-        "target": {"request_type": "transfer", "request_id": request_id},
-        "reason": "Budget exceeded",
-        "decided_by": "reviewer@acme.test",
-        "decided_at": "2026-11-21T09:30:00Z",
-    })
+/// A worker on Qonto with every credential set.
+async fn app(name: &str) -> TestApp {
+    spawn_app(App::qonto(name, qonto::Auth::ApiKey)).await
 }
 
 fn derived_key(decision_id: &str, action: &str) -> String {
@@ -99,37 +30,24 @@ fn derived_key(decision_id: &str, action: &str) -> String {
     approval_worker::decision::derived_key(decision_id, "qonto", action)
 }
 
-fn header<'a>(r: &'a Request, name: &str) -> Option<&'a str> {
-    r.headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-async fn calls_to(server: &MockServer, path: &str) -> Vec<Request> {
-    server
-        .received_requests()
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|r| r.url.path() == path)
-        .collect()
-}
-
 #[tokio::test]
 async fn decline_is_sent_exactly_and_reported_applied() {
-    let broker = TestBroker::new("q-decline").await;
-    let qonto = MockServer::start().await;
+    let app = app("q-decline").await;
+    let (broker, provider) = (&app.broker, app.qonto());
     Mock::given(method("POST"))
         .and(path_regex("^/v2/requests/transfers/.*/decline$"))
-        .respond_with(qonto_ok("declined"))
-        .mount(&qonto)
+        .respond_with(qonto::answer("declined"))
+        .mount(provider)
         .await;
-    let worker = InProcessWorker::start(env(&broker, &qonto)).await;
-    broker.wait_consumer().await;
 
     let rid = request_id();
-    broker.publish(&decline("dec-1", &rid)).await;
+    let mut d = decline("dec-1", &rid);
+    // The singular spelling some Qonto payloads use maps to the plural path.
+    d["target"]["request_type"] = json!("transfer");
+    broker.publish(&d).await;
     let outcome = broker.outcome("dec-1", "applied").await;
 
-    let calls = qonto.received_requests().await.unwrap();
+    let calls = mock::requests(provider).await;
     assert_eq!(calls.len(), 1);
     let call = &calls[0];
     assert_eq!(call.method.as_str(), "POST");
@@ -140,15 +58,19 @@ async fn decline_is_sent_exactly_and_reported_applied() {
     assert_eq!(call.url.query(), None);
     assert_eq!(
         header(call, "authorization"),
-        Some(format!("{LOGIN}:{SECRET}").as_str())
+        Some(format!("{LOGIN}:{SECRET_KEY}").as_str())
     );
-    assert_eq!(header(call, "x-qonto-staging-token"), Some(STAGING));
+    assert_eq!(header(call, "x-qonto-staging-token"), Some(STAGING_TOKEN));
     assert_eq!(
         header(call, "x-qonto-idempotency-key"),
         Some(derived_key("dec-1", "reject").as_str())
     );
     assert_eq!(header(call, "content-type"), Some("application/json"));
-    assert_eq!(call.body, br#"{"declined_note":"Budget exceeded"}"#);
+    let reason = d["reason"].as_str().unwrap();
+    assert_eq!(
+        call.body,
+        format!(r#"{{"declined_note":"{reason}"}}"#).as_bytes()
+    );
 
     let b = &outcome.body;
     assert_eq!(b["provider"], "qonto");
@@ -158,8 +80,8 @@ async fn decline_is_sent_exactly_and_reported_applied() {
     assert_eq!(b["error"], Value::Null);
     assert_eq!(b["idempotency_key"], derived_key("dec-1", "reject"));
     assert_eq!(b["target"]["request_id"], rid);
-    assert_eq!(b["decided_by"], "reviewer@acme.test");
-    assert_eq!(b["decided_at"], "2026-11-21T09:30:00Z");
+    assert_eq!(b["decided_by"], d["decided_by"]);
+    assert_eq!(b["decided_at"], d["decided_at"]);
     assert_eq!(
         b["provider_response"]["request_transfer"]["status"],
         "declined"
@@ -170,24 +92,22 @@ async fn decline_is_sent_exactly_and_reported_applied() {
     assert_eq!(outcome.content_type.as_deref(), Some("application/json"));
     assert_eq!(outcome.delivery_mode, Some(2));
     let text = b.to_string();
-    assert!(!text.contains(SECRET) && !text.contains(STAGING));
+    assert!(!text.contains(SECRET_KEY) && !text.contains(STAGING_TOKEN));
 
-    worker.stop().await;
+    app.stop_worker().await;
     assert_eq!(broker.queue_counts(&broker.topology.decisions()).await.0, 0);
     assert_eq!(broker.queue_counts(&broker.topology.dead()).await.0, 0);
 }
 
 #[tokio::test]
 async fn approve_sends_debit_iban_and_the_given_key() {
-    let broker = TestBroker::new("q-approve").await;
-    let qonto = MockServer::start().await;
+    let app = app("q-approve").await;
+    let (broker, provider) = (&app.broker, app.qonto());
     Mock::given(method("POST"))
         .and(path_regex("^/v2/requests/.*/approve$"))
-        .respond_with(qonto_ok("approved"))
-        .mount(&qonto)
+        .respond_with(qonto::answer("approved"))
+        .mount(provider)
         .await;
-    let worker = InProcessWorker::start(env(&broker, &qonto)).await;
-    broker.wait_consumer().await;
 
     let (r1, r2) = (request_id(), request_id());
     broker
@@ -209,7 +129,7 @@ async fn approve_sends_debit_iban_and_the_given_key() {
     assert_eq!(o2.body["idempotency_key"], derived_key("app-2", "approve"));
 
     let c1 = calls_to(
-        &qonto,
+        provider,
         &format!("/v2/requests/multi_transfers/{r1}/approve"),
     )
     .await;
@@ -222,26 +142,24 @@ async fn approve_sends_debit_iban_and_the_given_key() {
         c1[0].body,
         br#"{"debit_iban":"FR7630001007941234567890185"}"#
     );
-    let c2 = calls_to(&qonto, &format!("/v2/requests/flash_cards/{r2}/approve")).await;
+    let c2 = calls_to(provider, &format!("/v2/requests/flash_cards/{r2}/approve")).await;
     assert_eq!(c2.len(), 1);
     assert!(c2[0].body.is_empty(), "no body without debit_iban");
     assert_eq!(
         header(&c2[0], "x-qonto-idempotency-key"),
         Some(derived_key("app-2", "approve").as_str())
     );
-    worker.stop().await;
+    app.stop_worker().await;
 }
 
 #[tokio::test]
 async fn the_same_decision_twice_uses_one_key_and_one_event_id() {
-    let broker = TestBroker::new("q-twice").await;
-    let qonto = MockServer::start().await;
+    let app = app("q-twice").await;
+    let (broker, provider) = (&app.broker, app.qonto());
     Mock::given(method("POST"))
-        .respond_with(qonto_ok("declined"))
-        .mount(&qonto)
+        .respond_with(qonto::answer("declined"))
+        .mount(provider)
         .await;
-    let worker = InProcessWorker::start(env(&broker, &qonto)).await;
-    broker.wait_consumer().await;
 
     let d = decline("dup-1", &request_id());
     broker.publish(&d).await;
@@ -251,38 +169,34 @@ async fn the_same_decision_twice_uses_one_key_and_one_event_id() {
         .await;
     assert!(outcomes.iter().all(|o| o.status() == "applied"));
     assert_eq!(outcomes[0].body["event_id"], outcomes[1].body["event_id"]);
-    let keys: Vec<_> = qonto
-        .received_requests()
+    let keys: Vec<_> = mock::requests(provider)
         .await
-        .unwrap()
         .iter()
         .map(|r| header(r, "x-qonto-idempotency-key").unwrap().to_owned())
         .collect();
     assert_eq!(keys.len(), 2);
     assert_eq!(keys[0], keys[1]);
-    worker.stop().await;
+    app.stop_worker().await;
 }
 
 #[tokio::test]
 async fn transient_failures_are_retried_with_one_key() {
-    let broker = TestBroker::new("q-503").await;
-    let qonto = MockServer::start().await;
+    let app = app("q-503").await;
+    let (broker, provider) = (&app.broker, app.qonto());
     let script = Script::new(vec![
         ResponseTemplate::new(503),
         ResponseTemplate::new(503),
-        qonto_ok("declined"),
+        qonto::answer("declined"),
     ]);
     Mock::given(method("POST"))
         .respond_with(script.clone())
-        .mount(&qonto)
+        .mount(provider)
         .await;
-    let worker = InProcessWorker::start(env(&broker, &qonto)).await;
-    broker.wait_consumer().await;
 
     broker.publish(&decline("retry-1", &request_id())).await;
     let o = broker.outcome("retry-1", "applied").await;
     assert_eq!(o.body["attempts"], 3);
-    let calls = qonto.received_requests().await.unwrap();
+    let calls = mock::requests(provider).await;
     assert_eq!(calls.len(), 3);
     let key = derived_key("retry-1", "reject");
     assert!(
@@ -291,21 +205,19 @@ async fn transient_failures_are_retried_with_one_key() {
             .all(|r| header(r, "x-qonto-idempotency-key") == Some(key.as_str()))
     );
     assert!(calls.iter().all(|r| r.body == calls[0].body));
-    worker.stop().await;
+    app.stop_worker().await;
 }
 
 #[tokio::test]
 async fn a_permanent_refusal_is_failed_parked_and_called_once() {
-    let broker = TestBroker::new("q-422").await;
-    let qonto = MockServer::start().await;
+    let app = app("q-422").await;
+    let (broker, provider) = (&app.broker, app.qonto());
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(422).set_body_json(json!({
             "errors": [{"code": "kyc_not_accepted", "detail": "Approver kyc is not accepted"}]
         })))
-        .mount(&qonto)
+        .mount(provider)
         .await;
-    let worker = InProcessWorker::start(env(&broker, &qonto)).await;
-    broker.wait_consumer().await;
 
     let d = decline("perm-1", &request_id());
     broker.publish(&d).await;
@@ -331,32 +243,28 @@ async fn a_permanent_refusal_is_failed_parked_and_called_once() {
     );
     assert!(parked[0].headers["x-approval-error"].contains("kyc"));
     assert_eq!(
-        qonto
-            .received_requests()
+        mock::requests(provider)
             .await
-            .unwrap()
             .iter()
             .filter(|r| r.method.as_str() == "POST")
             .count(),
         1
     );
-    worker.stop().await;
+    app.stop_worker().await;
 }
 
 #[tokio::test]
 async fn rate_limits_wait_at_least_retry_after() {
-    let broker = TestBroker::new("q-429").await;
-    let qonto = MockServer::start().await;
+    let app = app("q-429").await;
+    let (broker, provider) = (&app.broker, app.qonto());
     let script = Script::new(vec![
         ResponseTemplate::new(429).insert_header("Retry-After", "1"),
-        qonto_ok("declined"),
+        qonto::answer("declined"),
     ]);
     Mock::given(method("POST"))
         .respond_with(script.clone())
-        .mount(&qonto)
+        .mount(provider)
         .await;
-    let worker = InProcessWorker::start(env(&broker, &qonto)).await;
-    broker.wait_consumer().await;
 
     broker.publish(&decline("rl-1", &request_id())).await;
     let o = broker.outcome("rl-1", "applied").await;
@@ -365,46 +273,44 @@ async fn rate_limits_wait_at_least_retry_after() {
     assert_eq!(times.len(), 2);
     let waited = times[1] - times[0];
     assert!(waited >= Duration::from_secs(1), "waited only {waited:?}");
-    worker.stop().await;
+    app.stop_worker().await;
 }
 
 #[tokio::test]
 async fn attempts_run_out_into_exhausted() {
-    let broker = TestBroker::new("q-exhaust").await;
-    let qonto = MockServer::start().await;
+    let app = spawn_app(
+        App::qonto("q-exhaust", qonto::Auth::ApiKey)
+            .env("APPROVAL_RETRY__MAX_ATTEMPTS", 3)
+            .env("APPROVAL_RETRY__IN_PROCESS_ATTEMPTS", 5),
+    )
+    .await;
+    let (broker, provider) = (&app.broker, app.qonto());
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(503))
-        .mount(&qonto)
+        .mount(provider)
         .await;
-    let mut env = env(&broker, &qonto);
-    env.push(("APPROVAL_RETRY__MAX_ATTEMPTS".into(), "3".into()));
-    env.push(("APPROVAL_RETRY__IN_PROCESS_ATTEMPTS".into(), "5".into()));
-    let worker = InProcessWorker::start(env).await;
-    broker.wait_consumer().await;
 
     broker.publish(&decline("ex-1", &request_id())).await;
     let o = broker.outcome("ex-1", "failed").await;
     assert_eq!(o.body["error"]["kind"], "exhausted");
     assert_eq!(o.body["attempts"], 3);
-    assert_eq!(qonto.received_requests().await.unwrap().len(), 3);
+    assert_eq!(mock::requests(provider).await.len(), 3);
     let parked = broker.wait_parked(1).await;
     assert_eq!(parked[0].headers["x-approval-error-kind"], "exhausted");
     assert_eq!(parked[0].headers["x-approval-attempts"], "3");
-    worker.stop().await;
+    app.stop_worker().await;
 }
 
 /// Every kind of malformed message: `invalid`, parked byte for byte with
 /// the reason, and no provider call.
 #[tokio::test]
 async fn malformed_messages_are_invalid_and_parked() {
-    let broker = TestBroker::new("q-invalid").await;
-    let qonto = MockServer::start().await;
+    let app = app("q-invalid").await;
+    let (broker, provider) = (&app.broker, app.qonto());
     Mock::given(method("POST"))
-        .respond_with(qonto_ok("declined"))
-        .mount(&qonto)
+        .respond_with(qonto::answer("declined"))
+        .mount(provider)
         .await;
-    let worker = InProcessWorker::start(env(&broker, &qonto)).await;
-    broker.wait_consumer().await;
 
     let rid = request_id();
     let huge = format!(
@@ -475,24 +381,20 @@ async fn malformed_messages_are_invalid_and_parked() {
         assert!(p.headers.contains_key("x-approval-first-received-at"));
     }
     assert!(
-        qonto.received_requests().await.unwrap().is_empty(),
+        mock::requests(provider).await.is_empty(),
         "no provider call for bad input"
     );
 
     // The worker is still healthy after all of that.
     broker.publish(&decline("after-bad", &request_id())).await;
     broker.outcome("after-bad", "applied").await;
-    worker.stop().await;
+    app.stop_worker().await;
 }
 
 #[tokio::test]
 async fn a_provider_without_credentials_is_disabled_and_parked() {
-    let broker = TestBroker::new("q-disabled").await;
-    let qonto = MockServer::start().await;
-    let mut env = broker.worker_env();
-    env.push(("APPROVAL_PROVIDERS__QONTO__BASE_URL".into(), qonto.uri()));
-    let worker = InProcessWorker::start(env).await;
-    broker.wait_consumer().await;
+    let app = spawn_app(App::qonto("q-disabled", qonto::Auth::Missing)).await;
+    let (broker, provider) = (&app.broker, app.qonto());
 
     let d = decline("dis-1", &request_id());
     broker.publish(&d).await;
@@ -504,20 +406,18 @@ async fn a_provider_without_credentials_is_disabled_and_parked() {
         parked[0].headers["x-approval-error-kind"],
         "provider_disabled"
     );
-    assert!(qonto.received_requests().await.unwrap().is_empty());
-    worker.stop().await;
+    assert!(mock::requests(provider).await.is_empty());
+    app.stop_worker().await;
 }
 
 #[tokio::test]
 async fn decisions_are_processed_concurrently() {
-    let broker = TestBroker::new("q-concurrent").await;
-    let qonto = MockServer::start().await;
+    let app = app("q-concurrent").await;
+    let (broker, provider) = (&app.broker, app.qonto());
     Mock::given(method("POST"))
-        .respond_with(qonto_ok("declined").set_delay(Duration::from_millis(500)))
-        .mount(&qonto)
+        .respond_with(qonto::answer("declined").set_delay(Duration::from_millis(500)))
+        .mount(provider)
         .await;
-    let worker = InProcessWorker::start(env(&broker, &qonto)).await;
-    broker.wait_consumer().await;
 
     for i in 0..20 {
         broker
@@ -529,31 +429,29 @@ async fn decisions_are_processed_concurrently() {
         "20 calls in flight together",
         Duration::from_secs(3),
         || async {
-            let n = qonto.received_requests().await.unwrap_or_default().len();
+            let n = mock::requests(provider).await.len();
             (n >= 20).then_some(())
         },
     )
     .await;
     broker.wait_outcomes(20, |o| o.status() == "applied").await;
-    worker.stop().await;
+    app.stop_worker().await;
 }
 
 #[tokio::test]
 async fn the_worker_carries_on_after_its_connection_is_closed() {
-    let broker = TestBroker::new("q-conn").await;
-    let qonto = MockServer::start().await;
+    let app = app("q-conn").await;
+    let (broker, provider) = (&app.broker, app.qonto());
     Mock::given(method("POST"))
-        .respond_with(qonto_ok("declined"))
-        .mount(&qonto)
+        .respond_with(qonto::answer("declined"))
+        .mount(provider)
         .await;
-    let worker = InProcessWorker::start(env(&broker, &qonto)).await;
-    broker.wait_consumer().await;
     broker.publish(&decline("before", &request_id())).await;
     broker.outcome("before", "applied").await;
 
-    let closed = common::close_connections_named(&format!("approval-worker {}", broker.prefix));
+    let closed = close_connections_named(&format!("approval-worker {}", broker.prefix));
     assert_eq!(closed, 1, "the worker's connection was found and closed");
     broker.publish(&decline("after", &request_id())).await;
     broker.outcome("after", "applied").await;
-    worker.stop().await;
+    app.stop_worker().await;
 }

@@ -1,16 +1,15 @@
-//! Test helpers, one per concern: a private broker namespace per test, the
-//! worker (in-process or as the real binary), outcome capture, and waiting
-//! for conditions with deadlines instead of sleeps.
-#![allow(dead_code)]
+//! A private namespace on the real broker per test: its own prefix and
+//! topology, publishing, outcome capture, the parking lot and queue counts.
+//! Everything it declares is deleted when the test ends, even on panic.
 
 use std::{
     collections::BTreeMap,
     process::Stdio,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use approval_worker::{broker::Topology, providers::Registry, settings::Settings, worker::Worker};
+use approval_worker::broker::Topology;
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties,
@@ -23,24 +22,12 @@ use lapin::{
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-pub const DEADLINE: Duration = Duration::from_secs(20);
+use super::wait::{DEADLINE, wait_for};
 
-/// Polls `check` until it returns `Some`, failing the test at the deadline.
-pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let until = Instant::now() + deadline;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The delivery limit the tests' topology and workers use.
+pub const DELIVERY_LIMIT: u32 = 20;
 
 /// A received outcome event with the AMQP properties it came with.
 #[derive(Debug, Clone)]
@@ -69,14 +56,15 @@ pub struct Parked {
     pub headers: BTreeMap<String, String>,
 }
 
-/// A private namespace on the real broker: its own prefix, topology and
-/// outcome capture; everything is deleted when the test ends, even on panic.
 pub struct TestBroker {
     pub prefix: String,
     pub topology: Topology,
-    pub conn: Connection,
-    pub channel: Channel,
+    channel: Channel,
+    /// `P.capture`: a durable queue bound to every outcome event, so that
+    /// none is lost even when the broker restarts under the test.
+    capture: String,
     outcomes: Arc<Mutex<Vec<Outcome>>>,
+    stop_capture: CancellationToken,
 }
 
 impl TestBroker {
@@ -85,27 +73,25 @@ impl TestBroker {
             "t-{name}-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let conn = Connection::connect(
-            AMQP_URL,
-            ConnectionProperties::default().with_connection_name(format!("test {prefix}").into()),
-        )
-        .await
-        .expect("RabbitMQ must run on 127.0.0.1:5672 (rabbitmq-server -detached)");
+        let conn = connect(&format!("test {prefix}"))
+            .await
+            .expect("RabbitMQ must run on 127.0.0.1:5672 (rabbitmq-server -detached)");
         let channel = conn.create_channel().await.unwrap();
-        let topology = Topology::new(&prefix, 20);
+        let topology = Topology::new(&prefix, DELIVERY_LIMIT);
         topology.declare(&channel).await.unwrap();
 
-        let capture = channel
+        let capture = format!("{prefix}.capture");
+        channel
             .queue_declare(
-                "".into(),
-                QueueDeclareOptions::exclusive().auto_delete(),
+                capture.as_str().into(),
+                QueueDeclareOptions::durable(),
                 FieldTable::default(),
             )
             .await
             .unwrap();
         channel
             .queue_bind(
-                capture.name().clone(),
+                capture.as_str().into(),
                 topology.outcomes().into(),
                 "#".into(),
                 QueueBindOptions::default(),
@@ -113,44 +99,25 @@ impl TestBroker {
             )
             .await
             .unwrap();
-        let mut consumer = channel
-            .basic_consume(
-                capture.name().clone(),
-                "capture".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
         let outcomes = Arc::new(Mutex::new(Vec::new()));
-        let sink = outcomes.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(d)) = consumer.next().await {
-                let p = &d.properties;
-                sink.lock().unwrap().push(Outcome {
-                    body: serde_json::from_slice(&d.data).expect("outcome events are JSON"),
-                    routing_key: d.routing_key.as_str().to_owned(),
-                    message_id: p.message_id().as_ref().map(|s| s.as_str().to_owned()),
-                    correlation_id: p.correlation_id().as_ref().map(|s| s.as_str().to_owned()),
-                    content_type: p.content_type().as_ref().map(|s| s.as_str().to_owned()),
-                    delivery_mode: *p.delivery_mode(),
-                });
-            }
-        });
+        let stop_capture = CancellationToken::new();
+        tokio::spawn(capture_outcomes(
+            capture.clone(),
+            outcomes.clone(),
+            stop_capture.clone(),
+        ));
         Self {
             prefix,
             topology,
-            conn,
             channel,
+            capture,
             outcomes,
+            stop_capture,
         }
     }
 
-    /// Publishes raw bytes to the decisions exchange, confirmed.
-    pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
+    /// Publishes raw bytes to the decisions exchange, persistent, with `headers`.
+    pub async fn publish_with_headers(&self, routing_key: &str, body: &[u8], headers: FieldTable) {
         self.channel
             .basic_publish(
                 self.topology.decisions().into(),
@@ -159,12 +126,20 @@ impl TestBroker {
                 body,
                 BasicProperties::default()
                     .with_delivery_mode(2)
-                    .with_content_type("application/json".into()),
+                    .with_content_type("application/json".into())
+                    .with_headers(headers),
             )
             .await
             .unwrap();
     }
 
+    /// Publishes raw bytes to the decisions exchange, persistent.
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
+        self.publish_with_headers(routing_key, body, FieldTable::default())
+            .await;
+    }
+
+    /// Publishes a decision under `provider.action`, as an upstream would.
     pub async fn publish(&self, decision: &Value) {
         let key = format!(
             "{}.{}",
@@ -175,6 +150,8 @@ impl TestBroker {
             .await;
     }
 
+    /// Every outcome event received so far. After a broker restart, events
+    /// unacknowledged at the restart may appear twice.
     pub fn outcomes(&self) -> Vec<Outcome> {
         self.outcomes.lock().unwrap().clone()
     }
@@ -280,48 +257,42 @@ impl TestBroker {
         .await;
     }
 
-    /// Environment pointing a worker at this namespace.
-    pub fn worker_env(&self) -> Vec<(String, String)> {
-        vec![
-            ("APPROVAL_AMQP__URL".into(), AMQP_URL.into()),
-            ("APPROVAL_AMQP__PREFIX".into(), self.prefix.clone()),
-            ("APPROVAL_AMQP__PREFETCH".into(), "50".into()),
-            ("APPROVAL_AMQP__DELIVERY_LIMIT".into(), "20".into()),
-            ("APPROVAL_AMQP__RECONNECT_INITIAL_MS".into(), "100".into()),
-            ("APPROVAL_AMQP__RECONNECT_MAX_MS".into(), "1000".into()),
-            ("APPROVAL_RETRY__INITIAL_BACKOFF_MS".into(), "10".into()),
-            ("APPROVAL_RETRY__MAX_BACKOFF_MS".into(), "50".into()),
-            ("APPROVAL_WORKER__HTTP_TIMEOUT_MS".into(), "5000".into()),
-            ("APPROVAL_WORKER__DRAIN_TIMEOUT_MS".into(), "10000".into()),
-            (
-                "APPROVAL_ADMIN__BIND".into(),
-                format!("127.0.0.1:{}", free_port()),
-            ),
-        ]
+    /// Waits until nobody consumes the decisions queue any more, then gives
+    /// its ready messages: the broker notices a closed connection a moment
+    /// after the process is gone, and only then requeues what it had not
+    /// acknowledged.
+    pub async fn wait_consumer_gone(&self) -> u32 {
+        let q = self.topology.decisions();
+        wait_for("the consumer to go", Duration::from_secs(10), || {
+            let q = q.clone();
+            async move {
+                let (ready, consumers) = self.queue_counts(&q).await;
+                (consumers == 0).then_some(ready)
+            }
+        })
+        .await
     }
 }
 
 impl Drop for TestBroker {
     fn drop(&mut self) {
+        self.stop_capture.cancel();
         // Runs on panic too: a failed test must not leave queues behind.
         let topology = self.topology.clone();
-        // Queues a test declares itself under its prefix (e.g. a durable capture).
-        let extra = format!("{}.capture", self.prefix);
+        let capture = self.capture.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                if let Ok(conn) =
-                    Connection::connect(AMQP_URL, ConnectionProperties::default()).await
-                {
+                if let Ok(conn) = connect("test cleanup").await {
                     if let Ok(ch) = conn.create_channel().await {
                         let _ = topology.delete(&ch).await;
                     }
                     // A failed delete closes the channel, so use a fresh one.
                     if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch.queue_delete(extra.into(), Default::default()).await;
+                        let _ = ch.queue_delete(capture.into(), Default::default()).await;
                     }
                     let _ = conn.close(200, "test cleanup".into()).await;
                 }
@@ -331,13 +302,56 @@ impl Drop for TestBroker {
     }
 }
 
-/// A port nobody listens on right now, for a process's admin endpoint.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+async fn connect(name: &str) -> Result<Connection, lapin::Error> {
+    Connection::connect(
+        AMQP_URL,
+        ConnectionProperties::default().with_connection_name(name.into()),
+    )
+    .await
+}
+
+/// Consumes `queue` into `sink` on a connection of its own, acknowledging
+/// each event once stored. When the broker goes away (the restart test), it
+/// connects again; the queue is durable and kept what arrived meanwhile.
+async fn capture_outcomes(queue: String, sink: Arc<Mutex<Vec<Outcome>>>, stop: CancellationToken) {
+    let consume = || async {
+        let conn = connect(&format!("test capture {queue}")).await?;
+        let channel = conn.create_channel().await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "capture".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        while let Some(delivery) = consumer.next().await {
+            let d = delivery?;
+            let p = &d.properties;
+            sink.lock().unwrap().push(Outcome {
+                body: serde_json::from_slice(&d.data).expect("outcome events are JSON"),
+                routing_key: d.routing_key.as_str().to_owned(),
+                message_id: p.message_id().as_ref().map(|s| s.as_str().to_owned()),
+                correlation_id: p.correlation_id().as_ref().map(|s| s.as_str().to_owned()),
+                content_type: p.content_type().as_ref().map(|s| s.as_str().to_owned()),
+                delivery_mode: *p.delivery_mode(),
+            });
+            d.ack(BasicAckOptions::default()).await?;
+        }
+        Ok::<_, lapin::Error>(())
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = consume() => {}
+        }
+        // A pause between attempts while the broker is away, not a
+        // synchronisation: nothing waits on it.
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
 }
 
 fn amqp_to_string(v: &AMQPValue) -> String {
@@ -352,109 +366,6 @@ fn amqp_to_string(v: &AMQPValue) -> String {
         AMQPValue::ShortShortInt(n) => n.to_string(),
         AMQPValue::ShortShortUInt(n) => n.to_string(),
         other => format!("{other:?}"),
-    }
-}
-
-/// A worker running in this test process.
-pub struct InProcessWorker {
-    pub shutdown: CancellationToken,
-    handle: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl InProcessWorker {
-    pub async fn start(env: Vec<(String, String)>) -> Self {
-        let settings = Settings::load_from(None, env).expect("test settings are valid");
-        let registry = Registry::from_settings(&settings).expect("providers build");
-        let shutdown = CancellationToken::new();
-        let worker = Worker::new(settings, registry, shutdown.clone());
-        let handle = tokio::spawn(worker.run());
-        Self {
-            shutdown,
-            handle: Some(handle),
-        }
-    }
-
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        let handle = self.handle.take().expect("started");
-        tokio::time::timeout(DEADLINE, handle)
-            .await
-            .expect("worker stops within the deadline")
-            .unwrap();
-    }
-}
-
-impl Drop for InProcessWorker {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-/// The real binary, with its output captured.
-pub struct ProcessWorker {
-    pub child: tokio::process::Child,
-    pub output: Arc<Mutex<String>>,
-    readers: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl ProcessWorker {
-    pub fn spawn(args: &[&str], env: &[(String, String)]) -> Self {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_approval-worker"));
-        cmd.args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(env.iter().cloned())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("the binary starts");
-        let output = Arc::new(Mutex::new(String::new()));
-        let mut readers = Vec::new();
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let sink = output.clone();
-            readers.push(tokio::spawn(async move {
-                use tokio::io::AsyncBufReadExt;
-                let mut lines = tokio::io::BufReader::new(stream).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let mut s = sink.lock().unwrap();
-                    s.push_str(&line);
-                    s.push('\n');
-                }
-            }));
-        }
-        Self {
-            child,
-            output,
-            readers,
-        }
-    }
-
-    pub fn output(&self) -> String {
-        self.output.lock().unwrap().clone()
-    }
-
-    pub fn signal(&self, sig: &str) {
-        let pid = self.child.id().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args([&format!("-{sig}"), &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits for the exit and for the last line of output.
-    pub async fn wait(&mut self, deadline: Duration) -> std::process::ExitStatus {
-        let status = tokio::time::timeout(deadline, self.child.wait())
-            .await
-            .expect("process exits within the deadline")
-            .unwrap();
-        for reader in self.readers.drain(..) {
-            let _ = tokio::time::timeout(deadline, reader).await;
-        }
-        status
     }
 }
 

@@ -1,0 +1,9 @@
+//! Test helpers, one module per concern. Tests start from
+//! [`app::spawn_app`], which wires the others together.
+
+pub mod app;
+pub mod broker;
+pub mod mock;
+pub mod qonto;
+pub mod wait;
+pub mod worker;
