@@ -33,9 +33,10 @@ fn rabbitmqctl(args: &[&str]) {
 async fn the_worker_reconnects_after_a_broker_restart_and_every_decision_settles() {
     // The outcome capture is a durable queue and reconnects: it loses
     // nothing while the broker is away.
-    let app =
-        spawn_app(App::qonto("zz-restart", qonto::Auth::AccessToken).env("APPROVAL_AMQP__PREFETCH", 20))
-            .await;
+    let app = spawn_app(
+        App::qonto("zz-restart", qonto::Auth::AccessToken).env("APPROVAL_AMQP__PREFETCH", 20),
+    )
+    .await;
     let (broker, provider) = (&app.broker, app.qonto());
     Mock::given(method("POST"))
         .respond_with(qonto::answer("declined").set_delay(Duration::from_millis(100)))

@@ -72,7 +72,7 @@ pub struct TestApp {
     qonto: Option<MockServer>,
     sim: Option<SimHandle>,
     /// The environment every worker of this test runs with.
-    pub env: Vec<(String, String)>,
+    env: Vec<(String, String)>,
     pub broker: TestBroker,
 }
 
