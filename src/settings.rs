@@ -465,6 +465,103 @@ mod tests {
         );
     }
 
+    /// Each single-key rule lives in the key's type or parser; the two rules
+    /// spanning keys are checked after loading. All name the key to fix.
+    #[test]
+    fn every_rule_names_the_key_to_fix() {
+        for (key, bad) in [
+            ("APPROVAL_AMQP__URL", "amqp//nowhere"),
+            ("APPROVAL_AMQP__PREFIX", "has space"),
+            ("APPROVAL_AMQP__PREFIX", ""),
+            ("APPROVAL_AMQP__PREFETCH", "0"),
+            ("APPROVAL_AMQP__PREFETCH", "70000"),
+            ("APPROVAL_AMQP__DELIVERY_LIMIT", "1"),
+            ("APPROVAL_AMQP__RECONNECT_MAX_MS", "soon"),
+            ("APPROVAL_WORKER__DRAIN_TIMEOUT_MS", "-5"),
+            ("APPROVAL_WORKER__MAX_CALLS_PER_PROVIDER", "0"),
+            ("APPROVAL_WORKER__HTTP_TIMEOUT_MS", "0"),
+            ("APPROVAL_WORKER__HTTP2_PRIOR_KNOWLEDGE", "maybe"),
+            ("APPROVAL_RETRY__MAX_ATTEMPTS", "0"),
+            ("APPROVAL_RETRY__IN_PROCESS_ATTEMPTS", "0"),
+            ("APPROVAL_RETRY__INITIAL_BACKOFF_MS", "0"),
+            ("APPROVAL_RETRY__INITIAL_BACKOFF_MS", "60001"),
+            ("APPROVAL_ADMIN__BIND", "localhost"),
+            ("APPROVAL_LOG__LEVEL", "info,[=x"),
+            ("APPROVAL_LOG__FORMAT", "xml"),
+        ] {
+            let err = load(&[(key, bad)]).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.starts_with(&format!("invalid configuration value for {key}: ")),
+                "{key}={bad:?}: {text}"
+            );
+        }
+        // A rule across keys names the one to change, and the other.
+        let err = load(&[
+            ("APPROVAL_RETRY__MAX_BACKOFF_MS", "100"),
+            ("APPROVAL_RETRY__INITIAL_BACKOFF_MS", "200"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("APPROVAL_RETRY__MAX_BACKOFF_MS"));
+    }
+
+    #[test]
+    fn a_value_error_keeps_its_cause() {
+        let err = load(&[("APPROVAL_AMQP__PREFETCH", "0")]).unwrap_err();
+        let cause = std::error::Error::source(&err).expect("the config error is kept");
+        assert!(cause.to_string().contains("amqp.prefetch"), "{cause}");
+    }
+
+    #[test]
+    fn values_arrive_typed_in_the_contract_units() {
+        let s = load(&[
+            ("APPROVAL_WORKER__DRAIN_TIMEOUT_MS", "1500"),
+            ("APPROVAL_RETRY__HORIZON_MS", "60000"),
+            ("APPROVAL_AMQP__RECONNECT_INITIAL_MS", "0"),
+            ("APPROVAL_ADMIN__BIND", "0.0.0.0:9191"),
+        ])
+        .unwrap();
+        assert_eq!(s.worker.drain_timeout, Duration::from_millis(1500));
+        assert_eq!(s.retry.horizon, Duration::from_secs(60));
+        assert_eq!(s.amqp.reconnect_initial, Duration::ZERO);
+        assert_eq!(s.admin.bind, SocketAddr::from(([0, 0, 0, 0], 9191)));
+        let defaults = load(&[]).unwrap();
+        assert_eq!(defaults.retry.initial_backoff, Duration::from_millis(200));
+        assert_eq!(defaults.worker.max_calls_per_provider.get(), 256);
+    }
+
+    #[test]
+    fn a_bad_provider_value_names_the_provider_key() {
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Section {
+            window: u32,
+        }
+        let s = load(&[("APPROVAL_PROVIDERS__ACME__WINDOW", "wide")]).unwrap();
+        let err = s.providers.section::<Section>("acme").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("invalid configuration value for APPROVAL_PROVIDERS__ACME__WINDOW: "),
+            "{err}"
+        );
+        let err = s.providers.section::<Section>("other").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("APPROVAL_PROVIDERS__OTHER__WINDOW"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_missing_config_file_is_named() {
+        let path = Path::new("/nonexistent/approval.toml");
+        let err = Settings::load_from(Some(path), Vec::new()).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/approval.toml"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn redacted_url_hides_the_password() {
         let s = load(&[("APPROVAL_AMQP__URL", "amqp://u:topsecret@h:5672/%2f")]).unwrap();
