@@ -192,13 +192,7 @@ pub fn env_key(path: &str) -> String {
 /// Names the offending key the way operators set it. `config` reports the
 /// dotted path below the table it deserialized, hence `prefix`.
 fn from_config(e: ConfigError, prefix: &str) -> SettingsError {
-    let path = |key: &str| {
-        let dotted: Vec<&str> = [prefix, key]
-            .into_iter()
-            .filter(|p| !p.is_empty())
-            .collect();
-        env_key(&dotted.join("."))
-    };
+    let path = |key: &str| env_key(format!("{prefix}.{key}").trim_matches('.'));
     let (key, problem) = match &e {
         ConfigError::Type {
             key: Some(key),
