@@ -69,13 +69,15 @@ enum Command {
 impl Command {
     /// `log.level` is the worker's. The other commands print a report on
     /// stdout and log on stderr only what needs attention; the demo only
-    /// errors, as its worker's warnings are the failures it provokes on purpose.
-    /// `RUST_LOG` overrides all of them.
+    /// errors, as its worker's warnings are the failures it provokes on
+    /// purpose. Their report names any broker failure, so lapin's
+    /// "Connection error" line would only repeat it (and lapin also logs one
+    /// when a connection closes with channels open). `RUST_LOG` overrides.
     fn log_level<'a>(&self, settings: &'a Settings) -> &'a str {
         match self {
             Command::Run => &settings.log.level,
-            Command::Demo => "error",
-            _ => "warn",
+            Command::Demo => "error,lapin::channels=off",
+            _ => "warn,lapin::channels=off",
         }
     }
 }

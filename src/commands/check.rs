@@ -49,11 +49,7 @@ pub async fn run(settings: Settings) -> ExitCode {
     let topology = Topology::new(&settings.amqp.prefix, settings.amqp.delivery_limit);
     let result = async {
         let ch = conn.create_channel().await?;
-        let declared = topology.declare(&ch).await;
-        // Closed before the connection: closing a connection with a channel
-        // open makes lapin log a spurious "Connection error".
-        let _ = ch.close(200, "check done".into()).await;
-        declared
+        topology.declare(&ch).await
     }
     .await;
     let _ = conn.close(200, "check done".into()).await;

@@ -58,22 +58,13 @@ pub async fn run(settings: Settings, cmd: DeadLetters) -> ExitCode {
     let topology = Topology::new(&settings.amqp.prefix, settings.amqp.delivery_limit);
     let result = async {
         let channel = conn.create_channel().await?;
+        topology.declare(&channel).await?;
         let publisher = if replay {
             Some(Publisher::new(conn.create_channel().await?).await?)
         } else {
             None
         };
-        let walked = async {
-            topology.declare(&channel).await?;
-            walk(&channel, &topology, &filter, publisher.as_ref()).await
-        }
-        .await;
-        // Closed before the connection: closing a connection with a channel
-        // open makes lapin log a spurious "Connection error".
-        for ch in std::iter::once(&channel).chain(publisher.as_ref().map(Publisher::channel)) {
-            let _ = ch.close(200, "dead-letters done".into()).await;
-        }
-        walked
+        walk(&channel, &topology, &filter, publisher.as_ref()).await
     }
     .await;
     let _ = conn.close(200, "dead-letters done".into()).await;
