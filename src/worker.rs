@@ -133,17 +133,10 @@ impl Worker {
     /// resume consuming.
     pub async fn run(self) {
         let shared = &self.shared;
+        let amqp = &shared.settings.amqp;
         let reconnect = RetryDelays {
-            initial: shared
-                .settings
-                .amqp
-                .reconnect_initial
-                .max(Duration::from_millis(1)),
-            max: shared
-                .settings
-                .amqp
-                .reconnect_max
-                .max(Duration::from_millis(1)),
+            initial: amqp.reconnect_initial.max(Duration::from_millis(1)),
+            max: amqp.reconnect_max.max(Duration::from_millis(1)),
         };
         let mut failures = 0u32;
         let in_flight = TaskTracker::new();
