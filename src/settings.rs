@@ -28,16 +28,18 @@ const DEFAULTS: &str = include_str!("../config/default.toml");
 /// process must stay far below it.
 const LONGEST_IN_PROCESS: Duration = Duration::from_secs(10 * 60);
 
+/// Every message names the key in the environment form operators set. The
+/// messages repeat their cause's text because they are printed on one line.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     #[error("configuration could not be read: the --config file {} does not exist", .0.display())]
     NoConfigFile(PathBuf),
     #[error("configuration could not be read: {0}")]
     Read(#[source] Box<ConfigError>),
-    /// A value its type or a rule refused; `key` is the environment form.
+    /// A rule across keys, or a provider's own check, refused a value.
     #[error("invalid configuration value for {key}: {problem}")]
     Invalid { key: String, problem: String },
-    /// A value `config` could not turn into its typed field.
+    /// A value its type or field parser refused.
     #[error("invalid configuration value for {key}: {problem}")]
     Value {
         key: String,
