@@ -70,7 +70,7 @@ pub enum BenchError {
 
 pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, BenchError> {
     let settings = Settings::load(config).map_err(|e| BenchError::Setup(e.to_string()))?;
-    let prefetch = options.prefetch.unwrap_or(settings.amqp.prefetch);
+    let prefetch = options.prefetch.unwrap_or(settings.amqp.prefetch.get());
     let n = options.decisions.max(10);
     let url = settings.amqp_url_redacted();
     let conn = broker::connect(&settings.amqp.url, "approval-worker bench")

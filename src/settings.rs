@@ -2,24 +2,53 @@
 //! `--config` file, then `APPROVAL_<SECTION>__<KEY>` environment variables
 //! (CONTRACT.md section 2).
 //!
+//! Each value is parsed into the type that cannot hold a bad one (`NonZero*`,
+//! `SocketAddr`, `Duration`), so a loaded `Settings` needs no re-checking;
+//! only rules that span two keys are checked after loading.
+//!
 //! Every secret is a [`SecretString`], whose `Debug` prints `[REDACTED]`, so
 //! a settings dump in a log line or an error can never leak a credential.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    net::SocketAddr,
+    num::{NonZeroU16, NonZeroU32, NonZeroUsize},
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use config::{Config, Environment, File, FileFormat};
+use config::{Config, ConfigError, Environment, File, FileFormat};
 use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, de::Error as _};
 
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
+/// RabbitMQ closes a channel whose delivery stays unacknowledged past its
+/// consumer timeout (30 min by default): the longest a delivery can spend in
+/// process must stay far below it.
+const LONGEST_IN_PROCESS: Duration = Duration::from_secs(10 * 60);
+
+/// Every message names the key in the environment form operators set. The
+/// messages repeat their cause's text because they are printed on one line.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
+    #[error("configuration could not be read: the --config file {} does not exist", .0.display())]
+    NoConfigFile(PathBuf),
     #[error("configuration could not be read: {0}")]
-    Load(String),
+    Read(#[source] Box<ConfigError>),
+    /// A rule across keys, or a provider's own check, refused a value.
     #[error("invalid configuration value for {key}: {problem}")]
     Invalid { key: String, problem: String },
+    /// A value its type or field parser refused.
+    #[error("invalid configuration value for {key}: {problem}")]
+    Value {
+        key: String,
+        problem: String,
+        #[source]
+        source: Box<ConfigError>,
+    },
+    #[error("configuration could not be read: HTTP client could not be built: {0}")]
+    HttpClient(#[source] reqwest::Error),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -35,37 +64,49 @@ pub struct Settings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct AmqpSettings {
     /// Carries the broker password, hence secret.
+    #[serde(deserialize_with = "amqp_url")]
     pub url: SecretString,
+    #[serde(deserialize_with = "queue_prefix")]
     pub prefix: String,
-    pub prefetch: u16,
+    pub prefetch: NonZeroU16,
+    #[serde(deserialize_with = "delivery_limit")]
     pub delivery_limit: u32,
-    pub reconnect_initial_ms: u64,
-    pub reconnect_max_ms: u64,
+    #[serde(rename = "reconnect_initial_ms", deserialize_with = "millis")]
+    pub reconnect_initial: Duration,
+    #[serde(rename = "reconnect_max_ms", deserialize_with = "millis")]
+    pub reconnect_max: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct WorkerSettings {
-    pub drain_timeout_ms: u64,
-    pub max_calls_per_provider: usize,
-    pub http_timeout_ms: u64,
-    pub connect_timeout_ms: u64,
+    #[serde(rename = "drain_timeout_ms", deserialize_with = "millis")]
+    pub drain_timeout: Duration,
+    pub max_calls_per_provider: NonZeroUsize,
+    #[serde(rename = "http_timeout_ms", deserialize_with = "positive_millis")]
+    pub http_timeout: Duration,
+    #[serde(rename = "connect_timeout_ms", deserialize_with = "millis")]
+    pub connect_timeout: Duration,
     /// Speak HTTP/2 from the first byte (h2c on `http://`), see default.toml.
     pub http2_prior_knowledge: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct RetrySettings {
-    pub max_attempts: u32,
-    pub initial_backoff_ms: u64,
-    pub max_backoff_ms: u64,
-    pub in_process_attempts: u32,
-    pub in_process_max_wait_ms: u64,
-    pub horizon_ms: u64,
+    pub max_attempts: NonZeroU32,
+    #[serde(rename = "initial_backoff_ms", deserialize_with = "positive_millis")]
+    pub initial_backoff: Duration,
+    #[serde(rename = "max_backoff_ms", deserialize_with = "millis")]
+    pub max_backoff: Duration,
+    pub in_process_attempts: NonZeroU32,
+    #[serde(rename = "in_process_max_wait_ms", deserialize_with = "millis")]
+    pub in_process_max_wait: Duration,
+    #[serde(rename = "horizon_ms", deserialize_with = "millis")]
+    pub horizon: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct AdminSettings {
-    pub bind: String,
+    pub bind: SocketAddr,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -79,6 +120,8 @@ pub enum LogFormat {
 pub struct LogSettings {
     #[serde(default, deserialize_with = "empty_as_none")]
     pub format: Option<LogFormat>,
+    /// A tracing filter, checked at load so logging cannot fail to start.
+    #[serde(deserialize_with = "log_filter")]
     pub level: String,
 }
 
@@ -101,22 +144,9 @@ impl ProviderSections {
         let value = self.0.get(name).cloned().unwrap_or_else(|| {
             config::Value::new(None, config::ValueKind::Table(Default::default()))
         });
-        value.try_deserialize().map_err(|e| {
-            let err = describe_config_error(&e);
-            match err {
-                SettingsError::Invalid { key, problem } if !key.starts_with("APPROVAL_") => {
-                    SettingsError::Invalid {
-                        key: env_key(&format!("providers.{name}.{}", key.to_lowercase())),
-                        problem,
-                    }
-                }
-                SettingsError::Load(text) => SettingsError::Invalid {
-                    key: env_key(&format!("providers.{name}")),
-                    problem: text,
-                },
-                other => other,
-            }
-        })
+        value
+            .try_deserialize()
+            .map_err(|e| from_config(e, &format!("providers.{name}")))
     }
 }
 
@@ -148,18 +178,6 @@ pub fn check_path_template(
     }
 }
 
-fn empty_as_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<LogFormat>, D::Error> {
-    let raw: Option<String> = Option::deserialize(d)?;
-    match raw.as_deref().map(str::trim) {
-        None | Some("") => Ok(None),
-        Some("json") => Ok(Some(LogFormat::Json)),
-        Some("pretty") => Ok(Some(LogFormat::Pretty)),
-        Some(other) => Err(serde::de::Error::custom(format!(
-            "expected \"json\" or \"pretty\", got {other:?}"
-        ))),
-    }
-}
-
 /// A configured secret, treating an empty string like an absent one so that
 /// `APPROVAL_..._TOKEN=` in a manifest disables rather than sends "".
 pub fn present(secret: &Option<SecretString>) -> Option<&SecretString> {
@@ -171,6 +189,37 @@ pub fn present(secret: &Option<SecretString>) -> Option<&SecretString> {
 /// Turns a dotted config path into the environment form users set.
 pub fn env_key(path: &str) -> String {
     format!("APPROVAL_{}", path.replace('.', "__").to_uppercase())
+}
+
+/// Names the offending key the way operators set it. `config` reports the
+/// dotted path below the table it deserialized, hence `prefix`.
+fn from_config(e: ConfigError, prefix: &str) -> SettingsError {
+    let path = |key: &str| env_key(format!("{prefix}.{key}").trim_matches('.'));
+    let (key, problem) = match &e {
+        ConfigError::Type {
+            key: Some(key),
+            unexpected,
+            expected,
+            ..
+        } => (
+            path(key),
+            format!("invalid type: {unexpected}, expected {expected}"),
+        ),
+        ConfigError::At {
+            error,
+            key: Some(key),
+            ..
+        } => (path(key), error.to_string()),
+        ConfigError::NotFound(key) => (path(key), "missing".to_owned()),
+        _ if prefix.is_empty() => return SettingsError::Read(Box::new(e)),
+        // Inside a provider section, at least name the section.
+        _ => (path(""), e.to_string()),
+    };
+    SettingsError::Value {
+        key,
+        problem,
+        source: Box::new(e),
+    }
 }
 
 impl Settings {
@@ -188,10 +237,7 @@ impl Settings {
         let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
         if let Some(path) = extra_file {
             if !path.exists() {
-                return Err(SettingsError::Load(format!(
-                    "the --config file {} does not exist",
-                    path.display()
-                )));
+                return Err(SettingsError::NoConfigFile(path.to_owned()));
             }
             builder = builder.add_source(File::from(path).required(true));
         }
@@ -208,111 +254,32 @@ impl Settings {
         let settings: Settings = builder
             .build()
             .and_then(Config::try_deserialize)
-            .map_err(|e| describe_config_error(&e))?;
-        settings.validate()?;
+            .map_err(|e| from_config(e, ""))?;
+        settings.check_across_keys()?;
         Ok(settings)
     }
 
-    fn validate(&self) -> Result<(), SettingsError> {
+    /// The rules no single value's type can carry.
+    fn check_across_keys(&self) -> Result<(), SettingsError> {
         let invalid = |path: &str, problem: &str| SettingsError::Invalid {
             key: env_key(path),
             problem: problem.to_owned(),
         };
-        match Url::parse(self.amqp.url.expose_secret()) {
-            Ok(u) if u.scheme() == "amqp" || u.scheme() == "amqps" => {}
-            // The URL may hold a password: never echo it back.
-            _ => return Err(invalid("amqp.url", "expected an amqp:// or amqps:// URL")),
-        }
-        let prefix_ok = !self.amqp.prefix.is_empty()
-            && self.amqp.prefix.len() <= 100
-            && self
-                .amqp
-                .prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-        if !prefix_ok {
-            return Err(invalid(
-                "amqp.prefix",
-                "expected 1..100 characters of [A-Za-z0-9._-]",
-            ));
-        }
-        if self.amqp.prefetch == 0 {
-            return Err(invalid(
-                "amqp.prefetch",
-                "expected an integer from 1 to 65535",
-            ));
-        }
-        if self.amqp.delivery_limit < 2 {
-            return Err(invalid(
-                "amqp.delivery_limit",
-                "expected an integer of at least 2",
-            ));
-        }
-        if self.retry.max_attempts == 0 {
-            return Err(invalid(
-                "retry.max_attempts",
-                "expected an integer of at least 1",
-            ));
-        }
-        if self.retry.in_process_attempts == 0 {
-            return Err(invalid(
-                "retry.in_process_attempts",
-                "expected an integer of at least 1",
-            ));
-        }
-        if self.retry.initial_backoff_ms == 0
-            || self.retry.initial_backoff_ms > self.retry.max_backoff_ms
-        {
+        if self.retry.initial_backoff > self.retry.max_backoff {
             return Err(invalid(
                 "retry.initial_backoff_ms",
                 "expected a positive number of milliseconds not above APPROVAL_RETRY__MAX_BACKOFF_MS",
             ));
         }
-        // RabbitMQ closes a channel whose delivery stays unacknowledged past
-        // its consumer timeout (30 min by default): the longest a delivery
-        // can spend in process must stay far below it.
-        let longest_in_process = u64::from(self.retry.in_process_attempts)
-            .saturating_mul(self.worker.http_timeout_ms + self.retry.in_process_max_wait_ms);
-        if longest_in_process > 10 * 60 * 1000 {
+        let longest_in_process = (self.worker.http_timeout + self.retry.in_process_max_wait)
+            .saturating_mul(self.retry.in_process_attempts.get());
+        if longest_in_process > LONGEST_IN_PROCESS {
             return Err(invalid(
                 "retry.in_process_attempts",
                 "in-process attempts x (APPROVAL_WORKER__HTTP_TIMEOUT_MS + APPROVAL_RETRY__IN_PROCESS_MAX_WAIT_MS) must stay under 10 minutes, far below RabbitMQ's consumer acknowledgement timeout",
             ));
         }
-        if self.worker.max_calls_per_provider == 0 {
-            return Err(invalid(
-                "worker.max_calls_per_provider",
-                "expected an integer of at least 1",
-            ));
-        }
-        if self.worker.http_timeout_ms == 0 {
-            return Err(invalid(
-                "worker.http_timeout_ms",
-                "expected a positive number of milliseconds",
-            ));
-        }
-        if self.admin.bind.parse::<SocketAddr>().is_err() {
-            return Err(invalid(
-                "admin.bind",
-                "expected a socket address such as 127.0.0.1:9090",
-            ));
-        }
-        if self
-            .log
-            .level
-            .parse::<tracing_subscriber::EnvFilter>()
-            .is_err()
-        {
-            return Err(invalid(
-                "log.level",
-                "expected a tracing filter such as info or approval_worker=debug",
-            ));
-        }
         Ok(())
-    }
-
-    pub fn drain_timeout(&self) -> Duration {
-        Duration::from_millis(self.worker.drain_timeout_ms)
     }
 
     /// The broker URL with any password replaced, for log lines.
@@ -329,28 +296,75 @@ impl Settings {
     }
 }
 
-/// `config` names the dotted key in most messages; rewrite it into the
-/// environment form operators actually set.
-fn describe_config_error(e: &config::ConfigError) -> SettingsError {
-    let text = e.to_string();
-    if let Some(start) = text.find("for key `") {
-        let rest = &text[start + 9..];
-        if let Some(end) = rest.find('`') {
-            let path = &rest[..end];
-            return SettingsError::Invalid {
-                key: env_key(path),
-                problem: text[..start].trim().to_owned(),
-            };
-        }
+// Field parsers for rules a standard type does not carry. Their messages
+// never quote the value: it may be a secret.
+
+fn amqp_url<'de, D: Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
+    let url = SecretString::deserialize(d)?;
+    match Url::parse(url.expose_secret()) {
+        Ok(u) if u.scheme() == "amqp" || u.scheme() == "amqps" => Ok(url),
+        _ => Err(D::Error::custom("expected an amqp:// or amqps:// URL")),
     }
-    if let Some(field) = text.strip_prefix("missing field `") {
-        let field = field.trim_end_matches('`');
-        return SettingsError::Invalid {
-            key: field.to_owned(),
-            problem: "missing".to_owned(),
-        };
+}
+
+fn queue_prefix<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let prefix = String::deserialize(d)?;
+    let valid = (1..=100).contains(&prefix.len())
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if valid {
+        Ok(prefix)
+    } else {
+        Err(D::Error::custom(
+            "expected 1..100 characters of [A-Za-z0-9._-]",
+        ))
     }
-    SettingsError::Load(text)
+}
+
+/// One delivery is the first attempt; the broker's limit must leave room
+/// for at least one redelivery.
+fn delivery_limit<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    match u32::deserialize(d)? {
+        limit @ 2.. => Ok(limit),
+        _ => Err(D::Error::custom("expected an integer of at least 2")),
+    }
+}
+
+/// `*_ms` keys hold whole milliseconds.
+fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    u64::deserialize(d).map(Duration::from_millis)
+}
+
+fn positive_millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match millis(d)? {
+        Duration::ZERO => Err(D::Error::custom(
+            "expected a positive number of milliseconds",
+        )),
+        positive => Ok(positive),
+    }
+}
+
+fn log_filter<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let level = String::deserialize(d)?;
+    match level.parse::<tracing_subscriber::EnvFilter>() {
+        Ok(_) => Ok(level),
+        Err(_) => Err(D::Error::custom(
+            "expected a tracing filter such as info or approval_worker=debug",
+        )),
+    }
+}
+
+fn empty_as_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<LogFormat>, D::Error> {
+    let raw: Option<String> = Option::deserialize(d)?;
+    match raw.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some("json") => Ok(Some(LogFormat::Json)),
+        Some("pretty") => Ok(Some(LogFormat::Pretty)),
+        Some(other) => Err(D::Error::custom(format!(
+            "expected \"json\" or \"pretty\", got {other:?}"
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -399,7 +413,7 @@ mod tests {
             s.amqp.url.expose_secret(),
             "amqp://guest:guest@127.0.0.1:5672/%2f"
         );
-        assert_eq!(s.admin.bind, "127.0.0.1:9090");
+        assert_eq!(s.admin.bind, "127.0.0.1:9090".parse().unwrap());
         assert!(s.providers.0.contains_key("qonto"));
     }
 
@@ -413,7 +427,7 @@ mod tests {
             ("APPROVAL_LOG__FORMAT", "json"),
         ])
         .unwrap();
-        assert_eq!(s.amqp.prefetch, 7);
+        assert_eq!(s.amqp.prefetch.get(), 7);
         #[derive(Deserialize)]
         struct V1 {
             base_url: String,
@@ -444,6 +458,103 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("APPROVAL_RETRY__IN_PROCESS_ATTEMPTS")
+        );
+    }
+
+    /// Each single-key rule lives in the key's type or parser; the two rules
+    /// spanning keys are checked after loading. All name the key to fix.
+    #[test]
+    fn every_rule_names_the_key_to_fix() {
+        for (key, bad) in [
+            ("APPROVAL_AMQP__URL", "amqp//nowhere"),
+            ("APPROVAL_AMQP__PREFIX", "has space"),
+            ("APPROVAL_AMQP__PREFIX", ""),
+            ("APPROVAL_AMQP__PREFETCH", "0"),
+            ("APPROVAL_AMQP__PREFETCH", "70000"),
+            ("APPROVAL_AMQP__DELIVERY_LIMIT", "1"),
+            ("APPROVAL_AMQP__RECONNECT_MAX_MS", "soon"),
+            ("APPROVAL_WORKER__DRAIN_TIMEOUT_MS", "-5"),
+            ("APPROVAL_WORKER__MAX_CALLS_PER_PROVIDER", "0"),
+            ("APPROVAL_WORKER__HTTP_TIMEOUT_MS", "0"),
+            ("APPROVAL_WORKER__HTTP2_PRIOR_KNOWLEDGE", "maybe"),
+            ("APPROVAL_RETRY__MAX_ATTEMPTS", "0"),
+            ("APPROVAL_RETRY__IN_PROCESS_ATTEMPTS", "0"),
+            ("APPROVAL_RETRY__INITIAL_BACKOFF_MS", "0"),
+            ("APPROVAL_RETRY__INITIAL_BACKOFF_MS", "60001"),
+            ("APPROVAL_ADMIN__BIND", "localhost"),
+            ("APPROVAL_LOG__LEVEL", "info,[=x"),
+            ("APPROVAL_LOG__FORMAT", "xml"),
+        ] {
+            let err = load(&[(key, bad)]).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.starts_with(&format!("invalid configuration value for {key}: ")),
+                "{key}={bad:?}: {text}"
+            );
+        }
+        // A rule across keys names the one to change, and the other.
+        let err = load(&[
+            ("APPROVAL_RETRY__MAX_BACKOFF_MS", "100"),
+            ("APPROVAL_RETRY__INITIAL_BACKOFF_MS", "200"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("APPROVAL_RETRY__MAX_BACKOFF_MS"));
+    }
+
+    #[test]
+    fn a_value_error_keeps_its_cause() {
+        let err = load(&[("APPROVAL_AMQP__PREFETCH", "0")]).unwrap_err();
+        let cause = std::error::Error::source(&err).expect("the config error is kept");
+        assert!(cause.to_string().contains("amqp.prefetch"), "{cause}");
+    }
+
+    #[test]
+    fn values_arrive_typed_in_the_contract_units() {
+        let s = load(&[
+            ("APPROVAL_WORKER__DRAIN_TIMEOUT_MS", "1500"),
+            ("APPROVAL_RETRY__HORIZON_MS", "60000"),
+            ("APPROVAL_AMQP__RECONNECT_INITIAL_MS", "0"),
+            ("APPROVAL_ADMIN__BIND", "0.0.0.0:9191"),
+        ])
+        .unwrap();
+        assert_eq!(s.worker.drain_timeout, Duration::from_millis(1500));
+        assert_eq!(s.retry.horizon, Duration::from_secs(60));
+        assert_eq!(s.amqp.reconnect_initial, Duration::ZERO);
+        assert_eq!(s.admin.bind, SocketAddr::from(([0, 0, 0, 0], 9191)));
+        let defaults = load(&[]).unwrap();
+        assert_eq!(defaults.retry.initial_backoff, Duration::from_millis(200));
+        assert_eq!(defaults.worker.max_calls_per_provider.get(), 256);
+    }
+
+    #[test]
+    fn a_bad_provider_value_names_the_provider_key() {
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Section {
+            window: u32,
+        }
+        let s = load(&[("APPROVAL_PROVIDERS__ACME__WINDOW", "wide")]).unwrap();
+        let err = s.providers.section::<Section>("acme").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("invalid configuration value for APPROVAL_PROVIDERS__ACME__WINDOW: "),
+            "{err}"
+        );
+        let err = s.providers.section::<Section>("other").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("APPROVAL_PROVIDERS__OTHER__WINDOW"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_missing_config_file_is_named() {
+        let path = Path::new("/nonexistent/approval.toml");
+        let err = Settings::load_from(Some(path), Vec::new()).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/approval.toml"),
+            "{err}"
         );
     }
 

@@ -1,27 +1,26 @@
-//! Log set-up: JSON for machines, pretty for terminals. Span fields
-//! (`decision_id`, `provider`, `action`, `attempt`) appear on every line
-//! logged while a decision is handled.
+//! Log set-up: JSON for machines, pretty for terminals, always on stderr so
+//! a command's report on stdout stays clean. Span fields (`decision_id`,
+//! `provider`, `action`, `attempt`) appear on every line logged while a
+//! decision is handled.
 
 use std::io::IsTerminal;
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-use crate::settings::{LogFormat, LogSettings};
+use crate::settings::LogFormat;
 
-/// Installs the global subscriber. `RUST_LOG`, when set, wins over the
-/// configured level so an operator can raise verbosity for one run.
-pub fn init(settings: &LogSettings) {
+/// Installs the global subscriber with `level` (a tracing filter).
+/// `RUST_LOG`, when set, wins so an operator can raise verbosity for one run.
+pub fn init(level: &str, format: Option<LogFormat>) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|f| f.parse::<EnvFilter>().ok())
-        .unwrap_or_else(|| EnvFilter::new(&settings.level));
-    let format = settings
-        .format
-        .unwrap_or(if std::io::stderr().is_terminal() {
-            LogFormat::Pretty
-        } else {
-            LogFormat::Json
-        });
+        .unwrap_or_else(|| EnvFilter::new(level));
+    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
+        LogFormat::Pretty
+    } else {
+        LogFormat::Json
+    });
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
         LogFormat::Json => registry

@@ -104,8 +104,8 @@ impl Worker {
     pub fn new(settings: Settings, registry: Registry, shutdown: CancellationToken) -> Self {
         let topology = Topology::new(&settings.amqp.prefix, settings.amqp.delivery_limit);
         let delays = RetryDelays {
-            initial: Duration::from_millis(settings.retry.initial_backoff_ms),
-            max: Duration::from_millis(settings.retry.max_backoff_ms),
+            initial: settings.retry.initial_backoff,
+            max: settings.retry.max_backoff,
         };
         let connection_name = format!("approval-worker {}", settings.amqp.prefix);
         let outcomes_exchange = topology.outcomes();
@@ -133,9 +133,10 @@ impl Worker {
     /// resume consuming.
     pub async fn run(self) {
         let shared = &self.shared;
+        let amqp = &shared.settings.amqp;
         let reconnect = RetryDelays {
-            initial: Duration::from_millis(shared.settings.amqp.reconnect_initial_ms.max(1)),
-            max: Duration::from_millis(shared.settings.amqp.reconnect_max_ms.max(1)),
+            initial: amqp.reconnect_initial.max(Duration::from_millis(1)),
+            max: amqp.reconnect_max.max(Duration::from_millis(1)),
         };
         let mut failures = 0u32;
         let in_flight = TaskTracker::new();
@@ -161,7 +162,7 @@ impl Worker {
         in_flight.close();
         // Tasks of a lost session may still be finishing; their decisions
         // will be redelivered, but let their provider calls end cleanly.
-        if tokio::time::timeout(shared.settings.drain_timeout(), in_flight.wait())
+        if tokio::time::timeout(shared.settings.worker.drain_timeout, in_flight.wait())
             .await
             .is_err()
         {
@@ -190,7 +191,7 @@ impl Worker {
             consume: consume_channel.clone(),
         });
         consume_channel
-            .basic_qos(s.amqp.prefetch, BasicQosOptions::default())
+            .basic_qos(s.amqp.prefetch.get(), BasicQosOptions::default())
             .await?;
         let tag = format!("approval-worker-{}", uuid::Uuid::new_v4());
         let mut consumer = consume_channel
@@ -219,7 +220,7 @@ impl Worker {
                         warn!(error = %e, "could not cancel the consumer");
                     }
                     in_flight.close();
-                    if tokio::time::timeout(s.drain_timeout(), in_flight.wait()).await.is_err() {
+                    if tokio::time::timeout(s.worker.drain_timeout, in_flight.wait()).await.is_err() {
                         warn!(left = in_flight.len(), "drain timeout: unfinished decisions stay unacknowledged and will be redelivered");
                     }
                     close(&conn).await;
@@ -475,7 +476,7 @@ impl Dispatch<'_> {
                     return settle;
                 }
             }
-            if self.attempts >= retry.max_attempts {
+            if self.attempts >= retry.max_attempts.get() {
                 return self.exhausted(last_error.as_ref(), "attempts ran out");
             }
             self.attempts += 1;
@@ -544,16 +545,16 @@ impl Dispatch<'_> {
                 ErrorClass::Retryable => {}
             }
             // Retryable, or ambiguous with nothing applied.
-            if self.attempts >= retry.max_attempts {
+            if self.attempts >= retry.max_attempts.get() {
                 return self.exhausted(Some(&error), "attempts ran out");
             }
             let delay = self.shared.delays.delay(self.attempts, error.retry_after);
-            if self.meta.elapsed() + delay > Duration::from_millis(retry.horizon_ms) {
+            if self.meta.elapsed() + delay > retry.horizon {
                 return self.exhausted(Some(&error), "the retry horizon would be passed");
             }
             last_error = Some(error);
-            let in_process = calls_here < retry.in_process_attempts
-                && delay <= Duration::from_millis(retry.in_process_max_wait_ms);
+            let in_process =
+                calls_here < retry.in_process_attempts.get() && delay <= retry.in_process_max_wait;
             if !in_process {
                 return self.later(delay, None, None);
             }
@@ -606,7 +607,7 @@ impl Dispatch<'_> {
     }
 
     fn past_horizon(&self) -> bool {
-        self.meta.elapsed() > Duration::from_millis(self.shared.settings.retry.horizon_ms)
+        self.meta.elapsed() > self.shared.settings.retry.horizon
     }
 
     /// Polls a human confirmation; `Ok` when allowed (replay the call).

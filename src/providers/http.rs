@@ -60,11 +60,11 @@ impl Http {
     /// that: a connection returns to the pool a moment after its call ends,
     /// so an unbounded pool drifts far above the call limit under load.
     pub fn from_settings(worker: &WorkerSettings) -> Result<Self, SettingsError> {
-        let call_limit = worker.max_calls_per_provider.max(1);
+        let call_limit = worker.max_calls_per_provider.get();
         Ok(Self {
             client: client(
-                Duration::from_millis(worker.http_timeout_ms),
-                Duration::from_millis(worker.connect_timeout_ms),
+                worker.http_timeout,
+                worker.connect_timeout,
                 call_limit,
                 worker.http2_prior_knowledge,
             )?,
@@ -195,7 +195,7 @@ fn client(
         .pool_idle_timeout(Duration::from_secs(60))
         .user_agent(concat!("approval-worker/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|e| SettingsError::Load(format!("HTTP client could not be built: {e}")))
+        .map_err(SettingsError::HttpClient)
 }
 
 /// Percent-encodes one path segment (already checked by validation).

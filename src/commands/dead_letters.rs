@@ -1,10 +1,12 @@
-//! Parking-lot tools: list parked decisions, and replay them into
-//! `P.decisions` with fresh attempt counters.
+//! `approval-worker dead-letters`: list parked decisions, and replay them
+//! into `P.decisions` with fresh attempt counters.
 //!
 //! A replayed message is acknowledged in `P.dead` only after its republish
 //! was confirmed, so interrupting a replay can at worst leave a message in
 //! both queues (harmless: the decision's idempotency key and reconciliation
 //! absorb the repeat), never in neither.
+
+use std::process::ExitCode;
 
 use lapin::{
     BasicProperties, Channel,
@@ -13,29 +15,106 @@ use lapin::{
 };
 use serde_json::Value;
 
-use crate::broker::{PublishError, Publisher, Topology, headers};
+use crate::{
+    broker::{self, PublishError, Publisher, Topology, headers},
+    settings::Settings,
+};
 
-/// One parked message, as shown by `list`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ParkedSummary {
-    pub decision_id: Option<String>,
-    pub provider: Option<String>,
-    pub action: Option<String>,
-    pub kind: String,
-    pub reason: String,
-    pub attempts: i64,
-    pub first_received_at: Option<String>,
+#[derive(clap::Subcommand)]
+pub enum DeadLetters {
+    /// Print parked decisions with their error kind, reason and attempts, without removing them.
+    List(Filter),
+    /// Move parked decisions back to P.decisions with fresh attempt counters.
+    Replay(Filter),
 }
 
-#[derive(Debug, Default, Clone)]
+// No doc comment: clap would show it instead of the subcommand's.
+#[derive(clap::Args, Debug, Default, Clone)]
 pub struct Filter {
-    pub limit: Option<usize>,
-    pub provider: Option<String>,
-    pub kind: Option<String>,
+    /// At most this many messages.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Only this provider's decisions.
+    #[arg(long)]
+    provider: Option<String>,
+    /// Only this error kind (invalid, provider_disabled, exhausted, ...).
+    #[arg(long)]
+    kind: Option<String>,
+}
+
+pub async fn run(settings: Settings, cmd: DeadLetters) -> ExitCode {
+    let (filter, replay) = match cmd {
+        DeadLetters::List(filter) => (filter, false),
+        DeadLetters::Replay(filter) => (filter, true),
+    };
+    let url = settings.amqp_url_redacted();
+    let conn = match broker::connect(&settings.amqp.url, "approval-worker dead-letters").await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dead-letters: broker {url} is not reachable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let topology = Topology::new(&settings.amqp.prefix, settings.amqp.delivery_limit);
+    let result = async {
+        let channel = conn.create_channel().await?;
+        topology.declare(&channel).await?;
+        let publisher = if replay {
+            Some(Publisher::new(conn.create_channel().await?).await?)
+        } else {
+            None
+        };
+        walk(&channel, &topology, &filter, publisher.as_ref()).await
+    }
+    .await;
+    let _ = conn.close(200, "dead-letters done".into()).await;
+    match result {
+        Ok(items) => {
+            for s in &items {
+                println!(
+                    "{}\t{}\t{}\tkind={}\tattempts={}\tfirst_received_at={}\treason={}",
+                    s.decision_id.as_deref().unwrap_or("-"),
+                    s.provider.as_deref().unwrap_or("-"),
+                    s.action.as_deref().unwrap_or("-"),
+                    s.kind,
+                    s.attempts,
+                    s.first_received_at.as_deref().unwrap_or("-"),
+                    s.reason,
+                );
+            }
+            let verb = if replay { "replayed to" } else { "parked in" };
+            println!(
+                "{} decision(s) {verb} {}",
+                items.len(),
+                if replay {
+                    topology.decisions()
+                } else {
+                    topology.dead()
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dead-letters: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One parked message, as printed.
+#[derive(Debug)]
+struct ParkedSummary {
+    decision_id: Option<String>,
+    provider: Option<String>,
+    action: Option<String>,
+    kind: String,
+    reason: String,
+    attempts: i64,
+    first_received_at: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum DeadLetterError {
+enum DeadLetterError {
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
     #[error("republish failed, the message stays parked: {0}")]
@@ -73,30 +152,10 @@ impl Filter {
     }
 }
 
-/// Reads up to `limit` matching parked messages without removing them.
-pub async fn list(
-    channel: &Channel,
-    topology: &Topology,
-    filter: &Filter,
-) -> Result<Vec<ParkedSummary>, DeadLetterError> {
-    walk(channel, topology, filter, None).await
-}
-
-/// Moves matching parked messages back to `P.decisions`, each removed from
-/// the parking lot only once its republish is confirmed. Returns the
-/// replayed summaries.
-pub async fn replay(
-    channel: &Channel,
-    publisher: &Publisher,
-    topology: &Topology,
-    filter: &Filter,
-) -> Result<Vec<ParkedSummary>, DeadLetterError> {
-    walk(channel, topology, filter, Some(publisher)).await
-}
-
-/// Reads the parking lot; with `replay_to`, republishes each match. Messages
-/// that stay are held unacknowledged until the end, so basic.get does not
-/// hand the same one back again, then released.
+/// Reads up to `limit` matching parked messages; with `replay_to`, moves
+/// each back to `P.decisions`, removed from the parking lot only once its
+/// republish is confirmed. Messages that stay are held unacknowledged until
+/// the end, so basic.get does not hand the same one back again, then released.
 async fn walk(
     channel: &Channel,
     topology: &Topology,
