@@ -17,6 +17,7 @@ pub mod jws;
 pub mod locks;
 pub mod outcome;
 pub mod providers;
+pub mod readiness;
 pub mod retry;
 pub mod settings;
 pub mod sim;

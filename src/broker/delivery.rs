@@ -1,0 +1,231 @@
+//! One delivered decision as the worker sees it: its body, its history
+//! read from our headers, and the ways to settle it. lapin stays behind
+//! this type.
+
+use std::{sync::Arc, time::Duration};
+
+use lapin::{
+    BasicProperties, Channel,
+    options::{BasicAckOptions, BasicNackOptions},
+    types::FieldTable,
+};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use tracing::warn;
+
+use super::{PublishError, Publisher, Topology, headers};
+use crate::outcome::{OutcomeEvent, rfc3339};
+
+/// Pause before a decision whose publishes failed is handed back.
+const REQUEUE_PAUSE: Duration = Duration::from_millis(500);
+
+/// The broker side of one session, shared by its delivery tasks through
+/// one `Arc` (not a channel clone per delivery).
+pub(crate) struct SessionHandles {
+    pub(crate) publisher: Publisher,
+    /// Deliveries are settled on the channel that delivered them, directly:
+    /// lapin's per-delivery `Acker` routes each ack through an internal
+    /// task it spawns, which costs noticeably more on the hot path (see
+    /// the README's Performance section).
+    pub(crate) consume: Channel,
+    pub(crate) topology: Topology,
+    /// Named once: every decision publishes here.
+    pub(crate) outcomes: String,
+}
+
+/// A human confirmation the decision waits for, carried in its headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingConfirmation {
+    pub token: String,
+    pub expires_at: Option<String>,
+}
+
+/// History of a decision carried in its headers across deliveries.
+#[derive(Debug)]
+pub struct History {
+    pub received_at: OffsetDateTime,
+    pub first_received_at: OffsetDateTime,
+    /// Provider calls made in earlier deliveries.
+    pub attempts: u32,
+    /// Deliveries of this copy beyond the first (quorum queues count them).
+    pub delivery_count: i64,
+    pub redelivered: bool,
+    pub confirmation: Option<PendingConfirmation>,
+}
+
+impl History {
+    /// Time since the decision was first received, across deliveries.
+    pub fn elapsed(&self) -> Duration {
+        (OffsetDateTime::now_utc() - self.first_received_at)
+            .try_into()
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+pub struct Delivery {
+    session: Arc<SessionHandles>,
+    inner: lapin::message::Delivery,
+}
+
+impl Delivery {
+    pub(crate) fn new(session: Arc<SessionHandles>, inner: lapin::message::Delivery) -> Self {
+        Self { session, inner }
+    }
+
+    pub fn body(&self) -> &[u8] {
+        &self.inner.data
+    }
+
+    /// Reads the history headers; `received_at` is now.
+    pub fn history(&self) -> History {
+        let h = self.inner.properties.headers().as_ref();
+        let received_at = OffsetDateTime::now_utc();
+        let first_received_at = headers::get_str(h, headers::FIRST_RECEIVED_AT)
+            .and_then(|t| OffsetDateTime::parse(&t, &Rfc3339).ok())
+            .unwrap_or(received_at);
+        History {
+            received_at,
+            first_received_at,
+            attempts: headers::get_int(h, headers::ATTEMPTS)
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(0),
+            delivery_count: headers::get_int(h, headers::DELIVERY_COUNT).unwrap_or(0),
+            redelivered: self.inner.redelivered,
+            confirmation: headers::get_str(h, headers::CONFIRMATION_TOKEN).map(|token| {
+                PendingConfirmation {
+                    token,
+                    expires_at: headers::get_str(h, headers::CONFIRMATION_EXPIRES_AT),
+                }
+            }),
+        }
+    }
+
+    /// Publishes an outcome event to the outcomes exchange, with a confirm.
+    pub async fn publish_outcome(&self, event: &OutcomeEvent) -> Result<(), PublishError> {
+        let props = outcome_properties(&event.event_id.to_string(), event.decision_id.as_deref());
+        self.session
+            .publisher
+            .publish(
+                &self.session.outcomes,
+                &event.routing_key(),
+                &event.to_json(),
+                props,
+                false,
+            )
+            .await
+    }
+
+    /// Publishes a copy to `P.dead` with the reason in its headers, with a
+    /// confirm.
+    pub async fn park(
+        &self,
+        history: &History,
+        attempts: u32,
+        error_kind: &str,
+        error: &str,
+    ) -> Result<(), PublishError> {
+        let mut h = self.history_headers(history, attempts);
+        headers::set_str(&mut h, headers::ERROR_KIND, error_kind);
+        headers::set_str(&mut h, headers::ERROR, error);
+        let props = headers::copy_properties(&self.inner.properties, h);
+        let dead = self.session.topology.dead();
+        self.session
+            .publisher
+            .publish("", &dead, &self.inner.data, props, true)
+            .await
+    }
+
+    /// Publishes a copy to the retry tier that holds `delay`, expiring
+    /// after exactly `delay`, with a confirm.
+    pub async fn retry_in_tier(
+        &self,
+        history: &History,
+        delay: Duration,
+        attempts: u32,
+        confirmation: Option<&PendingConfirmation>,
+    ) -> Result<(), PublishError> {
+        let queue = self.session.topology.retry_tier(delay);
+        let mut h = self.history_headers(history, attempts);
+        if let Some(c) = confirmation {
+            headers::set_str(&mut h, headers::CONFIRMATION_TOKEN, &c.token);
+            if let Some(at) = &c.expires_at {
+                headers::set_str(&mut h, headers::CONFIRMATION_EXPIRES_AT, at);
+            }
+        }
+        let props = headers::copy_properties(&self.inner.properties, h)
+            .with_expiration(delay.as_millis().max(1).to_string().into());
+        self.session
+            .publisher
+            .publish("", &queue, &self.inner.data, props, true)
+            .await?;
+        tracing::debug!(%queue, "scheduled");
+        Ok(())
+    }
+
+    /// The original headers minus our bookkeeping and the broker's delivery
+    /// history, which must not travel into a new copy, plus the history a
+    /// new copy carries.
+    fn history_headers(&self, history: &History, attempts: u32) -> FieldTable {
+        let mut h = headers::without(self.inner.properties.headers().as_ref(), headers::HISTORY);
+        headers::set_int(&mut h, headers::ATTEMPTS, i64::from(attempts));
+        headers::set_str(
+            &mut h,
+            headers::FIRST_RECEIVED_AT,
+            &rfc3339(history.first_received_at),
+        );
+        h
+    }
+
+    /// Acknowledges when everything the decision needed was published;
+    /// otherwise hands it back to the queue after a pause.
+    pub async fn settle(self, published: Result<(), PublishError>) {
+        match published {
+            Ok(()) => self.ack().await,
+            Err(e) => {
+                tracing::error!(error = %e, "publishing failed; decision not acknowledged and handed back");
+                self.requeue().await;
+            }
+        }
+    }
+
+    pub async fn ack(self) {
+        let tag = self.inner.delivery_tag;
+        if let Err(e) = self
+            .session
+            .consume
+            .basic_ack(tag, BasicAckOptions::default())
+            .await
+        {
+            warn!(error = %e, "ack failed; the decision will be redelivered");
+        }
+    }
+
+    /// Nack with requeue after [`REQUEUE_PAUSE`], so a failing broker is
+    /// not spun on.
+    pub async fn requeue(self) {
+        tokio::time::sleep(REQUEUE_PAUSE).await;
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        let tag = self.inner.delivery_tag;
+        if let Err(e) = self.session.consume.basic_nack(tag, requeue).await {
+            warn!(error = %e, "nack failed; the broker redelivers on reconnect");
+        }
+    }
+}
+
+/// The AMQP properties of an outcome event (CONTRACT.md); the bench's
+/// ceiling relay sends the same set.
+pub fn outcome_properties(event_id: &str, decision_id: Option<&str>) -> BasicProperties {
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(event_id.into())
+        .with_app_id("approval-worker".into())
+        .with_type("approval.outcome".into())
+        .with_timestamp(OffsetDateTime::now_utc().unix_timestamp().max(0) as u64);
+    match decision_id {
+        Some(id) => props.with_correlation_id(id.into()),
+        None => props,
+    }
+}
