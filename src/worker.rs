@@ -10,8 +10,8 @@
 //! broker session that feeds the flow is `broker::Session`; the broker side
 //! of one decision is `broker::Delivery`.
 
-mod classify;
 mod labels;
+mod settle;
 
 use std::{sync::Arc, time::Duration};
 
@@ -19,15 +19,15 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
-use classify::{Dispatched, Ending, Settle};
+use settle::{Dispatched, Ending, Settle};
 
 /// Kept at its old path for the bench's ceiling relay.
 pub use crate::broker::outcome_properties;
 use crate::{
-    broker::{Delivery, History, PendingConfirmation, PublishError, Session, Topology},
+    broker::{Delivery, History, PendingConfirmation, Session, Topology},
     decision::{self, Decision},
     locks::TargetLocks,
-    outcome::{ErrorKind, Resolution, rfc3339},
+    outcome::{ErrorKind, Resolution},
     providers::{CallContext, ConfirmationState, Lookup, Provider, Registry, Reply},
     readiness::Readiness,
     retry::{CallError, ErrorClass, RetryDelays},
@@ -112,8 +112,8 @@ async fn handle(shared: &Shared, delivery: Delivery) {
             }
             Err(invalid) => invalid,
         };
-        let published = publish(shared, &delivery, &history, settle).await;
-        delivery.settle(published).await;
+        let published = settle.publish(&delivery, &history, &shared.registry).await;
+        delivery.acknowledge(published).await;
     }
     .instrument(span)
     .await
@@ -126,7 +126,7 @@ struct Valid {
 }
 
 fn validate(shared: &Shared, body: &[u8], history: &History) -> Result<Valid, Settle> {
-    let invalid = |echo, kind, problem| classify::invalid(echo, kind, problem, history, body);
+    let invalid = |echo, kind, problem| settle::invalid(echo, kind, problem, history, body);
     let decision =
         decision::parse(body).map_err(|e| invalid(*e.echo, ErrorKind::Invalid, e.problem))?;
     let span = Span::current();
@@ -159,7 +159,7 @@ fn validate(shared: &Shared, body: &[u8], history: &History) -> Result<Valid, Se
     // The broker's own delivery limit dead-letters without our headers; park
     // one delivery earlier, with the reason, so the parking lot explains it.
     if history.delivery_count + 1 >= i64::from(shared.settings.amqp.delivery_limit) {
-        return Err(classify::poison(&decision, history));
+        return Err(settle::poison(&decision, history));
     }
     Ok(Valid { decision, provider })
 }
@@ -223,11 +223,7 @@ impl Dispatch<'_> {
                 }
             }
             if self.attempts >= retry.max_attempts {
-                let last = last_error;
-                return Ending::Exhausted {
-                    last,
-                    why: "attempts ran out",
-                };
+                return Ending::exhausted(last_error, "attempts ran out");
             }
             self.attempts += 1;
             calls_here += 1;
@@ -256,11 +252,7 @@ impl Dispatch<'_> {
                 error = %error,
                 "provider call failed"
             );
-            let refused = |kind, error, resolution| Ending::Refused {
-                kind,
-                error,
-                resolution,
-            };
+            let refused = Ending::refused;
             match error.class {
                 ErrorClass::Permanent => {
                     return refused(ErrorKind::RejectedByProvider, error, Resolution::Call);
@@ -269,7 +261,7 @@ impl Dispatch<'_> {
                     return refused(ErrorKind::Unauthorized, error, Resolution::Call);
                 }
                 ErrorClass::Ambiguous => match self.provider.read_state(self.decision).await {
-                    Ok(observed) => match classify::reconciled(observed) {
+                    Ok(observed) => match settle::reconciled(observed) {
                         Some(ending) => return ending,
                         // A 4xx on a still-pending target is a real refusal;
                         // a timeout on one means nothing happened: retry.
@@ -291,19 +283,12 @@ impl Dispatch<'_> {
             }
             // Retryable, or ambiguous with nothing applied.
             if self.attempts >= retry.max_attempts {
-                let last = Some(error);
-                return Ending::Exhausted {
-                    last,
-                    why: "attempts ran out",
-                };
+                return Ending::exhausted(Some(error), "attempts ran out");
             }
             let delay = shared.delays.delay(self.attempts, error.retry_after);
             if self.history.elapsed() + delay > Duration::from_millis(retry.horizon_ms) {
                 let why = "the retry horizon would be passed";
-                return Ending::Exhausted {
-                    last: Some(error),
-                    why,
-                };
+                return Ending::exhausted(Some(error), why);
             }
             last_error = Some(error);
             let in_process = calls_here < retry.in_process_attempts
@@ -330,13 +315,13 @@ impl Dispatch<'_> {
     /// the target is still pending, so the call may be made.
     async fn reconcile_before_repeat(&self) -> Option<Ending> {
         match self.provider.read_state(self.decision).await {
-            Ok(observed) => classify::reconciled(observed),
+            Ok(observed) => settle::reconciled(observed),
             Err(e) if e.class == ErrorClass::Retryable || e.class == ErrorClass::Ambiguous => {
                 // Not knowing the state, do not call: try again later.
                 warn!(error = %e, "state read failed before a repeat call");
                 if self.past_horizon() {
                     let why = "the target's state could not be read";
-                    return Some(Ending::Exhausted { last: Some(e), why });
+                    return Some(Ending::exhausted(Some(e), why));
                 }
                 let delay = self
                     .shared
@@ -399,61 +384,6 @@ impl Dispatch<'_> {
                     error,
                     resolution,
                 })
-            }
-        }
-    }
-}
-
-/// Publishes what `settle` needs, each with a confirm.
-async fn publish(
-    shared: &Shared,
-    delivery: &Delivery,
-    history: &History,
-    settle: Settle,
-) -> Result<(), PublishError> {
-    match settle {
-        Settle::Final(mut event) => {
-            event.completed_at = rfc3339(OffsetDateTime::now_utc());
-            metrics::counter!(
-                "approval_decisions_total",
-                "provider" => labels::provider(&shared.registry, event.provider.as_deref()),
-                "action" => labels::action(event.action.as_deref()),
-                "status" => event.status.as_str(),
-            )
-            .increment(1);
-            let outcome = delivery.publish_outcome(&event);
-            if !event.status.is_parked() {
-                return outcome.await;
-            }
-            let kind = event.error.as_ref().map_or(ErrorKind::Invalid, |e| e.kind);
-            let error = event.error.as_ref().map_or("", |e| e.message.as_str());
-            let park = delivery.park(history, event.attempts, kind.as_str(), error);
-            // Parking and retries are the rare paths: their second publish
-            // lives on the heap, so every in-flight decision's task stays
-            // the size of the common single publish.
-            tokio::try_join!(Box::pin(outcome), Box::pin(park))?;
-            metrics::counter!("approval_parked_total", "kind" => kind.as_str()).increment(1);
-            info!(
-                status = event.status.as_str(),
-                error_kind = kind.as_str(),
-                "parked"
-            );
-            Ok(())
-        }
-        Settle::Later {
-            delay,
-            attempts,
-            confirmation,
-            event,
-        } => {
-            let retry = delivery.retry_in_tier(history, delay, attempts, confirmation.as_ref());
-            let retry = Box::pin(retry);
-            match event {
-                Some(event) => {
-                    let outcome = Box::pin(delivery.publish_outcome(&event));
-                    tokio::try_join!(outcome, retry).map(|_| ())
-                }
-                None => retry.await,
             }
         }
     }

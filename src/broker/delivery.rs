@@ -177,7 +177,7 @@ impl Delivery {
 
     /// Acknowledges when everything the decision needed was published;
     /// otherwise hands it back to the queue after a pause.
-    pub async fn settle(self, published: Result<(), PublishError>) {
+    pub async fn acknowledge(self, published: Result<(), PublishError>) {
         match published {
             Ok(()) => self.ack().await,
             Err(e) => {

@@ -1,20 +1,23 @@
-//! classify: what dispatching a decision established, turned into how the
-//! decision leaves the worker (outcome status, error kind, resolution).
-//! Every outcome the flow can reach is built here.
+//! How a decision leaves the worker: classify turns what dispatching
+//! established into an outcome (status, error kind, resolution), and
+//! publish sends what that outcome needs. Every outcome the flow can reach
+//! is built here.
 
 use std::time::Duration;
 
 use serde_json::Value;
+use time::OffsetDateTime;
 use tracing::{info, warn};
 
-use super::CONFIRMATION_POLL;
+use super::{CONFIRMATION_POLL, labels};
 use crate::{
-    broker::{History, PendingConfirmation},
+    broker::{Delivery, History, PendingConfirmation, PublishError},
     decision::{Decision, Echo},
     outcome::{
         Confirmation, ErrorKind, OutcomeError, OutcomeEvent, Resolution, Status, bound_response,
+        rfc3339,
     },
-    providers::{Observed, Verdict},
+    providers::{Observed, Registry, Verdict},
     retry::CallError,
 };
 
@@ -30,6 +33,63 @@ pub(super) enum Settle {
         confirmation: Option<PendingConfirmation>,
         event: Option<Box<OutcomeEvent>>,
     },
+}
+
+impl Settle {
+    /// Publishes what `settle` needs, each with a confirm.
+    pub(super) async fn publish(
+        self,
+        delivery: &Delivery,
+        history: &History,
+        registry: &Registry,
+    ) -> Result<(), PublishError> {
+        match self {
+            Settle::Final(mut event) => {
+                event.completed_at = rfc3339(OffsetDateTime::now_utc());
+                metrics::counter!(
+                    "approval_decisions_total",
+                    "provider" => labels::provider(registry, event.provider.as_deref()),
+                    "action" => labels::action(event.action.as_deref()),
+                    "status" => event.status.as_str(),
+                )
+                .increment(1);
+                let outcome = delivery.publish_outcome(&event);
+                if !event.status.is_parked() {
+                    return outcome.await;
+                }
+                let kind = event.error.as_ref().map_or(ErrorKind::Invalid, |e| e.kind);
+                let error = event.error.as_ref().map_or("", |e| e.message.as_str());
+                let park = delivery.park(history, event.attempts, kind.as_str(), error);
+                // Parking and retries are the rare paths: their second publish
+                // lives on the heap, so every in-flight decision's task stays
+                // the size of the common single publish.
+                tokio::try_join!(Box::pin(outcome), Box::pin(park))?;
+                metrics::counter!("approval_parked_total", "kind" => kind.as_str()).increment(1);
+                info!(
+                    status = event.status.as_str(),
+                    error_kind = kind.as_str(),
+                    "parked"
+                );
+                Ok(())
+            }
+            Settle::Later {
+                delay,
+                attempts,
+                confirmation,
+                event,
+            } => {
+                let retry = delivery.retry_in_tier(history, delay, attempts, confirmation.as_ref());
+                let retry = Box::pin(retry);
+                match event {
+                    Some(event) => {
+                        let outcome = Box::pin(delivery.publish_outcome(&event));
+                        tokio::try_join!(outcome, retry).map(|_| ())
+                    }
+                    None => retry.await,
+                }
+            }
+        }
+    }
 }
 
 /// What dispatching a decision established.
@@ -66,6 +126,20 @@ pub(super) enum Ending {
         delay: Duration,
         confirmation: Option<PendingConfirmation>,
     },
+}
+
+impl Ending {
+    pub(super) fn refused(kind: ErrorKind, error: CallError, resolution: Resolution) -> Self {
+        Self::Refused {
+            kind,
+            error,
+            resolution,
+        }
+    }
+
+    pub(super) fn exhausted(last: Option<CallError>, why: &'static str) -> Self {
+        Self::Exhausted { last, why }
+    }
 }
 
 /// The one reading of a target's state: `None` while it is still pending.
