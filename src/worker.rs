@@ -89,6 +89,8 @@ impl Worker {
     }
 }
 
+/// One delivery, one line per arrow: receive, validate, dispatch,
+/// classify, publish, acknowledge.
 async fn handle(shared: &Shared, delivery: Delivery) {
     let history = delivery.history();
     let span = info_span!(
@@ -101,14 +103,8 @@ async fn handle(shared: &Shared, delivery: Delivery) {
     async {
         let settle = match validate(shared, delivery.body(), &history) {
             Ok(valid) => {
-                let (ending, attempts) = dispatch(shared, &valid, &history).await;
-                Dispatched {
-                    decision: &valid.decision,
-                    history: &history,
-                    provider: valid.provider.name(),
-                    attempts,
-                }
-                .classify(ending)
+                let (dispatched, ending) = dispatch(shared, &valid, &history).await;
+                dispatched.classify(ending)
             }
             Err(invalid) => invalid,
         };
@@ -165,8 +161,12 @@ fn validate(shared: &Shared, body: &[u8], history: &History) -> Result<Valid, Se
 }
 
 /// Runs the decision against its provider, one decision per target at a
-/// time; returns how it ended and the calls made in all.
-async fn dispatch(shared: &Shared, valid: &Valid, history: &History) -> (Ending, u32) {
+/// time; returns how it ended, with the calls made in all.
+async fn dispatch<'a>(
+    shared: &Shared,
+    valid: &'a Valid,
+    history: &'a History,
+) -> (Dispatched<'a>, Ending) {
     let target = valid.provider.target_key(&valid.decision);
     let _guard = shared
         .locks
@@ -180,7 +180,13 @@ async fn dispatch(shared: &Shared, valid: &Valid, history: &History) -> (Ending,
         attempts: history.attempts,
     };
     let ending = dispatch.run().await;
-    (ending, dispatch.attempts)
+    let dispatched = Dispatched {
+        decision: &valid.decision,
+        history,
+        provider: valid.provider.name(),
+        attempts: dispatch.attempts,
+    };
+    (dispatched, ending)
 }
 
 /// One decision against its provider: calls, retries, reconciliation.
