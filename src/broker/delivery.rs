@@ -53,6 +53,28 @@ pub struct History {
 }
 
 impl History {
+    fn read(h: Option<&FieldTable>, redelivered: bool) -> Self {
+        let received_at = OffsetDateTime::now_utc();
+        let first_received_at = headers::get_str(h, headers::FIRST_RECEIVED_AT)
+            .and_then(|t| OffsetDateTime::parse(&t, &Rfc3339).ok())
+            .unwrap_or(received_at);
+        Self {
+            received_at,
+            first_received_at,
+            attempts: headers::get_int(h, headers::ATTEMPTS)
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(0),
+            delivery_count: headers::get_int(h, headers::DELIVERY_COUNT).unwrap_or(0),
+            redelivered,
+            confirmation: headers::get_str(h, headers::CONFIRMATION_TOKEN).map(|token| {
+                PendingConfirmation {
+                    token,
+                    expires_at: headers::get_str(h, headers::CONFIRMATION_EXPIRES_AT),
+                }
+            }),
+        }
+    }
+
     /// Time since the decision was first received, across deliveries.
     pub fn elapsed(&self) -> Duration {
         (OffsetDateTime::now_utc() - self.first_received_at)
@@ -77,26 +99,10 @@ impl Delivery {
 
     /// Reads the history headers; `received_at` is now.
     pub fn history(&self) -> History {
-        let h = self.inner.properties.headers().as_ref();
-        let received_at = OffsetDateTime::now_utc();
-        let first_received_at = headers::get_str(h, headers::FIRST_RECEIVED_AT)
-            .and_then(|t| OffsetDateTime::parse(&t, &Rfc3339).ok())
-            .unwrap_or(received_at);
-        History {
-            received_at,
-            first_received_at,
-            attempts: headers::get_int(h, headers::ATTEMPTS)
-                .and_then(|n| u32::try_from(n).ok())
-                .unwrap_or(0),
-            delivery_count: headers::get_int(h, headers::DELIVERY_COUNT).unwrap_or(0),
-            redelivered: self.inner.redelivered,
-            confirmation: headers::get_str(h, headers::CONFIRMATION_TOKEN).map(|token| {
-                PendingConfirmation {
-                    token,
-                    expires_at: headers::get_str(h, headers::CONFIRMATION_EXPIRES_AT),
-                }
-            }),
-        }
+        History::read(
+            self.inner.properties.headers().as_ref(),
+            self.inner.redelivered,
+        )
     }
 
     /// Publishes an outcome event to the outcomes exchange, with a confirm.
@@ -123,7 +129,7 @@ impl Delivery {
         error_kind: &str,
         error: &str,
     ) -> Result<(), PublishError> {
-        let mut h = self.history_headers(history, attempts);
+        let mut h = copy_headers(self.original_headers(), history, attempts, None);
         headers::set_str(&mut h, headers::ERROR_KIND, error_kind);
         headers::set_str(&mut h, headers::ERROR, error);
         let props = headers::copy_properties(&self.inner.properties, h);
@@ -144,13 +150,7 @@ impl Delivery {
         confirmation: Option<&PendingConfirmation>,
     ) -> Result<(), PublishError> {
         let queue = self.session.topology.retry_tier(delay);
-        let mut h = self.history_headers(history, attempts);
-        if let Some(c) = confirmation {
-            headers::set_str(&mut h, headers::CONFIRMATION_TOKEN, &c.token);
-            if let Some(at) = &c.expires_at {
-                headers::set_str(&mut h, headers::CONFIRMATION_EXPIRES_AT, at);
-            }
-        }
+        let h = copy_headers(self.original_headers(), history, attempts, confirmation);
         let props = headers::copy_properties(&self.inner.properties, h)
             .with_expiration(delay.as_millis().max(1).to_string().into());
         self.session
@@ -161,18 +161,8 @@ impl Delivery {
         Ok(())
     }
 
-    /// The original headers minus our bookkeeping and the broker's delivery
-    /// history, which must not travel into a new copy, plus the history a
-    /// new copy carries.
-    fn history_headers(&self, history: &History, attempts: u32) -> FieldTable {
-        let mut h = headers::without(self.inner.properties.headers().as_ref(), headers::HISTORY);
-        headers::set_int(&mut h, headers::ATTEMPTS, i64::from(attempts));
-        headers::set_str(
-            &mut h,
-            headers::FIRST_RECEIVED_AT,
-            &rfc3339(history.first_received_at),
-        );
-        h
+    fn original_headers(&self) -> Option<&FieldTable> {
+        self.inner.properties.headers().as_ref()
     }
 
     /// Acknowledges when everything the decision needed was published;
@@ -214,6 +204,31 @@ impl Delivery {
     }
 }
 
+/// Headers for a new copy of a delivered message: the original's minus our
+/// bookkeeping and the broker's delivery history, which must not travel
+/// into a new copy, plus the history the copy carries.
+fn copy_headers(
+    original: Option<&FieldTable>,
+    history: &History,
+    attempts: u32,
+    confirmation: Option<&PendingConfirmation>,
+) -> FieldTable {
+    let mut h = headers::without(original, headers::HISTORY);
+    headers::set_int(&mut h, headers::ATTEMPTS, i64::from(attempts));
+    headers::set_str(
+        &mut h,
+        headers::FIRST_RECEIVED_AT,
+        &rfc3339(history.first_received_at),
+    );
+    if let Some(c) = confirmation {
+        headers::set_str(&mut h, headers::CONFIRMATION_TOKEN, &c.token);
+        if let Some(at) = &c.expires_at {
+            headers::set_str(&mut h, headers::CONFIRMATION_EXPIRES_AT, at);
+        }
+    }
+    h
+}
+
 /// The AMQP properties of an outcome event (CONTRACT.md); the bench's
 /// ceiling relay sends the same set.
 pub fn outcome_properties(event_id: &str, decision_id: Option<&str>) -> BasicProperties {
@@ -227,5 +242,43 @@ pub fn outcome_properties(event_id: &str, decision_id: Option<&str>) -> BasicPro
     match decision_id {
         Some(id) => props.with_correlation_id(id.into()),
         None => props,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_carries_its_history_and_not_the_brokers() {
+        let mut original = FieldTable::default();
+        headers::set_str(&mut original, "x-custom", "kept");
+        headers::set_int(&mut original, headers::DELIVERY_COUNT, 3);
+        headers::set_str(&mut original, headers::CONFIRMATION_TOKEN, "old");
+        headers::set_str(&mut original, headers::CONFIRMATION_EXPIRES_AT, "then");
+        let first = History::read(Some(&original), true);
+        assert_eq!(first.attempts, 0);
+        assert_eq!(first.delivery_count, 3);
+        assert!(first.redelivered);
+        assert_eq!(first.first_received_at, first.received_at);
+        assert_eq!(first.confirmation.as_ref().unwrap().token, "old");
+
+        let pending = PendingConfirmation {
+            token: "new".into(),
+            expires_at: None,
+        };
+        let copy = copy_headers(Some(&original), &first, 4, Some(&pending));
+        let next = History::read(Some(&copy), false);
+        assert_eq!(next.attempts, 4);
+        assert_eq!(next.delivery_count, 0);
+        assert_eq!(next.first_received_at, first.first_received_at);
+        assert_eq!(next.confirmation, Some(pending));
+        assert_eq!(
+            headers::get_str(Some(&copy), "x-custom").as_deref(),
+            Some("kept")
+        );
+
+        let parked = copy_headers(Some(&copy), &next, 4, None);
+        assert_eq!(History::read(Some(&parked), false).confirmation, None);
     }
 }
