@@ -21,77 +21,6 @@ use crate::{
     retry::CallError,
 };
 
-/// How a decision leaves the worker.
-pub(super) enum Settle {
-    /// Publish `event`; park the original when the status says so.
-    Final(Box<OutcomeEvent>),
-    /// Schedule another delivery after `delay` through a retry queue, with
-    /// an event to publish first (`awaiting_confirmation`).
-    Later {
-        delay: Duration,
-        attempts: u32,
-        confirmation: Option<PendingConfirmation>,
-        event: Option<Box<OutcomeEvent>>,
-    },
-}
-
-impl Settle {
-    /// Publishes what `settle` needs, each with a confirm.
-    pub(super) async fn publish(
-        self,
-        delivery: &Delivery,
-        history: &History,
-        registry: &Registry,
-    ) -> Result<(), PublishError> {
-        match self {
-            Settle::Final(mut event) => {
-                event.completed_at = rfc3339(OffsetDateTime::now_utc());
-                metrics::counter!(
-                    "approval_decisions_total",
-                    "provider" => labels::provider(registry, event.provider.as_deref()),
-                    "action" => labels::action(event.action.as_deref()),
-                    "status" => event.status.as_str(),
-                )
-                .increment(1);
-                let outcome = delivery.publish_outcome(&event);
-                if !event.status.is_parked() {
-                    return outcome.await;
-                }
-                let kind = event.error.as_ref().map_or(ErrorKind::Invalid, |e| e.kind);
-                let error = event.error.as_ref().map_or("", |e| e.message.as_str());
-                let park = delivery.park(history, event.attempts, kind.as_str(), error);
-                // Parking and retries are the rare paths: their second publish
-                // lives on the heap, so every in-flight decision's task stays
-                // the size of the common single publish.
-                tokio::try_join!(Box::pin(outcome), Box::pin(park))?;
-                metrics::counter!("approval_parked_total", "kind" => kind.as_str()).increment(1);
-                info!(
-                    status = event.status.as_str(),
-                    error_kind = kind.as_str(),
-                    "parked"
-                );
-                Ok(())
-            }
-            Settle::Later {
-                delay,
-                attempts,
-                confirmation,
-                event,
-            } => {
-                let retry = delivery.retry_in_tier(history, delay, attempts, confirmation.as_ref());
-                let retry = Box::pin(retry);
-                match event {
-                    Some(event) => {
-                        let outcome = Box::pin(delivery.publish_outcome(&event));
-                        tokio::try_join!(outcome, retry).map(|_| ())
-                    }
-                    None => retry.await,
-                }
-            }
-        }
-    }
-}
-
 /// What dispatching a decision established.
 pub(super) enum Ending {
     /// The provider accepted the decision call.
@@ -303,6 +232,77 @@ impl Dispatched<'_> {
             attempts: self.attempts,
             confirmation,
             event: event.map(Box::new),
+        }
+    }
+}
+
+/// How a decision leaves the worker.
+pub(super) enum Settle {
+    /// Publish `event`; park the original when the status says so.
+    Final(Box<OutcomeEvent>),
+    /// Schedule another delivery after `delay` through a retry queue, with
+    /// an event to publish first (`awaiting_confirmation`).
+    Later {
+        delay: Duration,
+        attempts: u32,
+        confirmation: Option<PendingConfirmation>,
+        event: Option<Box<OutcomeEvent>>,
+    },
+}
+
+impl Settle {
+    /// Publishes what this settlement needs, each with a confirm.
+    pub(super) async fn publish(
+        self,
+        delivery: &Delivery,
+        history: &History,
+        registry: &Registry,
+    ) -> Result<(), PublishError> {
+        match self {
+            Settle::Final(mut event) => {
+                event.completed_at = rfc3339(OffsetDateTime::now_utc());
+                metrics::counter!(
+                    "approval_decisions_total",
+                    "provider" => labels::provider(registry, event.provider.as_deref()),
+                    "action" => labels::action(event.action.as_deref()),
+                    "status" => event.status.as_str(),
+                )
+                .increment(1);
+                let outcome = delivery.publish_outcome(&event);
+                if !event.status.is_parked() {
+                    return outcome.await;
+                }
+                let kind = event.error.as_ref().map_or(ErrorKind::Invalid, |e| e.kind);
+                let error = event.error.as_ref().map_or("", |e| e.message.as_str());
+                let park = delivery.park(history, event.attempts, kind.as_str(), error);
+                // Parking and retries are the rare paths: their second publish
+                // lives on the heap, so every in-flight decision's task stays
+                // the size of the common single publish.
+                tokio::try_join!(Box::pin(outcome), Box::pin(park))?;
+                metrics::counter!("approval_parked_total", "kind" => kind.as_str()).increment(1);
+                info!(
+                    status = event.status.as_str(),
+                    error_kind = kind.as_str(),
+                    "parked"
+                );
+                Ok(())
+            }
+            Settle::Later {
+                delay,
+                attempts,
+                confirmation,
+                event,
+            } => {
+                let retry = delivery.retry_in_tier(history, delay, attempts, confirmation.as_ref());
+                let retry = Box::pin(retry);
+                match event {
+                    Some(event) => {
+                        let outcome = Box::pin(delivery.publish_outcome(&event));
+                        tokio::try_join!(outcome, retry).map(|_| ())
+                    }
+                    None => retry.await,
+                }
+            }
         }
     }
 }
