@@ -166,8 +166,9 @@ impl Delivery {
     }
 
     /// Acknowledges when everything the decision needed was published;
-    /// otherwise hands it back to the queue after a pause.
-    pub async fn acknowledge(self, published: Result<(), PublishError>) {
+    /// otherwise hands it back to the queue after a pause. Settling borrows
+    /// the delivery, so a task never holds a second, moved copy of it.
+    pub async fn acknowledge(&self, published: Result<(), PublishError>) {
         match published {
             Ok(()) => self.ack().await,
             Err(e) => {
@@ -177,7 +178,7 @@ impl Delivery {
         }
     }
 
-    pub async fn ack(self) {
+    pub async fn ack(&self) {
         let tag = self.inner.delivery_tag;
         if let Err(e) = self
             .session
@@ -191,7 +192,7 @@ impl Delivery {
 
     /// Nack with requeue after [`REQUEUE_PAUSE`], so a failing broker is
     /// not spun on.
-    pub async fn requeue(self) {
+    pub async fn requeue(&self) {
         tokio::time::sleep(REQUEUE_PAUSE).await;
         let requeue = BasicNackOptions {
             requeue: true,
