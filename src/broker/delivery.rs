@@ -178,7 +178,7 @@ impl Delivery {
         }
     }
 
-    pub async fn ack(&self) {
+    async fn ack(&self) {
         let tag = self.inner.delivery_tag;
         if let Err(e) = self
             .session
@@ -192,7 +192,7 @@ impl Delivery {
 
     /// Nack with requeue after [`REQUEUE_PAUSE`], so a failing broker is
     /// not spun on.
-    pub async fn requeue(&self) {
+    async fn requeue(&self) {
         tokio::time::sleep(REQUEUE_PAUSE).await;
         let requeue = BasicNackOptions {
             requeue: true,
