@@ -9,7 +9,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::worker::Health;
+use crate::readiness::Readiness;
 
 /// Seconds; provider calls range from a few ms (local) to the 10 s timeout.
 const CALL_BUCKETS: &[f64] = &[
@@ -74,11 +74,11 @@ fn describe() {
 
 #[derive(Clone)]
 struct AdminState {
-    health: Arc<Health>,
+    health: Arc<Readiness>,
     metrics: PrometheusHandle,
 }
 
-pub fn router(health: Arc<Health>, metrics: PrometheusHandle) -> Router {
+pub fn router(health: Arc<Readiness>, metrics: PrometheusHandle) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -104,7 +104,7 @@ async fn render(State(s): State<AdminState>) -> ([(&'static str, &'static str); 
 
 /// Serves until `shutdown`; it keeps answering while the worker drains so
 /// probes see `/readyz` turn 503 rather than a refused connection.
-pub async fn serve(listener: TcpListener, health: Arc<Health>, stop: CancellationToken) {
+pub async fn serve(listener: TcpListener, health: Arc<Readiness>, stop: CancellationToken) {
     let app = router(health, metrics_handle());
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })

@@ -18,6 +18,7 @@ pub mod jws;
 pub mod locks;
 pub mod outcome;
 pub mod providers;
+pub mod readiness;
 pub mod retry;
 pub mod settings;
 mod shutdown;

@@ -38,6 +38,16 @@ impl Status {
     }
 }
 
+/// How a status was established.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resolution {
+    /// The provider answered the decision call.
+    Call,
+    /// Read back from the target's state.
+    Reconciled,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
@@ -107,9 +117,7 @@ pub struct OutcomeEvent {
     pub provider_response: Option<Value>,
     pub idempotency_key: Option<String>,
     pub attempts: u32,
-    /// How the status was established: `call` (the provider answered the
-    /// decision call) or `reconciled` (read back from the target's state).
-    pub resolution: Option<&'static str>,
+    pub resolution: Option<Resolution>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub confirmation: Option<Confirmation>,
     pub received_at: String,
@@ -228,6 +236,12 @@ mod tests {
             event_id(None, Status::Invalid, b"b"),
             event_id(None, Status::Invalid, b"b")
         );
+    }
+
+    #[test]
+    fn resolution_serialises_to_the_contract_strings() {
+        assert_eq!(serde_json::json!(Resolution::Call), "call");
+        assert_eq!(serde_json::json!(Resolution::Reconciled), "reconciled");
     }
 
     #[test]

@@ -9,7 +9,6 @@ pub const ERROR_KIND: &str = "x-approval-error-kind";
 pub const ERROR: &str = "x-approval-error";
 pub const CONFIRMATION_TOKEN: &str = "x-approval-confirmation-token";
 pub const CONFIRMATION_EXPIRES_AT: &str = "x-approval-confirmation-expires-at";
-pub const NOT_BEFORE: &str = "x-approval-not-before";
 /// Set by quorum queues on redelivery.
 pub const DELIVERY_COUNT: &str = "x-delivery-count";
 

@@ -1,15 +1,20 @@
 //! Everything RabbitMQ: connecting, the topology of CONTRACT.md section 3,
+//! the consuming session, one delivered decision and the ways to settle it,
 //! confirmed publishing, and the headers decisions carry between deliveries.
 //! The broker never knows a provider.
 
+pub mod delivery;
 pub mod headers;
 pub mod publisher;
+pub mod session;
 pub mod topology;
 
 use lapin::{Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 
+pub use delivery::{Delivery, History, PendingConfirmation, outcome_properties};
 pub use publisher::{PublishError, Publisher};
+pub use session::{Session, SessionError};
 pub use topology::Topology;
 
 /// Opens a connection named after its role, so operators can tell worker,

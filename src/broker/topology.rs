@@ -9,7 +9,7 @@ use lapin::{
         ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
         QueueDeleteOptions,
     },
-    types::{AMQPValue, FieldTable, LongString, ShortString},
+    types::{AMQPValue, FieldTable, LongString},
 };
 
 /// Retry tiers: a queue per delay band, so a message never waits behind one
@@ -160,8 +160,4 @@ impl Topology {
 
 pub fn str_value(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
-}
-
-pub fn short(s: &str) -> ShortString {
-    ShortString::from(s)
 }

@@ -1,0 +1,285 @@
+//! One delivered decision as the worker sees it: its body, its history
+//! read from our headers, and the ways to settle it. lapin stays behind
+//! this type.
+
+use std::{sync::Arc, time::Duration};
+
+use lapin::{
+    BasicProperties, Channel,
+    options::{BasicAckOptions, BasicNackOptions},
+    types::FieldTable,
+};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use tracing::warn;
+
+use super::{PublishError, Publisher, Topology, headers};
+use crate::outcome::{OutcomeEvent, rfc3339};
+
+/// Pause before a decision whose publishes failed is handed back.
+const REQUEUE_PAUSE: Duration = Duration::from_millis(500);
+
+/// The broker side of one session, shared by its delivery tasks through
+/// one `Arc` (not a channel clone per delivery).
+pub(crate) struct SessionHandles {
+    pub(crate) publisher: Publisher,
+    /// Deliveries are settled on the channel that delivered them, directly:
+    /// lapin's per-delivery `Acker` routes each ack through an internal
+    /// task it spawns, which costs noticeably more on the hot path (see
+    /// the README's Performance section).
+    pub(crate) consume: Channel,
+    pub(crate) topology: Topology,
+    /// Named once: every decision publishes here.
+    pub(crate) outcomes: String,
+}
+
+/// A human confirmation the decision waits for, carried in its headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingConfirmation {
+    pub token: String,
+    pub expires_at: Option<String>,
+}
+
+/// History of a decision carried in its headers across deliveries.
+#[derive(Debug)]
+pub struct History {
+    pub received_at: OffsetDateTime,
+    pub first_received_at: OffsetDateTime,
+    /// Provider calls made in earlier deliveries.
+    pub attempts: u32,
+    /// Deliveries of this copy beyond the first (quorum queues count them).
+    pub delivery_count: i64,
+    pub redelivered: bool,
+    pub confirmation: Option<PendingConfirmation>,
+}
+
+impl History {
+    fn read(h: Option<&FieldTable>, redelivered: bool) -> Self {
+        let received_at = OffsetDateTime::now_utc();
+        let first_received_at = headers::get_str(h, headers::FIRST_RECEIVED_AT)
+            .and_then(|t| OffsetDateTime::parse(&t, &Rfc3339).ok())
+            .unwrap_or(received_at);
+        Self {
+            received_at,
+            first_received_at,
+            attempts: headers::get_int(h, headers::ATTEMPTS)
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(0),
+            delivery_count: headers::get_int(h, headers::DELIVERY_COUNT).unwrap_or(0),
+            redelivered,
+            confirmation: headers::get_str(h, headers::CONFIRMATION_TOKEN).map(|token| {
+                PendingConfirmation {
+                    token,
+                    expires_at: headers::get_str(h, headers::CONFIRMATION_EXPIRES_AT),
+                }
+            }),
+        }
+    }
+
+    /// Time since the decision was first received, across deliveries.
+    pub fn elapsed(&self) -> Duration {
+        (OffsetDateTime::now_utc() - self.first_received_at)
+            .try_into()
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+pub struct Delivery {
+    session: Arc<SessionHandles>,
+    inner: lapin::message::Delivery,
+}
+
+impl Delivery {
+    pub(crate) fn new(session: Arc<SessionHandles>, inner: lapin::message::Delivery) -> Self {
+        Self { session, inner }
+    }
+
+    pub fn body(&self) -> &[u8] {
+        &self.inner.data
+    }
+
+    /// Reads the history headers; `received_at` is now.
+    pub fn history(&self) -> History {
+        History::read(
+            self.inner.properties.headers().as_ref(),
+            self.inner.redelivered,
+        )
+    }
+
+    /// Publishes an outcome event to the outcomes exchange, with a confirm.
+    pub async fn publish_outcome(&self, event: &OutcomeEvent) -> Result<(), PublishError> {
+        let props = outcome_properties(&event.event_id.to_string(), event.decision_id.as_deref());
+        self.session
+            .publisher
+            .publish(
+                &self.session.outcomes,
+                &event.routing_key(),
+                &event.to_json(),
+                props,
+                false,
+            )
+            .await
+    }
+
+    /// Publishes a copy to `P.dead` with the reason in its headers, with a
+    /// confirm.
+    pub async fn park(
+        &self,
+        history: &History,
+        attempts: u32,
+        error_kind: &str,
+        error: &str,
+    ) -> Result<(), PublishError> {
+        let mut h = copy_headers(self.original_headers(), history, attempts, None);
+        headers::set_str(&mut h, headers::ERROR_KIND, error_kind);
+        headers::set_str(&mut h, headers::ERROR, error);
+        let props = headers::copy_properties(&self.inner.properties, h);
+        let dead = self.session.topology.dead();
+        self.session
+            .publisher
+            .publish("", &dead, &self.inner.data, props, true)
+            .await
+    }
+
+    /// Publishes a copy to the retry tier that holds `delay`, expiring
+    /// after exactly `delay`, with a confirm.
+    pub async fn retry_in_tier(
+        &self,
+        history: &History,
+        delay: Duration,
+        attempts: u32,
+        confirmation: Option<&PendingConfirmation>,
+    ) -> Result<(), PublishError> {
+        let queue = self.session.topology.retry_tier(delay);
+        let h = copy_headers(self.original_headers(), history, attempts, confirmation);
+        let props = headers::copy_properties(&self.inner.properties, h)
+            .with_expiration(delay.as_millis().max(1).to_string().into());
+        self.session
+            .publisher
+            .publish("", &queue, &self.inner.data, props, true)
+            .await?;
+        tracing::debug!(%queue, "scheduled");
+        Ok(())
+    }
+
+    fn original_headers(&self) -> Option<&FieldTable> {
+        self.inner.properties.headers().as_ref()
+    }
+
+    /// Acknowledges when everything the decision needed was published;
+    /// otherwise hands it back to the queue after a pause. Settling borrows
+    /// the delivery, so a task never holds a second, moved copy of it.
+    pub async fn acknowledge(&self, published: Result<(), PublishError>) {
+        match published {
+            Ok(()) => self.ack().await,
+            Err(e) => {
+                tracing::error!(error = %e, "publishing failed; decision not acknowledged and handed back");
+                self.requeue().await;
+            }
+        }
+    }
+
+    async fn ack(&self) {
+        let tag = self.inner.delivery_tag;
+        if let Err(e) = self
+            .session
+            .consume
+            .basic_ack(tag, BasicAckOptions::default())
+            .await
+        {
+            warn!(error = %e, "ack failed; the decision will be redelivered");
+        }
+    }
+
+    /// Nack with requeue after [`REQUEUE_PAUSE`], so a failing broker is
+    /// not spun on.
+    async fn requeue(&self) {
+        tokio::time::sleep(REQUEUE_PAUSE).await;
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        let tag = self.inner.delivery_tag;
+        if let Err(e) = self.session.consume.basic_nack(tag, requeue).await {
+            warn!(error = %e, "nack failed; the broker redelivers on reconnect");
+        }
+    }
+}
+
+/// Headers for a new copy of a delivered message: the original's minus our
+/// bookkeeping and the broker's delivery history, which must not travel
+/// into a new copy, plus the history the copy carries.
+fn copy_headers(
+    original: Option<&FieldTable>,
+    history: &History,
+    attempts: u32,
+    confirmation: Option<&PendingConfirmation>,
+) -> FieldTable {
+    let mut h = headers::without(original, headers::HISTORY);
+    headers::set_int(&mut h, headers::ATTEMPTS, i64::from(attempts));
+    headers::set_str(
+        &mut h,
+        headers::FIRST_RECEIVED_AT,
+        &rfc3339(history.first_received_at),
+    );
+    if let Some(c) = confirmation {
+        headers::set_str(&mut h, headers::CONFIRMATION_TOKEN, &c.token);
+        if let Some(at) = &c.expires_at {
+            headers::set_str(&mut h, headers::CONFIRMATION_EXPIRES_AT, at);
+        }
+    }
+    h
+}
+
+/// The AMQP properties of an outcome event (CONTRACT.md); the bench's
+/// ceiling relay sends the same set.
+pub fn outcome_properties(event_id: &str, decision_id: Option<&str>) -> BasicProperties {
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(event_id.into())
+        .with_app_id("approval-worker".into())
+        .with_type("approval.outcome".into())
+        .with_timestamp(OffsetDateTime::now_utc().unix_timestamp().max(0) as u64);
+    match decision_id {
+        Some(id) => props.with_correlation_id(id.into()),
+        None => props,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_carries_its_history_and_not_the_brokers() {
+        let mut original = FieldTable::default();
+        headers::set_str(&mut original, "x-custom", "kept");
+        headers::set_int(&mut original, headers::DELIVERY_COUNT, 3);
+        headers::set_str(&mut original, headers::CONFIRMATION_TOKEN, "old");
+        headers::set_str(&mut original, headers::CONFIRMATION_EXPIRES_AT, "then");
+        let first = History::read(Some(&original), true);
+        assert_eq!(first.attempts, 0);
+        assert_eq!(first.delivery_count, 3);
+        assert!(first.redelivered);
+        assert_eq!(first.first_received_at, first.received_at);
+        assert_eq!(first.confirmation.as_ref().unwrap().token, "old");
+
+        let pending = PendingConfirmation {
+            token: "new".into(),
+            expires_at: None,
+        };
+        let copy = copy_headers(Some(&original), &first, 4, Some(&pending));
+        let next = History::read(Some(&copy), false);
+        assert_eq!(next.attempts, 4);
+        assert_eq!(next.delivery_count, 0);
+        assert_eq!(next.first_received_at, first.first_received_at);
+        assert_eq!(next.confirmation, Some(pending));
+        assert_eq!(
+            headers::get_str(Some(&copy), "x-custom").as_deref(),
+            Some("kept")
+        );
+
+        let parked = copy_headers(Some(&copy), &next, 4, None);
+        assert_eq!(History::read(Some(&parked), false).confirmation, None);
+    }
+}

@@ -1,0 +1,192 @@
+//! The broker session: connect, declare the topology, set the prefetch,
+//! consume, and hand each delivery to its own task; reconnect with backoff
+//! when the session is lost; one drain when the process stops.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use futures_util::StreamExt;
+use lapin::{
+    Connection,
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
+    types::FieldTable,
+};
+use secrecy::SecretString;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, info, warn};
+
+use super::{Delivery, Publisher, Topology, delivery::SessionHandles};
+use crate::{readiness::Readiness, retry::RetryDelays, settings::Settings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("broker connection failed: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("the decisions consumer was cancelled by the broker")]
+    ConsumerEnded,
+}
+
+pub struct Session {
+    url: SecretString,
+    url_redacted: String,
+    connection_name: String,
+    topology: Topology,
+    prefetch: u16,
+    reconnect: RetryDelays,
+    drain_timeout: Duration,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+}
+
+impl Session {
+    pub fn new(
+        settings: &Settings,
+        topology: Topology,
+        readiness: Arc<Readiness>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let amqp = &settings.amqp;
+        Self {
+            url: amqp.url.clone(),
+            url_redacted: settings.amqp_url_redacted(),
+            connection_name: format!("approval-worker {}", amqp.prefix),
+            topology,
+            prefetch: amqp.prefetch.get(),
+            reconnect: RetryDelays {
+                initial: amqp.reconnect_initial.max(Duration::from_millis(1)),
+                max: amqp.reconnect_max.max(Duration::from_millis(1)),
+            },
+            drain_timeout: settings.worker.drain_timeout,
+            readiness,
+            shutdown,
+        }
+    }
+
+    /// Consumes until the shutdown token fires, then drains. Losing the
+    /// broker is not fatal: reconnect with backoff, redeclare, resume.
+    /// Each delivery runs `handle` in its own task.
+    pub async fn run<H, F>(self, handle: H)
+    where
+        H: Fn(Delivery) -> F,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let in_flight = TaskTracker::new();
+        let mut failures = 0u32;
+        let open = loop {
+            if self.shutdown.is_cancelled() {
+                break None;
+            }
+            match self.consume(&in_flight, &mut failures, &handle).await {
+                Ok(conn) => break Some(conn),
+                Err(e) => {
+                    self.readiness.disconnected();
+                    failures += 1;
+                    metrics::counter!("approval_broker_reconnects_total").increment(1);
+                    let wait = self
+                        .reconnect
+                        .delay(failures, None)
+                        .max(Duration::from_millis(50));
+                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker session lost; reconnecting");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => break None,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        };
+        // Tasks of a lost session may still be finishing too: their
+        // decisions will be redelivered, but let their provider calls end
+        // cleanly.
+        self.drain(&in_flight).await;
+        if let Some(conn) = open
+            && let Err(e) = conn.close(200, "worker shutdown".into()).await
+        {
+            debug!(error = %e, "connection close");
+        }
+        self.readiness.disconnected();
+        info!("worker stopped");
+    }
+
+    /// One session. Returns its still open connection when shutdown
+    /// stopped it, so in-flight decisions can still be acknowledged.
+    async fn consume<H, F>(
+        &self,
+        in_flight: &TaskTracker,
+        failures: &mut u32,
+        handle: &H,
+    ) -> Result<Connection, SessionError>
+    where
+        H: Fn(Delivery) -> F,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let conn = super::connect(&self.url, &self.connection_name).await?;
+        let setup = conn.create_channel().await?;
+        self.topology.declare(&setup).await?;
+        let consume = conn.create_channel().await?;
+        let session = Arc::new(SessionHandles {
+            publisher: Publisher::new(conn.create_channel().await?).await?,
+            consume: consume.clone(),
+            outcomes: self.topology.outcomes(),
+            topology: self.topology.clone(),
+        });
+        consume
+            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .await?;
+        let tag = format!("approval-worker-{}", uuid::Uuid::new_v4());
+        let mut consumer = consume
+            .basic_consume(
+                self.topology.decisions().into(),
+                tag.clone().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        self.readiness.consuming();
+        *failures = 0;
+        info!(
+            broker = %self.url_redacted,
+            queue = %self.topology.decisions(),
+            prefetch = self.prefetch,
+            "consuming decisions"
+        );
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    self.readiness.start_draining();
+                    info!(in_flight = in_flight.len(), "shutdown: no new decisions; draining");
+                    // Stop deliveries first; in-flight ones still ack on this channel.
+                    if let Err(e) = consume.basic_cancel(tag.into(), BasicCancelOptions::default()).await {
+                        warn!(error = %e, "could not cancel the consumer");
+                    }
+                    return Ok(conn);
+                }
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let task = handle(Delivery::new(session.clone(), delivery));
+                        in_flight.spawn(async move {
+                            metrics::gauge!("approval_in_flight").increment(1.0);
+                            task.await;
+                            metrics::gauge!("approval_in_flight").decrement(1.0);
+                        });
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(SessionError::ConsumerEnded),
+                }
+            }
+        }
+    }
+
+    /// Waits for in-flight decisions, up to the drain timeout.
+    async fn drain(&self, in_flight: &TaskTracker) {
+        self.readiness.start_draining();
+        in_flight.close();
+        if tokio::time::timeout(self.drain_timeout, in_flight.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                left = in_flight.len(),
+                "drain timeout: unfinished decisions stay unacknowledged and will be redelivered"
+            );
+        }
+    }
+}
