@@ -4,21 +4,22 @@
 //! Layers, each using only those below it: `worker` (the flow of one
 //! decision) → `providers` (one module per provider behind one trait) →
 //! `retry` (error classes, backoff) → `decision`, `outcome` (messages).
-//! Beside them: `broker` (RabbitMQ), `settings`, `telemetry`.
+//! Beside them: `broker` (RabbitMQ), `settings`, `telemetry`; apart, in
+//! `tools`: the provider simulator, `demo`, `bench` and the outcome capture.
 
 pub mod admin;
-pub mod bench;
 pub mod broker;
-pub mod capture;
 pub mod deadletters;
 pub mod decision;
-pub mod demo;
 pub mod jws;
 pub mod locks;
 pub mod outcome;
 pub mod providers;
 pub mod retry;
 pub mod settings;
-pub mod sim;
 pub mod telemetry;
+pub mod tools;
 pub mod worker;
+
+// The tools keep their short paths for the binary and the integration tests.
+pub use tools::{bench, capture, demo, sim};

@@ -38,8 +38,9 @@ use tokio_util::task::TaskTracker;
 use crate::{
     broker::{self, Publisher, Topology},
     capture,
+    providers::REGISTRY,
     settings::Settings,
-    sim::{self, Faults, PROVIDERS, SimConfig, samples},
+    sim::{self, Faults, SimConfig, samples},
     worker,
 };
 
@@ -48,7 +49,7 @@ const PHASE_DEADLINE: Duration = Duration::from_secs(600);
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     pub decisions: usize,
-    /// Providers the decisions are spread over (default: all five).
+    /// Providers the decisions are spread over (default: all).
     pub providers: Vec<String>,
     pub provider_latency_ms: u64,
     pub prefetch: Option<u16>,
@@ -77,12 +78,12 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
         .await
         .map_err(|_| BenchError::BrokerUnreachable(url))?;
 
-    // The simulator shares the machine; skip its ECDSA verification so it
-    // takes less CPU from the worker being measured.
-    let sim_config = SimConfig {
-        ledger_v2_verify_signatures: false,
-        ..SimConfig::default()
-    };
+    // The simulator shares the machine; each unit sheds the work a real
+    // provider would not take from the worker's machine (signature checks).
+    let mut sim_config = SimConfig::default();
+    for unit in REGISTRY {
+        unit.sim.for_bench(&mut sim_config.units);
+    }
     let sim = sim::start_per_provider(sim_config, std::net::Ipv4Addr::LOCALHOST.into())
         .await
         .map_err(|e| BenchError::Setup(format!("simulator: {e}")))?;
@@ -91,22 +92,36 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     let topology = Topology::new(&prefix, settings.amqp.delivery_limit);
     let mut feed = Feed::declare(&conn, &topology).await?;
 
+    let known: Vec<&str> = sim::providers().collect();
     let mix: Vec<&str> = if options.providers.is_empty() {
-        PROVIDERS.to_vec()
+        known.clone()
     } else {
         options.providers.iter().map(String::as_str).collect()
     };
-    if let Some(bad) = mix.iter().find(|p| !PROVIDERS.contains(p)) {
+    if let Some(bad) = mix.iter().find(|p| !known.contains(p)) {
         return Err(BenchError::Setup(format!(
             "unknown provider {bad}; expected some of {}",
-            PROVIDERS.join(",")
+            known.join(",")
         )));
     }
     // The phases compared with the ceiling use providers whose decision is
-    // one HTTP call. Ledger v2 makes two (challenge, then decision) and signs
-    // an ECDSA challenge; it is measured on its own and reported beside.
-    let one_call: Vec<&str> = mix.iter().copied().filter(|p| *p != "ledger_v2").collect();
-    let with_ledger_v2 = mix.contains(&"ledger_v2");
+    // one HTTP call. A unit that makes more (a challenge, then the signed
+    // decision) is measured on its own and reported beside.
+    let multi_call: Vec<&'static str> = REGISTRY
+        .iter()
+        .filter(|unit| unit.sim.calls_per_decision() > 1)
+        .map(|unit| unit.name)
+        .collect();
+    let one_call: Vec<&str> = mix
+        .iter()
+        .copied()
+        .filter(|p| !multi_call.contains(p))
+        .collect();
+    let alone: Vec<&'static str> = multi_call
+        .iter()
+        .copied()
+        .filter(|p| mix.contains(p))
+        .collect();
     let mix = if one_call.is_empty() { mix } else { one_call };
 
     // The worker starts and warms up (connections, provider tokens) first:
@@ -127,7 +142,7 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
             .await?;
         let event_bytes = event.len();
         eprintln!("bench: the ceiling relays a {event_bytes}-byte outcome event of this run");
-        let mut ceiling = Ceiling::declare(&conn, &ceiling_topology, n, event).await?;
+        let mut ceiling = Ceiling::declare(&conn, &ceiling_topology, n, event, mix[0]).await?;
 
         // Latency: a paced stream at a third of a first measured rate, so it
         // shows the time through the worker rather than time spent queueing.
@@ -175,19 +190,16 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
         let ceiling = median(&mut ceilings);
         let latency_rate = median(&mut latency_rates);
 
-        // Ledger v2 alone, without added latency.
+        // Each multi-call unit alone, without added latency.
         let mut processed = (2 * rounds + 1) * n + paced + warm;
-        let ledger_v2_rate = if with_ledger_v2 {
+        let mut alone_rates = HashMap::new();
+        for name in &alone {
             let count = (n / 4).max(10);
-            let bodies = sample_bodies(&["ledger_v2"], "v2", count, alternate);
-            eprintln!(
-                "bench: worker, {count} Ledger v2 decisions (two calls and a signature each)"
-            );
+            let bodies = sample_bodies(&[name], &format!("m-{name}"), count, alternate);
+            eprintln!("bench: worker, {count} {name} decisions (more than one call each)");
             processed += count;
-            Some(feed.phase("ledger_v2", bodies).await?)
-        } else {
-            None
-        };
+            alone_rates.insert(*name, feed.phase("multi-call", bodies).await?);
+        }
         Ok::<_, BenchError>(Figures {
             processed,
             p50,
@@ -197,7 +209,7 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
             latency_rate,
             ratios,
             latency_shares,
-            ledger_v2_rate,
+            alone_rates,
             event_bytes,
         })
     }
@@ -213,7 +225,7 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     sim.shutdown();
     let mut f = measured?;
     let processed = f.processed as f64;
-    Ok(json!({
+    let mut report = json!({
         "decisions": n,
         "providers": mix,
         "prefetch": prefetch,
@@ -231,7 +243,6 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
         "latency_share_range": [round2(min(&f.latency_shares)), round2(max(&f.latency_shares))],
         "peak_rss_mib": usage.map(|u| (u.peak_rss_kib as f64 / 1024.0 * 10.0).round() / 10.0),
         "cpu_us_per_decision": usage.map(|u| (u.cpu_us as f64 / processed).round()),
-        "ledger_v2_per_s": f.ledger_v2_rate.map(f64::round),
         "outcome_event_bytes": f.event_bytes,
         "provider_http": match total.http2_calls {
             0 => "HTTP/1.1",
@@ -239,7 +250,12 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
             _ => "mixed",
         },
         "double_state_changes": total.double_state_changes,
-    }))
+    });
+    // `<name>_per_s` for every multi-call unit, null when not in the mix.
+    for name in multi_call {
+        report[format!("{name}_per_s")] = json!(f.alone_rates.get(name).map(|r| r.round()));
+    }
+    Ok(report)
 }
 
 /// What the phases measured, before it is summarised.
@@ -253,7 +269,8 @@ struct Figures {
     latency_rate: f64,
     ratios: Vec<f64>,
     latency_shares: Vec<f64>,
-    ledger_v2_rate: Option<f64>,
+    /// Rates of the multi-call units, each measured alone.
+    alone_rates: HashMap<&'static str, f64>,
     /// Size of the outcome event the ceiling relays.
     event_bytes: usize,
 }
@@ -277,7 +294,7 @@ async fn remove(conn: &Connection, topology: &Topology) {
 
 /// Every provider answers after `latency_ms` from now on.
 fn set_latency(sim: &sim::SimHandle, latency_ms: u64) {
-    for p in PROVIDERS {
+    for p in sim::providers() {
         sim.set_faults(
             p,
             Faults {
@@ -560,8 +577,9 @@ impl Ceiling {
         topology: &Topology,
         n: usize,
         result: Vec<u8>,
+        provider: &str,
     ) -> Result<Self, BenchError> {
-        let body = samples::decision("qonto", "reject", "ceiling")
+        let body = samples::decision(provider, "reject", "ceiling")
             .to_string()
             .into_bytes();
         Ok(Self {
@@ -689,10 +707,13 @@ fn spawn_worker(
 }
 
 async fn terminate(child: &mut tokio::process::Child) {
-    if let Some(pid) = child.id() {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
+    if let Some(pid) = child.id().and_then(|pid| libc::pid_t::try_from(pid).ok()) {
+        // SAFETY: kill(2) takes plain integers; `pid` is our own child, not
+        // yet reaped (`child.wait()` below reaps it), so it names no other
+        // process.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
     }
     if tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
@@ -725,8 +746,11 @@ fn process_usage(pid: u32) -> Option<Usage> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    // Linux reports in clock ticks of 1/100 s on every mainstream kernel config.
-    let cpu_us = (utime + stime) * 10_000;
+    // SAFETY: sysconf(3) only reads a configuration value.
+    let ticks_per_s = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|&t| t > 0)?;
+    let cpu_us = (utime + stime) * 1_000_000 / ticks_per_s;
     Some(Usage {
         peak_rss_kib,
         cpu_us,

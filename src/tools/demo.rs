@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     broker::{self, Topology},
     capture,
-    providers::Registry,
+    providers::{REGISTRY, Registry},
     settings::Settings,
-    sim::{self, PROVIDERS, ScaAuto, SimConfig, samples},
+    sim::{self, ScaAuto, SimConfig, samples},
     worker::Worker,
 };
 
@@ -121,51 +121,63 @@ pub async fn run(config: Option<&Path>) -> Result<(), DemoError> {
                     .map(|_| ())
             }
         };
-    for provider in PROVIDERS {
+    for provider in sim::providers() {
         for action in ["approve", "reject"] {
             let id = format!("demo-{provider}-{action}");
             let d = samples::decision(provider, action, &id);
             publish(d.to_string().into_bytes(), provider, action, &id, "").await?;
         }
     }
-    let flaky = samples::decision("ledger_v1", "reject", "demo-transient");
-    sim.fail_next(
-        "ledger_v1",
-        &format!("/transactions/{}/", samples::target_key(&flaky)),
-        2,
-        503,
-    );
-    publish(
-        flaky.to_string().into_bytes(),
-        "ledger_v1",
-        "reject",
-        "demo-transient",
-        "2 x 503 first",
-    )
-    .await?;
-    let sca = samples::decision("qonto", "approve", "demo-sca");
-    sim.require_sca(
-        &samples::target_key(&sca),
-        ScaAuto::Allow {
-            after: Duration::from_secs(2),
-        },
-    );
-    publish(
-        sca.to_string().into_bytes(),
-        "qonto",
-        "approve",
-        "demo-sca",
-        "SCA, allowed after 2 s",
-    )
-    .await?;
-    publish(
-        br#"{"decision_id":"demo-malformed","provider":"qonto","action":"approve","target":{"request_type":"transfers","request_id":"not-a-uuid"}}"#.to_vec(),
-        "qonto",
-        "approve",
-        "demo-malformed",
-        "malformed target",
-    )
-    .await?;
+    // The special cases go to the first unit that offers each: a transient
+    // failure where no confirmation step could hold the decision up, a
+    // confirmation, a target the worker must refuse.
+    let transient = REGISTRY
+        .iter()
+        .find(|unit| !unit.sim.confirms() && unit.sim.decision_path("").is_some());
+    if let Some(unit) = transient {
+        let flaky = samples::decision(unit.name, "reject", "demo-transient");
+        sim.fail_next_for(unit.name, &samples::target_key(&flaky), 2, 503);
+        publish(
+            flaky.to_string().into_bytes(),
+            unit.name,
+            "reject",
+            "demo-transient",
+            "2 x 503 first",
+        )
+        .await?;
+    }
+    if let Some(unit) = REGISTRY.iter().find(|unit| unit.sim.confirms()) {
+        let sca = samples::decision(unit.name, "approve", "demo-sca");
+        sim.require_sca(
+            &samples::target_key(&sca),
+            ScaAuto::Allow {
+                after: Duration::from_secs(2),
+            },
+        );
+        publish(
+            sca.to_string().into_bytes(),
+            unit.name,
+            "approve",
+            "demo-sca",
+            "SCA, allowed after 2 s",
+        )
+        .await?;
+    }
+    if let Some(malformed) = samples::malformed("demo-malformed") {
+        let provider = malformed["provider"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let action = malformed["action"].as_str().unwrap_or_default().to_owned();
+        publish(
+            malformed.to_string().into_bytes(),
+            &provider,
+            &action,
+            "demo-malformed",
+            "malformed target",
+        )
+        .await?;
+    }
 
     let total = rows.len();
     let started = Instant::now();
@@ -199,11 +211,7 @@ pub async fn run(config: Option<&Path>) -> Result<(), DemoError> {
     println!();
     print_table(&rows);
     let stats = sim.stats();
-    let doubles: u64 = PROVIDERS
-        .iter()
-        .filter_map(|p| stats.provider(p))
-        .map(|s| s.double_state_changes)
-        .sum();
+    let doubles = stats.total().double_state_changes;
     println!("simulator: {doubles} double state changes (must be 0)");
 
     shutdown.cancel();

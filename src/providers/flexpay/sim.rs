@@ -1,33 +1,148 @@
-//! FlexPay IDaaS (PROVIDERS.md section 6): client-credentials token, then
+//! FlexPay IDaaS's simulator half (PROVIDERS.md section 6), written from its
+//! documentation, not from the client: client-credentials token, then
 //! accept/reject of transactions awaiting acceptance, all answered in the
 //! `{success, message, errorCode, data, errors, timestamp}` envelope. The
 //! token answer's field names, the error statuses and the single-transaction
 //! GET are UNCONFIRMED upstream.
+//!
+//! Routes, relative to the base URL (`/flexpay/api`): `POST /v1/auth/token`,
+//! `POST /v1/transactions/{ref}/accept`, `POST /v1/transactions/{ref}/reject`,
+//! `GET /v1/transactions/pending`, `GET /v1/transactions/{ref}`.
+
+// Handlers return a ready `Response` as their error: it is the natural early
+// exit in axum, errors are the uncommon path, and boxing would only add noise.
+#![allow(
+    clippy::result_large_err,
+    reason = "Response is the handlers' error type"
+)]
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::Response;
 use axum::routing::{get, post};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::state::{
-    KeyLog, Sim, applied, bearer, form_pairs, header_str, idempotency_key, json, lock, now_rfc3339,
-    number_param, rfc3339,
+use crate::tools::sim::kit::{
+    KeyLog, TargetInfo, TokenStore, applied, bearer, header_str, idempotency_key, json, lock,
+    now_rfc3339, rfc3339,
 };
-use super::stats::Counters;
-use super::{Provider, TargetInfo};
+use crate::tools::sim::stats::Counters;
+use crate::tools::sim::unit::{CallKind, SimHalf, SimUnit, UnitOptions};
 
 const PENDING: &str = "AWAITING_ACCEPTANCE";
 const MAX_REASON_CHARS: usize = 500;
 const MAX_PAGE_SIZE: usize = 1000;
 
-pub(crate) fn routes() -> Router<Arc<Sim>> {
+/// What the fake accepts and how it behaves; set through
+/// `SimConfig::with(Options { .. })`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub client_id: String,
+    pub client_secret: String,
+    pub token_ttl: Duration,
+    /// The token answer is UNCONFIRMED: `false` gives the envelope form
+    /// (`data.accessToken`), `true` the OAuth form (`access_token`).
+    pub oauth_token_shape: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            client_id: "sim-flexpay-client".into(),
+            client_secret: "sim-flexpay-secret".into(),
+            token_ttl: Duration::from_secs(3600),
+            oauth_token_shape: false,
+        }
+    }
+}
+
+/// The registry's handle on this half.
+pub(crate) struct Half;
+
+impl SimHalf for Half {
+    fn prefix(&self) -> &'static str {
+        "/flexpay/api"
+    }
+
+    fn start(&self, options: &UnitOptions) -> Result<Arc<dyn SimUnit>, String> {
+        Ok(Arc::new(Sim {
+            options: options.get(),
+            store: Mutex::default(),
+            tokens: Mutex::default(),
+            counters: Counters::default(),
+        }))
+    }
+
+    fn sample_target(&self, _action: &str) -> Value {
+        let short = uuid::Uuid::new_v4().simple().to_string()[..12].to_uppercase();
+        json!({"reference": format!("TXN-{short}")})
+    }
+
+    fn sample_key(&self, target: &Value) -> Option<String> {
+        target["reference"].as_str().map(str::to_owned)
+    }
+
+    fn decision_path(&self, key: &str) -> Option<String> {
+        Some(format!("/transactions/{key}/"))
+    }
+}
+
+/// One running fake: its options, its stores and its counters.
+struct Sim {
+    options: Options,
+    store: Mutex<Store>,
+    tokens: Mutex<TokenStore>,
+    counters: Counters,
+}
+
+impl SimUnit for Sim {
+    fn routes(self: Arc<Self>) -> Router {
+        routes().with_state(self)
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn error(&self, status: StatusCode, code: &str, message: &str) -> Response {
+        error(status, code, message, Vec::new())
+    }
+
+    fn call_kind(&self, method: &Method, path: &str) -> CallKind {
+        if path.contains("/auth/token") {
+            CallKind::Auth
+        } else if method == Method::POST {
+            CallKind::Decision
+        } else {
+            CallKind::Read
+        }
+    }
+
+    fn target(&self, key: &str) -> Option<TargetInfo> {
+        lock(&self.store).target(key)
+    }
+
+    fn reset(&self) {
+        *lock(&self.store) = Store::default();
+    }
+
+    fn worker_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("CLIENT_ID", self.options.client_id.clone()),
+            ("CLIENT_SECRET", self.options.client_secret.clone()),
+        ]
+    }
+}
+
+fn routes() -> Router<Arc<Sim>> {
     Router::new()
         .route("/v1/auth/token", post(token))
         .route("/v1/transactions/pending", get(pending))
@@ -62,14 +177,14 @@ struct Transaction {
 }
 
 #[derive(Default)]
-pub(crate) struct Store {
+struct Store {
     transactions: HashMap<String, Transaction>,
     /// Creation order, for the newest-first pending list.
     order: Vec<String>,
 }
 
 impl Store {
-    pub fn target(&self, reference: &str) -> Option<TargetInfo> {
+    fn target(&self, reference: &str) -> Option<TargetInfo> {
         self.transactions
             .get(reference)
             .map(|tx| tx.keys.info(tx.status))
@@ -124,12 +239,7 @@ fn envelope<T: Serialize>(status: StatusCode, message: &str, data: T) -> Respons
     )
 }
 
-pub(crate) fn error(
-    status: StatusCode,
-    code: &str,
-    message: &str,
-    errors: Vec<String>,
-) -> Response {
+fn error(status: StatusCode, code: &str, message: &str, errors: Vec<String>) -> Response {
     json(
         status,
         &json!({
@@ -144,7 +254,7 @@ pub(crate) fn error(
 }
 
 fn authorize(sim: &Sim, headers: &HeaderMap) -> Result<(), Response> {
-    let valid = bearer(headers).is_some_and(|token| lock(&sim.flexpay_tokens).is_valid(token));
+    let valid = bearer(headers).is_some_and(|token| lock(&sim.tokens).is_valid(token));
     if valid {
         Ok(())
     } else {
@@ -157,31 +267,29 @@ fn authorize(sim: &Sim, headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
+#[derive(Deserialize)]
+struct Credentials {
+    client_id: String,
+    client_secret: String,
+}
+
 /// Accepts JSON or form-urlencoded credentials, as FlexPay documents.
-fn credentials(headers: &HeaderMap, body: &[u8]) -> Option<(String, String)> {
+fn credentials(headers: &HeaderMap, body: &[u8]) -> Option<Credentials> {
     let form = header_str(headers, header::CONTENT_TYPE.as_str())
         .is_some_and(|ct| ct.starts_with("application/x-www-form-urlencoded"));
     if form {
-        let pairs = form_pairs(std::str::from_utf8(body).ok()?);
-        let field = |name: &str| {
-            pairs
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        };
-        Some((field("client_id")?, field("client_secret")?))
+        serde_urlencoded::from_bytes(body).ok()
     } else {
-        let value: Value = serde_json::from_slice(body).ok()?;
-        let field = |name: &str| value.get(name).and_then(Value::as_str).map(str::to_owned);
-        Some((field("client_id")?, field("client_secret")?))
+        serde_json::from_slice(body).ok()
     }
 }
 
 async fn token(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> Response {
-    let oauth = sim.config.flexpay_oauth_token_shape;
-    let c = &sim.config.credentials;
-    let valid = credentials(&headers, &body)
-        .is_some_and(|(id, secret)| id == c.flexpay_client_id && secret == c.flexpay_client_secret);
+    let oauth = sim.options.oauth_token_shape;
+    let c = &sim.options;
+    let valid = credentials(&headers, &body).is_some_and(|given| {
+        given.client_id == c.client_id && given.client_secret == c.client_secret
+    });
     if !valid {
         return if oauth {
             json(
@@ -197,9 +305,9 @@ async fn token(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> 
             )
         };
     }
-    let ttl = sim.config.flexpay_token_ttl;
-    let token = lock(&sim.flexpay_tokens).issue(ttl);
-    Counters::bump(&sim.counters(Provider::FlexPay).token_issued);
+    let ttl = sim.options.token_ttl;
+    let token = lock(&sim.tokens).issue(ttl);
+    Counters::bump(&sim.counters.token_issued);
     if oauth {
         json(
             StatusCode::OK,
@@ -222,7 +330,7 @@ async fn read(
     if let Err(response) = authorize(&sim, &headers) {
         return response;
     }
-    let mut store = lock(&sim.flexpay);
+    let mut store = lock(&sim.store);
     envelope(
         StatusCode::OK,
         "Transaction retrieved",
@@ -230,31 +338,32 @@ async fn read(
     )
 }
 
+#[derive(Deserialize)]
+struct Paging {
+    page: Option<usize>,
+    size: Option<usize>,
+}
+
 /// Spring-style page of pending transactions, newest first (`page` from 0).
 async fn pending(
     State(sim): State<Arc<Sim>>,
-    RawQuery(query): RawQuery,
+    paging: Result<Query<Paging>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     if let Err(response) = authorize(&sim, &headers) {
         return response;
     }
-    let pairs = form_pairs(query.as_deref().unwrap_or(""));
-    let (page, size) = match (number_param(&pairs, "page"), number_param(&pairs, "size")) {
-        (Ok(page), Ok(size)) => (
-            page.unwrap_or(0),
-            size.unwrap_or(20).clamp(1, MAX_PAGE_SIZE),
-        ),
-        (Err(msg), _) | (_, Err(msg)) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "VALIDATION_ERROR",
-                "Invalid paging",
-                vec![msg],
-            );
-        }
+    let Ok(Query(paging)) = paging else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "VALIDATION_ERROR",
+            "Invalid paging",
+            vec!["page and size must be non-negative integers".into()],
+        );
     };
-    let store = lock(&sim.flexpay);
+    let page = paging.page.unwrap_or(0);
+    let size = paging.size.unwrap_or(20).clamp(1, MAX_PAGE_SIZE);
+    let store = lock(&sim.store);
     let matching: Vec<&Transaction> = store
         .order
         .iter()
@@ -338,8 +447,8 @@ async fn decide(
         }
     };
 
-    let counters = sim.counters(Provider::FlexPay);
-    let mut store = lock(&sim.flexpay);
+    let counters = &sim.counters;
+    let mut store = lock(&sim.store);
     let tx = store.transaction(&reference);
     tx.keys.record(idempotency_key(&headers), counters);
     if tx.status != PENDING {

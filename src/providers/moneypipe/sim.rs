@@ -1,10 +1,23 @@
-//! MoneyPipe Merchant API v1 (PROVIDERS.md section 5): link (approve) or
+//! MoneyPipe Merchant API v1's simulator half (PROVIDERS.md section 5),
+//! written from its documentation, not from the client: link (approve) or
 //! reject an operation's transactions. The reject path and the error body's
 //! field names are UNCONFIRMED; the sim uses `{"code": int, "message"}` plus
 //! `errors` for validation failures.
+//!
+//! Routes, relative to the base URL (`/moneypipe/v1`):
+//! `PUT /operations/{op}/link-transactions`,
+//! `PUT /operations/{op}/reject-transactions`, `GET /operations/{op}`,
+//! `GET /transactions/{id}`.
+
+// Handlers return a ready `Response` as their error: it is the natural early
+// exit in axum, errors are the uncommon path, and boxing would only add noise.
+#![allow(
+    clippy::result_large_err,
+    reason = "Response is the handlers' error type"
+)]
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -15,17 +28,97 @@ use axum::routing::{get, put};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::state::{
-    KeyLog, Sim, applied, bearer, idempotency_key, is_json, json, lock, now_rfc3339, random_hex,
+use crate::tools::sim::kit::{
+    KeyLog, TargetInfo, applied, bearer, idempotency_key, is_json, json, lock, now_rfc3339,
+    random_hex,
 };
-use super::stats::Counters;
-use super::{Provider, TargetInfo};
+use crate::tools::sim::stats::Counters;
+use crate::tools::sim::unit::{SimHalf, SimUnit, UnitOptions};
 
 /// Pending transactions show MoneyPipe's "undefined" status.
 const PENDING: &str = "undefined";
 const MAX_TX_IDS: usize = 100;
 
-pub(crate) fn routes() -> Router<Arc<Sim>> {
+/// What the fake accepts; set through `SimConfig::with(Options { .. })`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub token: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            token: "sim-moneypipe-token".into(),
+        }
+    }
+}
+
+/// The registry's handle on this half.
+pub(crate) struct Half;
+
+impl SimHalf for Half {
+    fn prefix(&self) -> &'static str {
+        "/moneypipe/v1"
+    }
+
+    fn start(&self, options: &UnitOptions) -> Result<Arc<dyn SimUnit>, String> {
+        Ok(Arc::new(Sim {
+            options: options.get(),
+            store: Mutex::default(),
+            counters: Counters::default(),
+        }))
+    }
+
+    fn sample_target(&self, _action: &str) -> Value {
+        let short = || uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        json!({"operation_id": format!("op-{}", short()), "tx_ids": [format!("tx-{}", short())]})
+    }
+
+    /// Transactions are the targets; a sample names one.
+    fn sample_key(&self, target: &Value) -> Option<String> {
+        target["tx_ids"][0].as_str().map(str::to_owned)
+    }
+}
+
+/// One running fake: its options, its store and its counters.
+struct Sim {
+    options: Options,
+    store: Mutex<Store>,
+    counters: Counters,
+}
+
+impl SimUnit for Sim {
+    fn routes(self: Arc<Self>) -> Router {
+        routes().with_state(self)
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// MoneyPipe codes are integers (PROVIDERS.md section 5).
+    fn error(&self, status: StatusCode, code: &str, message: &str) -> Response {
+        error(status, code.parse().unwrap_or(0), message)
+    }
+
+    fn fault_code(&self, _rate_limited: bool) -> &'static str {
+        "0"
+    }
+
+    fn target(&self, key: &str) -> Option<TargetInfo> {
+        lock(&self.store).target(key)
+    }
+
+    fn reset(&self) {
+        *lock(&self.store) = Store::default();
+    }
+
+    fn worker_env(&self) -> Vec<(&'static str, String)> {
+        vec![("TOKEN", self.options.token.clone())]
+    }
+}
+
+fn routes() -> Router<Arc<Sim>> {
     Router::new()
         .route("/operations/{operation_id}", get(read_operation))
         .route("/operations/{operation_id}/{action}", put(decide))
@@ -68,13 +161,13 @@ struct OperationView<'a> {
 }
 
 #[derive(Default)]
-pub(crate) struct Store {
+struct Store {
     transactions: HashMap<String, Transaction>,
     operations: HashMap<String, Operation>,
 }
 
 impl Store {
-    pub fn target(&self, id: &str) -> Option<TargetInfo> {
+    fn target(&self, id: &str) -> Option<TargetInfo> {
         self.transactions.get(id).map(|tx| tx.keys.info(tx.status))
     }
 
@@ -138,7 +231,7 @@ fn validation(field: &str, messages: Vec<String>) -> Response {
 }
 
 fn authorize(sim: &Sim, headers: &HeaderMap) -> Result<(), Response> {
-    if bearer(headers) == Some(sim.config.credentials.moneypipe_token.as_str()) {
+    if bearer(headers) == Some(sim.options.token.as_str()) {
         Ok(())
     } else {
         Err(error(StatusCode::UNAUTHORIZED, 2, "Unauthenticated"))
@@ -153,7 +246,7 @@ async fn read_transaction(
     if let Err(response) = authorize(&sim, &headers) {
         return response;
     }
-    let mut store = lock(&sim.moneypipe);
+    let mut store = lock(&sim.store);
     json(StatusCode::OK, &json!({"data": store.transaction(&id)}))
 }
 
@@ -165,7 +258,7 @@ async fn read_operation(
     if let Err(response) = authorize(&sim, &headers) {
         return response;
     }
-    let mut store = lock(&sim.moneypipe);
+    let mut store = lock(&sim.store);
     store.operation(&id);
     json(StatusCode::OK, &json!({"data": store.view(&id)}))
 }
@@ -250,9 +343,9 @@ async fn decide(
         Err(response) => return response,
     };
 
-    let counters = sim.counters(Provider::MoneyPipe);
+    let counters = &sim.counters;
     let key = idempotency_key(&headers);
-    let mut store = lock(&sim.moneypipe);
+    let mut store = lock(&sim.store);
     // A transaction belongs to the operation that first named it; checked
     // before anything is touched so a refused call leaves no trace.
     let foreign = ids.iter().any(|id| {

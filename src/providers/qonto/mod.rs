@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    CallContext, ConfirmationState, Observed, Provider, Reply, Verdict,
+    contract::{CallContext, ConfirmationState, Observed, Provider, Reply, Unit, Verdict},
     http::{self, Http, Response},
 };
 use crate::{
@@ -61,6 +61,16 @@ pub struct Qonto {
     auth: Auth,
     staging_token: Option<SecretString>,
 }
+
+pub mod sim;
+
+/// This provider's registry line: its name in decisions, its client, and
+/// its simulator half.
+pub(crate) const UNIT: Unit = Unit {
+    name: "qonto",
+    build,
+    sim: &sim::Half,
+};
 
 pub fn build(
     sections: &ProviderSections,
@@ -358,96 +368,4 @@ fn sca_token(body: &Value) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::decision::parse;
-
-    fn decision(target: &str, action: &str, reason: Option<&str>) -> Decision {
-        let reason = reason
-            .map(|r| format!(r#","reason":"{r}""#))
-            .unwrap_or_default();
-        parse(
-            format!(r#"{{"decision_id":"d","provider":"qonto","action":"{action}","target":{target}{reason}}}"#)
-                .as_bytes(),
-        )
-        .unwrap()
-    }
-
-    #[test]
-    fn singular_types_map_to_plural_paths() {
-        let d = decision(
-            r#"{"request_type":"virtual_card","request_id":"7b6f4c1e-3c55-4a56-9f5e-0d6a1c1f2a3b"}"#,
-            "approve",
-            None,
-        );
-        assert_eq!(target(&d).unwrap().0, "virtual_cards");
-    }
-
-    #[test]
-    fn target_rules() {
-        let q = |t: &str, a: &str, r: Option<&str>| {
-            let d = decision(t, a, r);
-            let provider = Qonto {
-                http: Http::new(
-                    std::time::Duration::from_secs(1),
-                    std::time::Duration::from_secs(1),
-                )
-                .unwrap(),
-                base: Url::parse("http://x").unwrap(),
-                auth: Auth::Bearer(SecretString::from("t")),
-                staging_token: None,
-            };
-            provider.validate(&d)
-        };
-        let id = "7b6f4c1e-3c55-4a56-9f5e-0d6a1c1f2a3b";
-        assert!(
-            q(
-                &format!(r#"{{"request_type":"transfers","request_id":"{id}"}}"#),
-                "reject",
-                Some("no")
-            )
-            .is_ok()
-        );
-        let e = q(
-            &format!(r#"{{"request_type":"transfers","request_id":"{id}"}}"#),
-            "reject",
-            None,
-        )
-        .unwrap_err();
-        assert!(e.contains("reason"), "{e}");
-        let e = q(
-            r#"{"request_type":"transfers","request_id":"../x"}"#,
-            "approve",
-            None,
-        )
-        .unwrap_err();
-        assert!(e.contains("UUID"), "{e}");
-        let e = q(
-            &format!(r#"{{"request_type":"loans","request_id":"{id}"}}"#),
-            "approve",
-            None,
-        )
-        .unwrap_err();
-        assert!(e.contains("request_type"), "{e}");
-        let e = q(
-            &format!(r#"{{"request_type":"transfers","request_id":"{id}","debit_iban":"x/y"}}"#),
-            "approve",
-            None,
-        )
-        .unwrap_err();
-        assert!(e.contains("debit_iban"), "{e}");
-    }
-
-    #[test]
-    fn parses_error_bodies() {
-        let body =
-            json!({"errors":[{"code":"kyc_not_accepted","detail":"Approver kyc is not accepted"}]});
-        assert_eq!(
-            error_code(&body),
-            (
-                Some("kyc_not_accepted".into()),
-                Some("Approver kyc is not accepted".into())
-            )
-        );
-    }
-}
+mod tests;

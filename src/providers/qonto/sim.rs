@@ -1,26 +1,40 @@
-//! Qonto Business API: request decline/approve with mandatory idempotency
-//! keys, SCA on approve, and the request list used for reconciliation
-//! (PROVIDERS.md section 1).
+//! Qonto's simulator half, written from Qonto's documentation (PROVIDERS.md
+//! section 1), not from the client: request decline/approve with mandatory
+//! idempotency keys, SCA on approve, and the request list used for
+//! reconciliation.
+//!
+//! Routes, relative to the base URL (`/qonto`):
+//! `POST /v2/requests/{plural_type}/{id}/decline`,
+//! `POST /v2/requests/{plural_type}/{id}/approve`, `GET /v2/requests`,
+//! `GET /v2/sca_sessions/{token}`,
+//! `POST /v2/mocked_sca_sessions/{token}/{allow|deny}`.
+
+// Handlers return a ready `Response` as their error: it is the natural early
+// exit in axum, errors are the uncommon path, and boxing would only add noise.
+#![allow(
+    clippy::result_large_err,
+    reason = "Response is the handlers' error type"
+)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::Response;
 use axum::routing::{get, post};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::state::{
-    KeyLog, Sim, applied, form_pairs, header_str, json, lock, now_rfc3339, number_param,
-    random_hex, rfc3339,
+use crate::tools::sim::kit::{
+    KeyLog, ScaAuto, TargetInfo, applied, header_str, json, lock, now_rfc3339, random_hex, rfc3339,
 };
-use super::stats::Counters;
-use super::{Provider, ScaAuto, TargetInfo};
+use crate::tools::sim::stats::Counters;
+use crate::tools::sim::unit::{CallKind, SimHalf, SimUnit, UnitOptions};
 
 const IDEMPOTENCY_HEADER: &str = "x-qonto-idempotency-key";
 const SCA_HEADER: &str = "x-qonto-sca-session-token";
@@ -28,7 +42,134 @@ const SCA_HEADER: &str = "x-qonto-sca-session-token";
 const SCA_LIFETIME: Duration = Duration::from_secs(15 * 60);
 const MAX_PER_PAGE: usize = 100;
 
-pub(crate) fn routes() -> Router<Arc<Sim>> {
+/// What the fake accepts and how it behaves; set through
+/// `SimConfig::with(Options { .. })`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub login: String,
+    pub secret_key: String,
+    /// Accepted as `Authorization: Bearer <token>` (Qonto's OAuth option).
+    pub access_token: String,
+    /// When set, every approve needs SCA, resolved by this rule.
+    pub sca_for_all_approvals: Option<ScaAuto>,
+    /// How long a cached success is replayed for an idempotency key.
+    pub idempotency_ttl: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            login: "sim-qonto".into(),
+            secret_key: "sim-qonto-secret".into(),
+            access_token: "sim-qonto-token".into(),
+            sca_for_all_approvals: None,
+            idempotency_ttl: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// The registry's handle on this half.
+pub(crate) struct Half;
+
+impl SimHalf for Half {
+    fn prefix(&self) -> &'static str {
+        "/qonto"
+    }
+
+    fn start(&self, options: &UnitOptions) -> Result<Arc<dyn SimUnit>, String> {
+        Ok(Arc::new(Sim {
+            options: options.get(),
+            store: Mutex::default(),
+            counters: Counters::default(),
+        }))
+    }
+
+    fn sample_target(&self, _action: &str) -> Value {
+        json!({"request_type": "transfers", "request_id": uuid::Uuid::new_v4().to_string()})
+    }
+
+    fn sample_key(&self, target: &Value) -> Option<String> {
+        target["request_id"].as_str().map(str::to_owned)
+    }
+
+    /// Request ids are UUIDs.
+    fn malformed_target(&self) -> Option<(&'static str, Value)> {
+        Some((
+            "approve",
+            json!({"request_type": "transfers", "request_id": "not-a-uuid"}),
+        ))
+    }
+
+    fn confirms(&self) -> bool {
+        true
+    }
+
+    fn decision_path(&self, key: &str) -> Option<String> {
+        Some(format!("/{key}/"))
+    }
+}
+
+/// One running fake: its options, its store and its counters.
+struct Sim {
+    options: Options,
+    store: Mutex<Store>,
+    counters: Counters,
+}
+
+impl SimUnit for Sim {
+    fn routes(self: Arc<Self>) -> Router {
+        routes().with_state(self)
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn error(&self, status: StatusCode, code: &str, message: &str) -> Response {
+        error(status, code, message)
+    }
+
+    fn fault_code(&self, rate_limited: bool) -> &'static str {
+        if rate_limited {
+            "too_many_requests"
+        } else {
+            "service_unavailable"
+        }
+    }
+
+    /// The sandbox's SCA mock plays the human: never faulted.
+    fn call_kind(&self, method: &Method, path: &str) -> CallKind {
+        if path.contains("/mocked_sca_sessions/") {
+            CallKind::Helper
+        } else if method == Method::POST {
+            CallKind::Decision
+        } else {
+            CallKind::Read
+        }
+    }
+
+    fn target(&self, key: &str) -> Option<TargetInfo> {
+        lock(&self.store).target(key)
+    }
+
+    fn reset(&self) {
+        *lock(&self.store) = Store::default();
+    }
+
+    fn worker_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("LOGIN", self.options.login.clone()),
+            ("SECRET_KEY", self.options.secret_key.clone()),
+        ]
+    }
+
+    fn require_confirmation(&self, key: &str, auto: ScaAuto) -> bool {
+        lock(&self.store).require_sca(key, auto);
+        true
+    }
+}
+
+fn routes() -> Router<Arc<Sim>> {
     Router::new()
         .route("/v2/requests", get(list))
         .route("/v2/requests/{request_type}/{id}/{action}", post(decide))
@@ -91,7 +232,7 @@ impl ScaSession {
 }
 
 #[derive(Default)]
-pub(crate) struct Store {
+struct Store {
     requests: HashMap<String, Request>,
     /// Creation order, so the list can answer newest first without sorting.
     order: Vec<String>,
@@ -101,11 +242,11 @@ pub(crate) struct Store {
 }
 
 impl Store {
-    pub fn require_sca(&mut self, request_id: &str, auto: ScaAuto) {
+    fn require_sca(&mut self, request_id: &str, auto: ScaAuto) {
         self.sca_rules.insert(request_id.to_owned(), auto);
     }
 
-    pub fn target(&self, id: &str) -> Option<TargetInfo> {
+    fn target(&self, id: &str) -> Option<TargetInfo> {
         self.requests.get(id).map(|r| r.keys.info(r.status))
     }
 
@@ -162,7 +303,10 @@ fn wrapped(request: &Request) -> Response {
 }
 
 fn error(status: StatusCode, code: &str, detail: &str) -> Response {
-    Provider::Qonto.error(status, code, detail)
+    json(
+        status,
+        &json!({"errors": [{"code": code, "detail": detail}]}),
+    )
 }
 
 fn error_at(status: StatusCode, code: &str, detail: &str, pointer: &str) -> Response {
@@ -180,9 +324,9 @@ fn authorize(sim: &Sim, headers: &HeaderMap) -> Result<(), Response> {
             "Authorization header is missing",
         ));
     };
-    let c = &sim.config.credentials;
-    let api_key_ok = value.split_once(':') == Some((&c.qonto_login, &c.qonto_secret_key));
-    let bearer_ok = value.strip_prefix("Bearer ") == Some(c.qonto_access_token.as_str());
+    let c = &sim.options;
+    let api_key_ok = value.split_once(':') == Some((&c.login, &c.secret_key));
+    let bearer_ok = value.strip_prefix("Bearer ") == Some(c.access_token.as_str());
     if api_key_ok || bearer_ok {
         Ok(())
     } else {
@@ -277,10 +421,10 @@ async fn decide(
             "/headers/X-Qonto-Idempotency-Key",
         );
     };
-    let ttl = sim.config.qonto_idempotency_ttl;
-    let counters = sim.counters(Provider::Qonto);
+    let ttl = sim.options.idempotency_ttl;
+    let counters = &sim.counters;
 
-    let mut store = lock(&sim.qonto);
+    let mut store = lock(&sim.store);
     // A cached success is replayed whatever the body or path says, like Qonto.
     if let Some(replay) = store.cached(key, ttl) {
         return replay;
@@ -293,7 +437,7 @@ async fn decide(
         .sca_rules
         .get(&id)
         .copied()
-        .or(sim.config.qonto_sca_for_all_approvals);
+        .or(sim.options.sca_for_all_approvals);
     let request = store.request(&id, request_type);
     if request.request_type != request_type {
         return not_found();
@@ -387,7 +531,7 @@ async fn sca_session(
     if let Err(response) = authorize(&sim, &headers) {
         return response;
     }
-    let store = lock(&sim.qonto);
+    let store = lock(&sim.store);
     match store.sca_sessions.get(&token) {
         Some(session) => json(
             StatusCode::OK,
@@ -411,7 +555,7 @@ async fn mock_sca(
         "deny" => "deny",
         _ => return error(StatusCode::NOT_FOUND, "not_found", "Not found"),
     };
-    let mut store = lock(&sim.qonto);
+    let mut store = lock(&sim.store);
     match store.sca_sessions.get_mut(&token) {
         Some(session) => {
             session.decided = Some(result);
@@ -424,17 +568,23 @@ async fn mock_sca(
     }
 }
 
+#[derive(Deserialize)]
+struct Paging {
+    page: Option<usize>,
+    per_page: Option<usize>,
+}
+
 /// `GET /v2/requests?status[]=..&request_type[]=..&page=&per_page=`, newest
-/// first.
+/// first. The filters repeat their key, so they are read as pairs.
 async fn list(
     State(sim): State<Arc<Sim>>,
-    RawQuery(query): RawQuery,
+    paging: Result<Query<Paging>, QueryRejection>,
+    Query(pairs): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> Response {
     if let Err(response) = authorize(&sim, &headers) {
         return response;
     }
-    let pairs = form_pairs(query.as_deref().unwrap_or(""));
     let values = |name: &str| -> Vec<&str> {
         let bracketed = format!("{name}[]");
         pairs
@@ -445,19 +595,16 @@ async fn list(
     };
     let statuses = values("status");
     let types = values("request_type");
-    let page = number_param(&pairs, "page");
-    let per_page = number_param(&pairs, "per_page");
-    let (page, per_page) = match (page, per_page) {
-        (Ok(page), Ok(per_page)) => (page.unwrap_or(1).max(1), per_page.unwrap_or(MAX_PER_PAGE)),
-        (Err(msg), _) | (_, Err(msg)) => {
-            return error_at(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_parameter",
-                &msg,
-                "/page",
-            );
-        }
+    let Ok(Query(paging)) = paging else {
+        return error_at(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_parameter",
+            "page and per_page must be non-negative integers",
+            "/page",
+        );
     };
+    let page = paging.page.unwrap_or(1).max(1);
+    let per_page = paging.per_page.unwrap_or(MAX_PER_PAGE);
     if per_page == 0 || per_page > MAX_PER_PAGE {
         return error_at(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -467,7 +614,7 @@ async fn list(
         );
     }
 
-    let store = lock(&sim.qonto);
+    let store = lock(&sim.store);
     let matching: Vec<&Request> = store
         .order
         .iter()

@@ -14,8 +14,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::faults::Faults;
-use super::state::{Sim, json};
-use super::{Provider, ScaAuto};
+use super::kit::{ScaAuto, json};
+use super::state::Sim;
 
 pub(crate) fn routes() -> Router<Arc<Sim>> {
     Router::new()
@@ -23,15 +23,15 @@ pub(crate) fn routes() -> Router<Arc<Sim>> {
         .route("/reset", post(reset))
         .route("/faults/{provider}", get(get_faults).put(put_faults))
         .route("/targets/{provider}/{key}", get(target))
-        .route("/qonto/sca", post(require_sca))
+        .route("/{provider}/sca", post(require_sca))
 }
 
 fn problem(status: StatusCode, message: impl Into<String>) -> Response {
     json(status, &json!({"error": message.into()}))
 }
 
-fn provider(name: &str) -> Result<Provider, Response> {
-    Provider::parse(name)
+fn provider(sim: &Sim, name: &str) -> Result<usize, Response> {
+    sim.index(name)
         .ok_or_else(|| problem(StatusCode::NOT_FOUND, format!("unknown provider {name:?}")))
 }
 
@@ -45,7 +45,7 @@ async fn reset(State(sim): State<Arc<Sim>>) -> Response {
 }
 
 async fn get_faults(State(sim): State<Arc<Sim>>, Path(name): Path<String>) -> Response {
-    match provider(&name) {
+    match provider(&sim, &name) {
         Ok(p) => json(StatusCode::OK, &sim.faults(p)),
         Err(response) => response,
     }
@@ -58,7 +58,7 @@ async fn put_faults(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
-    let p = match provider(&name) {
+    let p = match provider(&sim, &name) {
         Ok(p) => p,
         Err(response) => return response,
     };
@@ -77,14 +77,14 @@ async fn target(
     State(sim): State<Arc<Sim>>,
     Path((name, key)): Path<(String, String)>,
 ) -> Response {
-    let p = match provider(&name) {
+    let p = match provider(&sim, &name) {
         Ok(p) => p,
         Err(response) => return response,
     };
     match sim.target(p, &key) {
         Some(info) => json(
             StatusCode::OK,
-            &json!({"provider": p.name(), "key": key, "state": info.state, "keys": info.keys}),
+            &json!({"provider": sim.slots()[p].name, "key": key, "state": info.state, "keys": info.keys}),
         ),
         None => problem(StatusCode::NOT_FOUND, "target never seen"),
     }
@@ -99,7 +99,17 @@ struct ScaRequest {
     after_ms: u64,
 }
 
-async fn require_sca(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
+/// Makes approving a target wait for a human confirmation (for providers
+/// that have such a step) resolved by the given rule.
+async fn require_sca(
+    State(sim): State<Arc<Sim>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    let p = match provider(&sim, &name) {
+        Ok(p) => p,
+        Err(response) => return response,
+    };
     let request: ScaRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(e) => return problem(StatusCode::BAD_REQUEST, e.to_string()),
@@ -116,6 +126,12 @@ async fn require_sca(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
             );
         }
     };
-    sim.require_sca(&request.request_id, auto);
-    StatusCode::NO_CONTENT.into_response()
+    if sim.unit(p).require_confirmation(&request.request_id, auto) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        problem(
+            StatusCode::NOT_FOUND,
+            format!("{name} has no confirmation step"),
+        )
+    }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// HTTP statuses are below 600; one slot each avoids a map on the hot path.
 const STATUS_SLOTS: usize = 600;
 
-pub(crate) struct Counters {
+pub struct Counters {
     pub calls: AtomicU64,
     pub http2_calls: AtomicU64,
     pub state_changing_calls: AtomicU64,
@@ -106,14 +106,15 @@ pub struct ProviderStats {
     /// Requests to approve/reject/link endpoints, whatever their answer
     /// (faulted, refused, replayed or applied).
     pub state_changing_calls: u64,
-    /// Pending -> decided transitions (MoneyPipe: per transaction).
+    /// Pending -> decided transitions (per transaction where one call
+    /// decides several).
     pub state_changes: u64,
-    /// Decision calls that reached an already-decided target and were not a
-    /// Qonto idempotent replay. A correct worker keeps this at 0.
+    /// Decision calls that reached an already-decided target and were not an
+    /// idempotent replay. A correct worker keeps this at 0.
     pub double_state_changes: u64,
     /// Targets that received decision calls with two different idempotency keys.
     pub conflicting_keys: u64,
-    /// Access tokens issued (Ledger v2 token and refresh, FlexPay).
+    /// Access tokens issued (token exchanges and refreshes).
     pub token_issued: u64,
     /// Connections dropped without an answer (reset, timeout and
     /// apply-then-fail faults).
@@ -122,38 +123,21 @@ pub struct ProviderStats {
     pub by_status: BTreeMap<u16, u64>,
 }
 
-/// Counters of every provider; also served at `GET /_sim/stats`.
+/// Counters of every provider, keyed by its name; also served at
+/// `GET /_sim/stats` as `{"<name>": {...}, ...}`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SimStats {
-    pub qonto: ProviderStats,
-    pub ledger_v1: ProviderStats,
-    pub ledger_v2: ProviderStats,
-    pub moneypipe: ProviderStats,
-    pub flexpay: ProviderStats,
-}
+#[serde(transparent)]
+pub struct SimStats(pub BTreeMap<String, ProviderStats>);
 
 impl SimStats {
     pub fn provider(&self, name: &str) -> Option<&ProviderStats> {
-        match super::Provider::parse(name)? {
-            super::Provider::Qonto => Some(&self.qonto),
-            super::Provider::LedgerV1 => Some(&self.ledger_v1),
-            super::Provider::LedgerV2 => Some(&self.ledger_v2),
-            super::Provider::MoneyPipe => Some(&self.moneypipe),
-            super::Provider::FlexPay => Some(&self.flexpay),
-        }
+        self.0.get(name)
     }
 
     /// Sum over providers, e.g. to assert `double_state_changes == 0` once.
     pub fn total(&self) -> ProviderStats {
-        let all = [
-            &self.qonto,
-            &self.ledger_v1,
-            &self.ledger_v2,
-            &self.moneypipe,
-            &self.flexpay,
-        ];
         let mut total = ProviderStats::default();
-        for p in all {
+        for p in self.0.values() {
             total.calls += p.calls;
             total.http2_calls += p.http2_calls;
             total.state_changing_calls += p.state_changing_calls;
