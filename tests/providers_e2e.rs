@@ -3,7 +3,7 @@
 
 mod common;
 
-use approval_worker::sim::{self, PROVIDERS, SimConfig, samples};
+use approval_worker::sim::{self, SimConfig, samples};
 use common::{InProcessWorker, TestBroker};
 
 #[tokio::test]
@@ -37,7 +37,7 @@ async fn ten_decisions(name: &str, http2: bool) -> sim::SimHandle {
     broker.wait_consumer().await;
 
     let mut decisions = Vec::new();
-    for provider in PROVIDERS {
+    for provider in sim::providers() {
         for action in ["approve", "reject"] {
             let d = samples::decision(provider, action, &format!("e2e-{provider}-{action}"));
             broker.publish(&d).await;
@@ -72,7 +72,7 @@ async fn ten_decisions(name: &str, http2: bool) -> sim::SimHandle {
         assert_eq!(o.body["provider_state"], expected, "{id}");
     }
     let stats = sim.stats();
-    for p in PROVIDERS {
+    for p in sim::providers() {
         let s = stats.provider(p).unwrap();
         assert_eq!(s.state_changes, 2, "{p}");
         assert_eq!(s.double_state_changes, 0, "{p}");

@@ -92,9 +92,9 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     let topology = Topology::new(&prefix, settings.amqp.delivery_limit);
     let mut feed = Feed::declare(&conn, &topology).await?;
 
-    let known: Vec<&str> = sim::providers().collect();
+    let known = sim::providers();
     let mix: Vec<&str> = if options.providers.is_empty() {
-        known.clone()
+        known.to_vec()
     } else {
         options.providers.iter().map(String::as_str).collect()
     };

@@ -121,7 +121,7 @@ pub async fn run(config: Option<&Path>) -> Result<(), DemoError> {
                     .map(|_| ())
             }
         };
-    for provider in sim::providers() {
+    for &provider in sim::providers() {
         for action in ["approve", "reject"] {
             let id = format!("demo-{provider}-{action}");
             let d = samples::decision(provider, action, &id);

@@ -650,10 +650,11 @@ fn missing_credentials_disable_and_a_bad_template_is_refused() {
 
 /// The simulator half, driven over HTTP like the worker drives it.
 mod simulator {
+    use super::super::sim;
     use serde_json::{Value, json};
 
-    use super::{client, new_id, parts, sim, sim_with};
-    use crate::sim::{SimConfig, SimHandle};
+    use crate::tools::sim::testkit::{client, new_id, parts, sim, sim_with};
+    use crate::tools::sim::{SimConfig, SimHandle};
 
     async fn token(sim: &SimHandle) -> String {
         let url = format!("{}/v1/auth/token", sim.base_url("flexpay"));
@@ -722,8 +723,22 @@ mod simulator {
         let url = format!("{}/v1/transactions/{rejected}", sim.base_url("flexpay"));
         let (_, body) = parts(client().get(url).bearer_auth(&bearer).send().await.unwrap()).await;
         assert_eq!(body["data"]["status"], "REJECTED");
-        assert_eq!(sim.stats().flexpay.state_changes, 2);
-        assert_eq!(sim.stats().flexpay.token_issued, 1);
+        assert_eq!(
+            sim.stats()
+                .provider("flexpay")
+                .unwrap()
+                .clone()
+                .state_changes,
+            2
+        );
+        assert_eq!(
+            sim.stats()
+                .provider("flexpay")
+                .unwrap()
+                .clone()
+                .token_issued,
+            1
+        );
     }
 
     #[tokio::test]
@@ -754,16 +769,16 @@ mod simulator {
         assert_eq!(body["errorCode"], "TRANSACTION_NOT_PENDING");
         assert_eq!(body["message"], "Transaction is not awaiting acceptance");
         assert!(body["data"].is_null() && body["timestamp"].is_string());
-        let stats = sim.stats().flexpay;
+        let stats = sim.stats().provider("flexpay").unwrap().clone();
         assert_eq!((stats.double_state_changes, stats.conflicting_keys), (1, 1));
     }
 
     #[tokio::test]
     async fn oauth_token_shape_and_form_body() {
-        let sim = sim_with(SimConfig {
-            flexpay_oauth_token_shape: true,
-            ..SimConfig::default()
-        })
+        let sim = sim_with(SimConfig::default().with(sim::Options {
+            oauth_token_shape: true,
+            ..sim::Options::default()
+        }))
         .await;
         let url = format!("{}/v1/auth/token", sim.base_url("flexpay"));
         let form = [

@@ -345,8 +345,8 @@ fn verdicts() {
 mod simulator {
     use serde_json::{Value, json};
 
-    use super::{client, parts, sim};
-    use crate::sim::SimHandle;
+    use crate::tools::sim::SimHandle;
+    use crate::tools::sim::testkit::{client, parts, sim};
 
     const KEY: &str = "sim-ledger-v1-key";
 
@@ -405,7 +405,14 @@ mod simulator {
         );
         let target = sim.target("ledger_v1", &approved.to_string()).unwrap();
         assert_eq!(target.keys, [path]);
-        assert_eq!(sim.stats().ledger_v1.state_changes, 2);
+        assert_eq!(
+            sim.stats()
+                .provider("ledger_v1")
+                .unwrap()
+                .clone()
+                .state_changes,
+            2
+        );
     }
 
     #[tokio::test]
@@ -430,7 +437,14 @@ mod simulator {
         let (status, _) = post(&sim, "/transactions/abc/reject", KEY, None).await;
         assert_eq!(status, 404);
         assert_eq!(sim.target_state("ledger_v1", &id.to_string()), None);
-        assert_eq!(sim.stats().ledger_v1.state_changes, 0);
+        assert_eq!(
+            sim.stats()
+                .provider("ledger_v1")
+                .unwrap()
+                .clone()
+                .state_changes,
+            0
+        );
     }
 
     #[tokio::test]
@@ -451,7 +465,7 @@ mod simulator {
             body,
             json!({"message": "Transaction is not pending approval", "name": "InvalidTransactionStatus", "status_code": 400})
         );
-        let stats = sim.stats().ledger_v1;
+        let stats = sim.stats().provider("ledger_v1").unwrap().clone();
         assert_eq!(stats.double_state_changes, 1);
         assert_eq!(
             stats.conflicting_keys, 1,

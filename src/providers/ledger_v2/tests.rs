@@ -620,15 +620,16 @@ fn disabled_without_every_credential_and_checks_the_challenge_path() {
 
 /// The simulator half, driven over HTTP like the worker drives it.
 mod simulator {
+    use super::super::sim;
     use std::time::Duration;
 
     use base64::Engine as _;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use serde_json::{Value, json};
 
-    use super::{client, new_id, parts, sim, sim_with};
     use crate::jws::{DEMO_SIGNING_KEY_PEM, load_signing_key, sign_challenge};
-    use crate::sim::{SimConfig, SimHandle};
+    use crate::tools::sim::testkit::{client, new_id, parts, sim, sim_with};
+    use crate::tools::sim::{SimConfig, SimHandle};
 
     async fn token(sim: &SimHandle) -> Value {
         let url = format!("{}/rest/auth/token", sim.base_url("ledger_v2"));
@@ -697,7 +698,7 @@ mod simulator {
         let url = format!("{}/rest/requests/{rejected}", sim.base_url("ledger_v2"));
         let (_, body) = parts(client().get(url).bearer_auth(bearer).send().await.unwrap()).await;
         assert_eq!(body["state"], "REJECTED");
-        let stats = sim.stats().ledger_v2;
+        let stats = sim.stats().provider("ledger_v2").unwrap().clone();
         assert_eq!((stats.state_changes, stats.token_issued), (2, 1));
     }
 
@@ -741,7 +742,14 @@ mod simulator {
             .await
             .unwrap();
         assert_eq!(response.status(), 400);
-        assert_eq!(sim.stats().ledger_v2.double_state_changes, 0);
+        assert_eq!(
+            sim.stats()
+                .provider("ledger_v2")
+                .unwrap()
+                .clone()
+                .double_state_changes,
+            0
+        );
     }
 
     #[tokio::test]
@@ -761,7 +769,7 @@ mod simulator {
             (status, body["code"].clone()),
             (400, json!("REQUEST_NOT_PENDING"))
         );
-        let stats = sim.stats().ledger_v2;
+        let stats = sim.stats().provider("ledger_v2").unwrap().clone();
         assert_eq!((stats.double_state_changes, stats.conflicting_keys), (1, 1));
         assert_eq!(
             sim.target_state("ledger_v2", &id).as_deref(),
@@ -771,10 +779,10 @@ mod simulator {
 
     #[tokio::test]
     async fn unauthorized_expired_token_and_refresh() {
-        let sim = sim_with(SimConfig {
-            ledger_v2_access_ttl: Duration::ZERO,
-            ..SimConfig::default()
-        })
+        let sim = sim_with(SimConfig::default().with(sim::Options {
+            access_ttl: Duration::ZERO,
+            ..sim::Options::default()
+        }))
         .await;
         let base = sim.base_url("ledger_v2");
         let url = format!("{base}/rest/auth/token");
@@ -814,15 +822,22 @@ mod simulator {
         .await;
         assert_eq!(status, 200, "{body}");
         assert!(body["accessToken"].is_string() && body["refreshToken"].is_string());
-        assert_eq!(sim.stats().ledger_v2.token_issued, 2);
+        assert_eq!(
+            sim.stats()
+                .provider("ledger_v2")
+                .unwrap()
+                .clone()
+                .token_issued,
+            2
+        );
     }
 
     #[tokio::test]
     async fn benchmarks_may_skip_the_ecdsa_check_but_not_the_challenge_check() {
-        let sim = sim_with(SimConfig {
-            ledger_v2_verify_signatures: false,
-            ..SimConfig::default()
-        })
+        let sim = sim_with(SimConfig::default().with(sim::Options {
+            verify_signatures: false,
+            ..sim::Options::default()
+        }))
         .await;
         let bearer = access_token(&sim).await;
         let id = new_id();

@@ -540,8 +540,8 @@ fn missing_token_disables_and_a_bad_template_is_refused() {
 mod simulator {
     use serde_json::{Value, json};
 
-    use super::{client, new_id, parts, sim};
-    use crate::sim::SimHandle;
+    use crate::tools::sim::SimHandle;
+    use crate::tools::sim::testkit::{client, new_id, parts, sim};
 
     const TOKEN: &str = "sim-moneypipe-token";
 
@@ -605,7 +605,14 @@ mod simulator {
         let url = format!("{}/operations/{op}", sim.base_url("moneypipe"));
         let (_, body) = parts(client().get(url).bearer_auth(TOKEN).send().await.unwrap()).await;
         assert_eq!(body["data"]["transactions"].as_array().unwrap().len(), 2);
-        assert_eq!(sim.stats().moneypipe.state_changes, 2);
+        assert_eq!(
+            sim.stats()
+                .provider("moneypipe")
+                .unwrap()
+                .clone()
+                .state_changes,
+            2
+        );
     }
 
     #[tokio::test]
@@ -701,7 +708,7 @@ mod simulator {
             body,
             json!({"code": 9, "message": "Validation errors", "errors": {"tx_id": [format!("transaction {tx} is not pending")]}})
         );
-        let stats = sim.stats().moneypipe;
+        let stats = sim.stats().provider("moneypipe").unwrap().clone();
         assert_eq!((stats.double_state_changes, stats.conflicting_keys), (1, 1));
         assert_eq!(
             sim.target_state("moneypipe", &tx).as_deref(),

@@ -94,12 +94,13 @@ fn parses_error_bodies() {
 
 /// The simulator half, driven over HTTP like the worker drives it.
 mod simulator {
+    use super::super::sim;
     use std::time::Duration;
 
     use serde_json::{Value, json};
 
-    use super::{client, new_id, parts, sim, sim_with};
-    use crate::sim::{ScaAuto, SimConfig, SimHandle};
+    use crate::tools::sim::testkit::{client, new_id, parts, sim, sim_with};
+    use crate::tools::sim::{ScaAuto, SimConfig, SimHandle};
 
     const AUTH: &str = "sim-qonto:sim-qonto-secret";
 
@@ -155,7 +156,7 @@ mod simulator {
             sim.target_state("qonto", &approved).as_deref(),
             Some("approved")
         );
-        let stats = sim.stats().qonto;
+        let stats = sim.stats().provider("qonto").unwrap().clone();
         assert_eq!(stats.state_changes, 2);
         assert_eq!(stats.state_changing_calls, 2);
         assert_eq!(stats.double_state_changes, 0);
@@ -244,7 +245,7 @@ mod simulator {
         assert_eq!(body["errors"][0]["code"], "request_not_pending");
         assert_eq!(body["errors"][0]["source"]["pointer"], "/status");
 
-        let stats = sim.stats().qonto;
+        let stats = sim.stats().provider("qonto").unwrap().clone();
         assert_eq!(stats.double_state_changes, 1);
         assert_eq!(stats.conflicting_keys, 1);
         let target = sim.target("qonto", &id).unwrap();
@@ -281,7 +282,7 @@ mod simulator {
         assert_eq!(third, first);
         assert_eq!(first.1["request_multi_transfer"]["declined_note"], "first");
 
-        let stats = sim.stats().qonto;
+        let stats = sim.stats().provider("qonto").unwrap().clone();
         assert_eq!(stats.state_changes, 1);
         assert_eq!(stats.state_changing_calls, 3);
         assert_eq!(stats.double_state_changes, 0);
@@ -290,10 +291,10 @@ mod simulator {
 
     #[tokio::test]
     async fn cached_success_expires_after_the_ttl() {
-        let sim = sim_with(SimConfig {
-            qonto_idempotency_ttl: Duration::ZERO,
-            ..SimConfig::default()
-        })
+        let sim = sim_with(SimConfig::default().with(sim::Options {
+            idempotency_ttl: Duration::ZERO,
+            ..sim::Options::default()
+        }))
         .await;
         let id = new_id();
         let note = Some(json!({"declined_note": "x"}));
@@ -305,7 +306,14 @@ mod simulator {
         );
         let (status, _) = decide(&sim, "transfers", &id, "decline", "k", note).await;
         assert_eq!(status, 422, "an expired key is processed as a new request");
-        assert_eq!(sim.stats().qonto.double_state_changes, 1);
+        assert_eq!(
+            sim.stats()
+                .provider("qonto")
+                .unwrap()
+                .clone()
+                .double_state_changes,
+            1
+        );
     }
 
     async fn sca_session(sim: &SimHandle, token: &str) -> (u16, Value) {
@@ -373,19 +381,19 @@ mod simulator {
         let (status, body) = approve_with_sca(&sim, &id, "key", &token).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["request_transfer"]["status"], "approved");
-        let stats = sim.stats().qonto;
+        let stats = sim.stats().provider("qonto").unwrap().clone();
         assert_eq!((stats.state_changes, stats.double_state_changes), (1, 0));
         assert_eq!(stats.conflicting_keys, 0);
     }
 
     #[tokio::test]
     async fn sca_auto_rules_resolve_without_a_human() {
-        let sim = sim_with(SimConfig {
-            qonto_sca_for_all_approvals: Some(ScaAuto::Allow {
+        let sim = sim_with(SimConfig::default().with(sim::Options {
+            sca_for_all_approvals: Some(ScaAuto::Allow {
                 after: Duration::ZERO,
             }),
-            ..SimConfig::default()
-        })
+            ..sim::Options::default()
+        }))
         .await;
         let allowed = new_id();
         let (status, body) = decide(&sim, "flash_cards", &allowed, "approve", "k1", None).await;

@@ -38,7 +38,7 @@ pub(crate) mod unit;
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use axum::Router;
 use tokio::net::TcpListener;
@@ -55,8 +55,10 @@ use state::{Sim, Slot};
 /// Names of the simulated providers, in registry order, in the contract's
 /// spelling (CONTRACT.md section 4): what every `provider: &str` parameter
 /// accepts.
-pub fn providers() -> impl ExactSizeIterator<Item = &'static str> + Clone {
-    REGISTRY.iter().map(|unit| unit.name)
+pub fn providers() -> &'static [&'static str] {
+    static NAMES: LazyLock<Vec<&'static str>> =
+        LazyLock::new(|| REGISTRY.iter().map(|unit| unit.name).collect());
+    &NAMES
 }
 
 /// The registry unit named `name`.
@@ -114,7 +116,7 @@ pub async fn start(config: SimConfig, bind: SocketAddr) -> std::io::Result<SimHa
 /// connections, which the benchmark would then measure instead of the worker.
 pub async fn start_per_provider(config: SimConfig, ip: IpAddr) -> std::io::Result<SimHandle> {
     let mut handle = start(config, SocketAddr::new(ip, 0)).await?;
-    for name in providers() {
+    for &name in providers() {
         let listener = TcpListener::bind(SocketAddr::new(ip, 0)).await?;
         handle.provider_addrs.insert(name, listener.local_addr()?);
         tokio::spawn(run(handle.sim.clone(), listener));
@@ -173,7 +175,7 @@ impl SimHandle {
         self.sim.index(provider).unwrap_or_else(|| {
             panic!(
                 "unknown provider {provider:?}; use one of {:?}",
-                providers().collect::<Vec<_>>()
+                providers()
             )
         })
     }

@@ -1,13 +1,13 @@
 use serde_json::{Value, json};
 
-use super::{client, new_id, parts, sim};
-use crate::sim::{PROVIDERS, SimStats};
+use crate::tools::sim::testkit::{client, new_id, parts, sim};
+use crate::tools::sim::{SimStats, providers};
 
 #[tokio::test]
 async fn worker_env_points_at_the_sim_with_its_credentials() {
     let sim = sim().await;
     let env: std::collections::HashMap<String, String> = sim.worker_env().into_iter().collect();
-    for provider in PROVIDERS {
+    for provider in providers() {
         let key = format!("APPROVAL_PROVIDERS__{}__BASE_URL", provider.to_uppercase());
         assert_eq!(env[&key], sim.base_url(provider));
     }
@@ -134,7 +134,11 @@ async fn control_endpoints_drive_faults_sca_targets_and_reset() {
     assert_eq!(status, 200);
     let stats: SimStats = serde_json::from_value(stats).unwrap();
     assert_eq!(stats, sim.stats());
-    assert_eq!(stats.qonto.calls, 2, "control calls are not counted");
+    assert_eq!(
+        stats.provider("qonto").unwrap().calls,
+        2,
+        "control calls are not counted"
+    );
     assert_eq!(stats.total().state_changes, 1);
 
     let sca_id = new_id();

@@ -2,8 +2,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::{client, new_id, parts, sim, sim_with};
-use crate::sim::{Faults, SimConfig, SimHandle};
+use crate::tools::sim::testkit::{client, new_id, parts, sim, sim_with};
+use crate::tools::sim::{Faults, SimConfig, SimHandle};
 
 const QONTO_AUTH: &str = "sim-qonto:sim-qonto-secret";
 
@@ -56,7 +56,7 @@ async fn error_rate_one_answers_before_any_state_change() {
 
     sim.set_faults("qonto", Faults::default());
     assert_eq!(decline(&sim, &id, "k").send().await.unwrap().status(), 200);
-    let stats = sim.stats().qonto;
+    let stats = sim.stats().provider("qonto").unwrap().clone();
     assert_eq!((stats.state_changing_calls, stats.state_changes), (3, 1));
     assert_eq!(stats.by_status.get(&503), Some(&1));
 }
@@ -191,7 +191,7 @@ async fn reset_drops_the_connection_without_an_answer() {
     let err = decline(&sim, &id, "k").send().await.unwrap_err();
     assert!(err.status().is_none(), "{err:?}");
     assert_eq!(sim.target_state("qonto", &id), None);
-    let stats = sim.stats().qonto;
+    let stats = sim.stats().provider("qonto").unwrap().clone();
     assert_eq!((stats.dropped_connections, stats.state_changes), (1, 0));
     assert!(stats.by_status.is_empty());
 }
@@ -248,6 +248,6 @@ async fn apply_then_fail_changes_state_then_fails_and_qonto_replays() {
     let (status, body) = parts(decline(&sim, &id, "k").send().await.unwrap()).await;
     assert_eq!(status, 200);
     assert_eq!(body["request_transfer"]["status"], "declined");
-    let stats = sim.stats().qonto;
+    let stats = sim.stats().provider("qonto").unwrap().clone();
     assert_eq!((stats.state_changes, stats.double_state_changes), (1, 0));
 }
