@@ -1,7 +1,7 @@
 use serde_json::{Value, json};
 
 use crate::tools::sim::testkit::{client, new_id, parts, sim};
-use crate::tools::sim::{SimStats, providers};
+use crate::tools::sim::{ProviderStats, SimStats, providers};
 
 #[tokio::test]
 async fn worker_env_points_at_the_sim_with_its_credentials() {
@@ -167,7 +167,9 @@ async fn control_endpoints_drive_faults_sca_targets_and_reset() {
         .unwrap();
     assert_eq!(response.status(), 204);
     assert_eq!(sim.target_state("qonto", &id), None);
-    assert_eq!(sim.stats(), SimStats::default());
+    let stats = sim.stats();
+    assert_eq!(stats.0.len(), providers().len());
+    assert!(stats.0.values().all(|p| *p == ProviderStats::default()));
     // The idempotency cache was cleared too: the key is processed afresh.
     let (status, body): (u16, Value) = parts(decline().send().await.unwrap()).await;
     assert_eq!(
