@@ -819,5 +819,38 @@ mod simulator {
         assert_eq!(page["totalElements"], 1);
         assert_eq!(page["content"][0]["reference"], pending.as_str());
         assert_eq!(page["content"][0]["status"], "AWAITING_ACCEPTANCE");
+
+        let url = format!("{base}/v1/transactions/pending?size=-1");
+        let (status, body) =
+            parts(client().get(url).bearer_auth(&bearer).send().await.unwrap()).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["errorCode"], "VALIDATION_ERROR");
+    }
+
+    #[tokio::test]
+    async fn worker_env_names_the_credentials_the_fake_accepts() {
+        let sim = crate::tools::sim::testkit::sim().await;
+        let mut ours: Vec<(String, String)> = sim
+            .worker_env()
+            .into_iter()
+            .filter(|(key, _)| key.starts_with("APPROVAL_PROVIDERS__FLEXPAY__"))
+            .collect();
+        ours.sort();
+        let mut expected = vec![
+            (
+                "APPROVAL_PROVIDERS__FLEXPAY__BASE_URL".to_owned(),
+                format!("{}/flexpay/api", sim.root_url()),
+            ),
+            (
+                "APPROVAL_PROVIDERS__FLEXPAY__CLIENT_ID".to_owned(),
+                "sim-flexpay-client".to_owned(),
+            ),
+            (
+                "APPROVAL_PROVIDERS__FLEXPAY__CLIENT_SECRET".to_owned(),
+                "sim-flexpay-secret".to_owned(),
+            ),
+        ];
+        expected.sort();
+        assert_eq!(ours, expected);
     }
 }

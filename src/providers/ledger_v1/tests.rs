@@ -476,4 +476,27 @@ mod simulator {
             Some("REJECTED")
         );
     }
+
+    #[tokio::test]
+    async fn worker_env_names_the_credentials_the_fake_accepts() {
+        let sim = crate::tools::sim::testkit::sim().await;
+        let mut ours: Vec<(String, String)> = sim
+            .worker_env()
+            .into_iter()
+            .filter(|(key, _)| key.starts_with("APPROVAL_PROVIDERS__LEDGER_V1__"))
+            .collect();
+        ours.sort();
+        let mut expected = vec![
+            (
+                "APPROVAL_PROVIDERS__LEDGER_V1__BASE_URL".to_owned(),
+                format!("{}/ledger-v1", sim.root_url()),
+            ),
+            (
+                "APPROVAL_PROVIDERS__LEDGER_V1__API_KEY".to_owned(),
+                "sim-ledger-v1-key".to_owned(),
+            ),
+        ];
+        expected.sort();
+        assert_eq!(ours, expected);
+    }
 }

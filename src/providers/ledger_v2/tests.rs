@@ -852,4 +852,39 @@ mod simulator {
             200
         );
     }
+
+    #[tokio::test]
+    async fn worker_env_names_the_credentials_the_fake_accepts() {
+        let sim = crate::tools::sim::testkit::sim().await;
+        let mut ours: Vec<(String, String)> = sim
+            .worker_env()
+            .into_iter()
+            .filter(|(key, _)| key.starts_with("APPROVAL_PROVIDERS__LEDGER_V2__"))
+            .collect();
+        ours.sort();
+        let mut expected = vec![
+            (
+                "APPROVAL_PROVIDERS__LEDGER_V2__BASE_URL".to_owned(),
+                format!("{}/ledger-v2", sim.root_url()),
+            ),
+            (
+                "APPROVAL_PROVIDERS__LEDGER_V2__WORKSPACE".to_owned(),
+                "sim-workspace".to_owned(),
+            ),
+            (
+                "APPROVAL_PROVIDERS__LEDGER_V2__API_KEY_ID".to_owned(),
+                "sim-key-id".to_owned(),
+            ),
+            (
+                "APPROVAL_PROVIDERS__LEDGER_V2__API_KEY_SECRET".to_owned(),
+                "sim-key-secret".to_owned(),
+            ),
+            (
+                "APPROVAL_PROVIDERS__LEDGER_V2__SIGNING_KEY".to_owned(),
+                crate::jws::DEMO_SIGNING_KEY_PEM.to_owned(),
+            ),
+        ];
+        expected.sort();
+        assert_eq!(ours, expected);
+    }
 }

@@ -715,4 +715,27 @@ mod simulator {
             Some("confirmed")
         );
     }
+
+    #[tokio::test]
+    async fn worker_env_names_the_credentials_the_fake_accepts() {
+        let sim = crate::tools::sim::testkit::sim().await;
+        let mut ours: Vec<(String, String)> = sim
+            .worker_env()
+            .into_iter()
+            .filter(|(key, _)| key.starts_with("APPROVAL_PROVIDERS__MONEYPIPE__"))
+            .collect();
+        ours.sort();
+        let mut expected = vec![
+            (
+                "APPROVAL_PROVIDERS__MONEYPIPE__BASE_URL".to_owned(),
+                format!("{}/moneypipe/v1", sim.root_url()),
+            ),
+            (
+                "APPROVAL_PROVIDERS__MONEYPIPE__TOKEN".to_owned(),
+                "sim-moneypipe-token".to_owned(),
+            ),
+        ];
+        expected.sort();
+        assert_eq!(ours, expected);
+    }
 }

@@ -500,5 +500,38 @@ mod simulator {
             .await
             .unwrap();
         assert_eq!(response.status(), 422);
+
+        let url = format!("{}/v2/requests?page=two", sim.base_url("qonto"));
+        let request = client().get(url).header("Authorization", AUTH);
+        let (status, body) = parts(request.send().await.unwrap()).await;
+        assert_eq!(status, 422, "{body}");
+        assert_eq!(body["errors"][0]["code"], "invalid_parameter");
+    }
+
+    #[tokio::test]
+    async fn worker_env_names_the_credentials_the_fake_accepts() {
+        let sim = crate::tools::sim::testkit::sim().await;
+        let mut ours: Vec<(String, String)> = sim
+            .worker_env()
+            .into_iter()
+            .filter(|(key, _)| key.starts_with("APPROVAL_PROVIDERS__QONTO__"))
+            .collect();
+        ours.sort();
+        let mut expected = vec![
+            (
+                "APPROVAL_PROVIDERS__QONTO__BASE_URL".to_owned(),
+                format!("{}/qonto", sim.root_url()),
+            ),
+            (
+                "APPROVAL_PROVIDERS__QONTO__LOGIN".to_owned(),
+                "sim-qonto".to_owned(),
+            ),
+            (
+                "APPROVAL_PROVIDERS__QONTO__SECRET_KEY".to_owned(),
+                "sim-qonto-secret".to_owned(),
+            ),
+        ];
+        expected.sort();
+        assert_eq!(ours, expected);
     }
 }
