@@ -32,7 +32,7 @@ pub struct CallContext {
     pub idempotency_key: String,
     /// 1-based number of this call across every delivery of the decision.
     pub attempt: u32,
-    /// Set when replaying a call after a human confirmed it (Qonto SCA).
+    /// Set when replaying a call after a human confirmed it (an SCA session).
     pub confirmation_token: Option<String>,
 }
 
@@ -44,7 +44,7 @@ pub enum Reply {
         state: Option<String>,
         response: Value,
     },
-    /// A human must confirm first (Qonto 428 + SCA session).
+    /// A human must confirm first (for example 428 and an SCA session).
     NeedsConfirmation {
         token: String,
         expires_at: Option<String>,

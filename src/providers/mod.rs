@@ -8,7 +8,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use crate::settings::{Settings, SettingsError};
+use crate::settings::{ProviderSections, Settings, SettingsError};
 
 pub mod auth;
 mod contract;
@@ -51,10 +51,7 @@ impl Registry {
         Self::build(&settings.providers, &http)
     }
 
-    pub fn build(
-        sections: &crate::settings::ProviderSections,
-        http: &http::Http,
-    ) -> Result<Self, SettingsError> {
+    pub fn build(sections: &ProviderSections, http: &http::Http) -> Result<Self, SettingsError> {
         let mut providers = BTreeMap::new();
         for unit in REGISTRY {
             providers.insert(unit.name, (unit.build)(sections, http)?);

@@ -15,6 +15,10 @@
 //! when it does not exist we fall back to the pending list, whose silence
 //! proves nothing about the outcome.
 
+pub mod sim;
+#[cfg(test)]
+mod tests;
+
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
@@ -70,12 +74,10 @@ pub struct FlexPay {
     tokens: TokenCache,
 }
 
-pub mod sim;
-
 /// This provider's registry line: its name in decisions, its client, and
 /// its simulator half.
 pub(crate) const UNIT: Unit = Unit {
-    name: "flexpay",
+    name: NAME,
     build,
     sim: &sim::Half,
 };
@@ -451,6 +453,3 @@ impl Provider for FlexPay {
         })
     }
 }
-
-#[cfg(test)]
-mod tests;

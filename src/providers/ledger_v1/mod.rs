@@ -12,6 +12,10 @@
 //! Rate limiting answers HTTP 420 (not 429) with `Retry-After` /
 //! `X-RateLimit-Reset`. Errors are `{message, name, status_code}`.
 
+pub mod sim;
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -66,12 +70,10 @@ pub struct LedgerV1 {
     api_key: SecretString,
 }
 
-pub mod sim;
-
 /// This provider's registry line: its name in decisions, its client, and
 /// its simulator half.
 pub(crate) const UNIT: Unit = Unit {
-    name: "ledger_v1",
+    name: NAME,
     build,
     sim: &sim::Half,
 };
@@ -296,6 +298,3 @@ impl Provider for LedgerV1 {
         })
     }
 }
-
-#[cfg(test)]
-mod tests;

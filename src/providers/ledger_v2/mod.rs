@@ -22,6 +22,10 @@
 //! `PENDING_FIRST_APPROVAL`; approved `APPROVED`, `SIGNED`, `SUBMITTED`;
 //! rejected `REJECTED`, `ABORTED`; anything else is a conflict.
 
+pub mod sim;
+#[cfg(test)]
+mod tests;
+
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
@@ -88,12 +92,10 @@ pub struct LedgerV2 {
     tokens: TokenCache,
 }
 
-pub mod sim;
-
 /// This provider's registry line: its name in decisions, its client, and
 /// its simulator half.
 pub(crate) const UNIT: Unit = Unit {
-    name: "ledger_v2",
+    name: NAME,
     build,
     sim: &sim::Half,
 };
@@ -502,6 +504,3 @@ impl Provider for LedgerV2 {
         })
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -13,6 +13,10 @@
 //! returned operation; anything less is ambiguous and gets reconciled with
 //! `GET /transactions/{id}` per transaction.
 
+pub mod sim;
+#[cfg(test)]
+mod tests;
+
 use std::{collections::HashSet, sync::Arc};
 
 use async_trait::async_trait;
@@ -73,12 +77,10 @@ pub struct MoneyPipe {
     reject_path: String,
 }
 
-pub mod sim;
-
 /// This provider's registry line: its name in decisions, its client, and
 /// its simulator half.
 pub(crate) const UNIT: Unit = Unit {
-    name: "moneypipe",
+    name: NAME,
     build,
     sim: &sim::Half,
 };
@@ -481,6 +483,3 @@ impl Provider for MoneyPipe {
         })
     }
 }
-
-#[cfg(test)]
-mod tests;

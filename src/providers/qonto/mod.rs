@@ -5,6 +5,10 @@
 //! given); a 428 starts the SCA wait. Both carry `X-Qonto-Idempotency-Key`,
 //! and Qonto replays the cached success for a key within 30 minutes.
 
+pub mod sim;
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -62,12 +66,10 @@ pub struct Qonto {
     staging_token: Option<SecretString>,
 }
 
-pub mod sim;
-
 /// This provider's registry line: its name in decisions, its client, and
 /// its simulator half.
 pub(crate) const UNIT: Unit = Unit {
-    name: "qonto",
+    name: NAME,
     build,
     sim: &sim::Half,
 };
@@ -366,6 +368,3 @@ fn sca_token(body: &Value) -> Option<String> {
         .filter(|t| !t.is_empty() && t.len() <= 512)
         .map(str::to_owned)
 }
-
-#[cfg(test)]
-mod tests;
