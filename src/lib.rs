@@ -22,4 +22,4 @@ pub mod tools;
 pub mod worker;
 
 // The tools keep their short paths for the binary and the integration tests.
-pub use tools::{bench, capture, demo, sim};
+pub use tools::{bench, demo, sim};

@@ -37,10 +37,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::{
     broker::{self, Publisher, Topology},
-    capture,
     providers::REGISTRY,
     settings::Settings,
-    sim::{self, Faults, SimConfig, samples},
+    tools::{
+        capture,
+        sim::{self, Faults, SimConfig, samples},
+    },
     worker,
 };
 

@@ -13,10 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     broker::{self, Topology},
-    capture,
     providers::{REGISTRY, Registry},
     settings::Settings,
-    sim::{self, ScaAuto, SimConfig, samples},
+    tools::{
+        capture,
+        sim::{self, ScaAuto, SimConfig, samples},
+    },
     worker::Worker,
 };
 
@@ -133,13 +135,17 @@ pub async fn run(config: Option<&Path>) -> Result<(), DemoError> {
     // confirmation, a target the worker must refuse.
     let transient = REGISTRY
         .iter()
-        .find(|unit| !unit.sim.confirms() && unit.sim.decision_path("").is_some());
-    if let Some(unit) = transient {
-        let flaky = samples::decision(unit.name, "reject", "demo-transient");
-        sim.fail_next_for(unit.name, &samples::target_key(&flaky), 2, 503);
+        .filter(|unit| !unit.sim.confirms())
+        .find_map(|unit| {
+            let flaky = samples::decision(unit.name, "reject", "demo-transient");
+            let key = samples::target_key(&flaky);
+            sim.fail_next_for(unit.name, &key, 2, 503)
+                .then_some((unit.name, flaky))
+        });
+    if let Some((provider, flaky)) = transient {
         publish(
             flaky.to_string().into_bytes(),
-            unit.name,
+            provider,
             "reject",
             "demo-transient",
             "2 x 503 first",
