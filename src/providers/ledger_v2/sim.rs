@@ -147,10 +147,8 @@ impl SimUnit for Sim {
     fn call_kind(&self, method: &Method, path: &str) -> CallKind {
         if path.contains("/auth/token") {
             CallKind::Auth
-        } else if method == Method::POST {
-            CallKind::Decision
         } else {
-            CallKind::Read
+            CallKind::by_method(method)
         }
     }
 

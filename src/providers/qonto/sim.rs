@@ -141,10 +141,8 @@ impl SimUnit for Sim {
     fn call_kind(&self, method: &Method, path: &str) -> CallKind {
         if path.contains("/mocked_sca_sessions/") {
             CallKind::Helper
-        } else if method == Method::POST {
-            CallKind::Decision
         } else {
-            CallKind::Read
+            CallKind::by_method(method)
         }
     }
 

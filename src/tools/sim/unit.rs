@@ -74,6 +74,17 @@ pub enum CallKind {
     Decision,
 }
 
+impl CallKind {
+    /// Writes decide, anything else reads.
+    pub fn by_method(method: &Method) -> Self {
+        if method == Method::POST || method == Method::PUT {
+            Self::Decision
+        } else {
+            Self::Read
+        }
+    }
+}
+
 /// One running fake.
 pub trait SimUnit: Send + Sync + 'static {
     /// The fake's routes, relative to its prefix, with its state attached.
@@ -108,11 +119,7 @@ pub trait SimUnit: Send + Sync + 'static {
     }
 
     fn call_kind(&self, method: &Method, _path: &str) -> CallKind {
-        if method == Method::POST || method == Method::PUT {
-            CallKind::Decision
-        } else {
-            CallKind::Read
-        }
+        CallKind::by_method(method)
     }
 
     /// The target filed under `key`; `None` if never seen.
