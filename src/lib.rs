@@ -5,15 +5,13 @@
 //! decision) → `providers` (one module per provider behind one trait) →
 //! `retry` (error classes, backoff) → `decision`, `outcome` (messages).
 //! Beside them: `broker` (RabbitMQ), `settings`, `telemetry`, and the
-//! binary's `commands`.
+//! binary's `commands`; apart, in `tools`: the provider simulator, `demo`,
+//! `bench` and the outcome capture.
 
 pub mod admin;
-pub mod bench;
 pub mod broker;
-pub mod capture;
 pub mod commands;
 pub mod decision;
-pub mod demo;
 pub mod jws;
 pub mod locks;
 pub mod outcome;
@@ -22,6 +20,9 @@ pub mod readiness;
 pub mod retry;
 pub mod settings;
 mod shutdown;
-pub mod sim;
 pub mod telemetry;
+pub mod tools;
 pub mod worker;
+
+// The tools keep their short paths for the binary and the integration tests.
+pub use tools::{bench, demo, sim};

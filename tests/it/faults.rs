@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use approval_worker::sim::{Faults, PROVIDERS, SimHandle, samples};
+use approval_worker::sim::{self, Faults, SimHandle, samples};
 use rand::Rng;
 use serde_json::Value;
 
@@ -19,7 +19,7 @@ use crate::helpers::{
 
 fn assert_no_double_application(sim: &SimHandle) {
     let stats = sim.stats();
-    for p in PROVIDERS {
+    for p in sim::providers() {
         let s = stats.provider(p).unwrap();
         assert_eq!(
             s.double_state_changes, 0,
@@ -74,7 +74,7 @@ async fn sigkill_mid_flight_loses_nothing_and_applies_nothing_twice() {
     let total = 800;
     let mut ids = BTreeSet::new();
     for i in 0..total {
-        let provider = PROVIDERS[i % PROVIDERS.len()];
+        let provider = sim::providers()[i % sim::providers().len()];
         let action = if i % 2 == 0 { "approve" } else { "reject" };
         let d = samples::decision(provider, action, &format!("crash-{i}"));
         ids.insert(d["decision_id"].as_str().unwrap().to_owned());
@@ -119,7 +119,7 @@ async fn sigkill_mid_flight_loses_nothing_and_applies_nothing_twice() {
     );
     assert_no_double_application(sim);
     let stats = sim.stats();
-    let changes: u64 = PROVIDERS
+    let changes: u64 = sim::providers()
         .iter()
         .map(|p| stats.provider(p).unwrap().state_changes)
         .sum();
@@ -158,7 +158,7 @@ async fn a_provider_storm_ends_applied_within_the_attempt_limit() {
     let total = 200;
     let mut ids = BTreeSet::new();
     for i in 0..total {
-        let provider = PROVIDERS[i % PROVIDERS.len()];
+        let provider = sim::providers()[i % sim::providers().len()];
         let action = if i % 3 == 0 { "reject" } else { "approve" };
         let d = samples::decision(provider, action, &format!("storm-{i}"));
         ids.insert(d["decision_id"].as_str().unwrap().to_owned());
@@ -173,7 +173,7 @@ async fn a_provider_storm_ends_applied_within_the_attempt_limit() {
         *histogram.entry(calls).or_default() += 1;
     }
     let stats = sim.stats();
-    let by_status: BTreeMap<u16, u64> = PROVIDERS
+    let by_status: BTreeMap<u16, u64> = sim::providers()
         .iter()
         .flat_map(|p| stats.provider(p).unwrap().by_status.clone())
         .fold(BTreeMap::new(), |mut acc, (s, n)| {
@@ -247,7 +247,7 @@ async fn one_provider_down_does_not_slow_the_others() {
     let started = Instant::now();
     let mut others = BTreeSet::new();
     for i in 0..200 {
-        let provider = PROVIDERS[1 + i % 4];
+        let provider = sim::providers()[1 + i % 4];
         let d = samples::decision(provider, "approve", &format!("up-{i}"));
         others.insert(d["decision_id"].as_str().unwrap().to_owned());
         broker.publish(&d).await;

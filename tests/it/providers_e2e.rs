@@ -1,7 +1,7 @@
 //! Every provider end to end: the real broker, the worker, and the
 //! project's provider simulator.
 
-use approval_worker::sim::{Faults, PROVIDERS, samples};
+use approval_worker::sim::{self, Faults, samples};
 
 use crate::helpers::app::{App, TestApp, spawn_app};
 
@@ -30,7 +30,7 @@ async fn ten_decisions(name: &str, http2: bool) -> TestApp {
     let (broker, sim) = (&app.broker, app.sim());
 
     let mut decisions = Vec::new();
-    for provider in PROVIDERS {
+    for provider in sim::providers() {
         for action in ["approve", "reject"] {
             let d = samples::decision(provider, action, &format!("e2e-{provider}-{action}"));
             broker.publish(&d).await;
@@ -65,7 +65,7 @@ async fn ten_decisions(name: &str, http2: bool) -> TestApp {
         assert_eq!(o.body["provider_state"], expected, "{id}");
     }
     let stats = sim.stats();
-    for p in PROVIDERS {
+    for p in sim::providers() {
         let s = stats.provider(p).unwrap();
         assert_eq!(s.state_changes, 2, "{p}");
         assert_eq!(s.double_state_changes, 0, "{p}");

@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use approval_worker::sim::{self, Faults, PROVIDERS, SimConfig, SimHandle};
+use approval_worker::sim::{self, Faults, SimConfig, SimHandle};
 use wiremock::MockServer;
 
 use super::{
@@ -92,8 +92,8 @@ pub async fn spawn_app(app: App) -> TestApp {
         }
         Providers::Simulator(faults) => {
             let mut config = SimConfig::default();
-            for p in PROVIDERS {
-                config.faults.insert(p.to_owned(), faults);
+            for p in sim::providers() {
+                config.faults.insert(p.to_string(), faults);
             }
             let handle = sim::start(config, "127.0.0.1:0".parse().unwrap())
                 .await

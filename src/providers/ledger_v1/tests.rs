@@ -1,0 +1,502 @@
+//! The client's contract tests (wiremock), then the simulator half's tests.
+
+use std::time::Duration;
+
+use serde_json::json;
+use wiremock::{
+    Mock, MockServer, ResponseTemplate,
+    matchers::{method, path},
+};
+
+use super::*;
+use crate::{decision::parse, settings::Settings};
+
+const API_KEY: &str = "v1-api-key-s3cr3t";
+
+fn decision(action: &str, target: Value) -> Decision {
+    parse(
+        json!({
+            "decision_id": "d-1",
+            "provider": NAME,
+            "action": action,
+            "target": target,
+        })
+        .to_string()
+        .as_bytes(),
+    )
+    .unwrap()
+}
+
+fn ctx() -> CallContext {
+    CallContext {
+        idempotency_key: "idem-v1-1".into(),
+        attempt: 1,
+        confirmation_token: None,
+    }
+}
+
+fn provider(base_url: &str) -> Arc<dyn Provider> {
+    let settings = Settings::load_from(
+        None,
+        vec![
+            (
+                "APPROVAL_PROVIDERS__LEDGER_V1__BASE_URL".to_owned(),
+                base_url.to_owned(),
+            ),
+            (
+                "APPROVAL_PROVIDERS__LEDGER_V1__API_KEY".to_owned(),
+                API_KEY.to_owned(),
+            ),
+        ],
+    )
+    .unwrap();
+    let http = Http::new(Duration::from_secs(5), Duration::from_secs(5)).unwrap();
+    build(&settings.providers, &http).unwrap().expect("enabled")
+}
+
+fn approve_target() -> Value {
+    json!({
+        "transaction_id": 42,
+        "account_name": "BTC hot",
+        "recipient": "tb1q2tvjts80vthcywq9au2yynpezca57mvv0j7lzm",
+        "amount": "1432199",
+    })
+}
+
+fn header<'a>(r: &'a wiremock::Request, name: &str) -> Option<&'a str> {
+    r.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test]
+async fn disabled_without_an_api_key() {
+    let settings = Settings::load_from(None, Vec::<(String, String)>::new()).unwrap();
+    let http = Http::new(Duration::from_secs(1), Duration::from_secs(1)).unwrap();
+    assert!(build(&settings.providers, &http).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn reject_posts_without_body_and_parses_the_status() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/transactions/42/reject"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"id": 42, "status": "REJECTED"})),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let p = provider(&server.uri());
+    let d = decision("reject", json!({"transaction_id": 42}));
+    p.validate(&d).unwrap();
+    let Reply::Done { state, response } = p.apply(&d, &ctx()).await.unwrap() else {
+        panic!("expected Done");
+    };
+    assert_eq!(state.as_deref(), Some("REJECTED"));
+    assert_eq!(response["id"], 42);
+
+    let calls = server.received_requests().await.unwrap();
+    assert_eq!(calls.len(), 1);
+    let r = &calls[0];
+    assert_eq!(r.method.as_str(), "POST");
+    assert_eq!(r.url.path(), "/transactions/42/reject");
+    assert_eq!(header(r, "x-ledger-api-key"), Some(API_KEY));
+    assert_eq!(header(r, "idempotency-key"), Some("idem-v1-1"));
+    assert_eq!(header(r, "accept"), Some("application/json"));
+    assert_eq!(header(r, "content-type"), None);
+    assert!(r.body.is_empty());
+}
+
+#[tokio::test]
+async fn approve_sends_the_five_creation_fields_and_counts_pending_approval_as_applied() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/transactions/42/approve"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": 42, "status": "PENDING_APPROVAL"})),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let p = provider(&server.uri());
+    let d = decision("approve", approve_target());
+    p.validate(&d).unwrap();
+    let Reply::Done { state, .. } = p.apply(&d, &ctx()).await.unwrap() else {
+        panic!("expected Done");
+    };
+    assert_eq!(state.as_deref(), Some("PENDING_APPROVAL"));
+
+    let calls = server.received_requests().await.unwrap();
+    assert_eq!(calls.len(), 1);
+    let r = &calls[0];
+    assert_eq!(r.method.as_str(), "POST");
+    assert_eq!(r.url.path(), "/transactions/42/approve");
+    assert_eq!(header(r, "x-ledger-api-key"), Some(API_KEY));
+    assert_eq!(header(r, "idempotency-key"), Some("idem-v1-1"));
+    assert_eq!(header(r, "content-type"), Some("application/json"));
+    assert_eq!(
+        std::str::from_utf8(&r.body).unwrap(),
+        r#"{"account_name":"BTC hot","recipient":"tb1q2tvjts80vthcywq9au2yynpezca57mvv0j7lzm","amount":"1432199","max_fees":null,"coin_fields":null}"#
+    );
+}
+
+#[tokio::test]
+async fn approve_passes_coin_fields_through() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/transactions/7/approve"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"status": "APPROVED"})))
+        .mount(&server)
+        .await;
+    let p = provider(&server.uri());
+    let d = decision(
+        "approve",
+        json!({"transaction_id": 7, "account_name": "a", "recipient": "r",
+               "amount": null, "max_fees": "2100", "coin_fields": {"fees_per_byte": 10}}),
+    );
+    p.apply(&d, &ctx()).await.unwrap();
+    let calls = server.received_requests().await.unwrap();
+    assert_eq!(
+        std::str::from_utf8(&calls[0].body).unwrap(),
+        r#"{"account_name":"a","recipient":"r","amount":null,"max_fees":"2100","coin_fields":{"fees_per_byte":10}}"#
+    );
+}
+
+#[test]
+fn validation_rules() {
+    let p = provider("http://127.0.0.1:9");
+    let check = |action: &str, target: Value| p.validate(&decision(action, target));
+
+    assert!(check("reject", json!({"transaction_id": 1})).is_ok());
+    for bad in [json!("42"), json!(4.2), json!(0), json!(-3), json!(null)] {
+        let e = check("reject", json!({"transaction_id": bad})).unwrap_err();
+        assert!(e.contains("transaction_id"), "{e}");
+    }
+    let e = check("reject", json!({})).unwrap_err();
+    assert!(
+        e.contains("missing required field target.transaction_id"),
+        "{e}"
+    );
+
+    let mut t = approve_target();
+    t.as_object_mut().unwrap().remove("account_name");
+    let e = check("approve", t).unwrap_err();
+    assert!(e.contains("account_name"), "{e}");
+
+    let mut t = approve_target();
+    t.as_object_mut().unwrap().remove("recipient");
+    let e = check("approve", t).unwrap_err();
+    assert!(e.contains("recipient"), "{e}");
+
+    for (field, bad) in [
+        ("amount", json!(100)),
+        ("amount", json!("1.5")),
+        ("max_fees", json!("")),
+        ("coin_fields", json!([1])),
+    ] {
+        let mut t = approve_target();
+        t[field] = bad;
+        let e = check("approve", t).unwrap_err();
+        assert!(e.contains(field), "{e}");
+    }
+}
+
+#[tokio::test]
+async fn error_bodies_give_message_name_and_status() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/transactions/42/reject"))
+        .respond_with(ResponseTemplate::new(404).set_body_json(json!({
+            "message": "Transaction not found",
+            "name": "NotFoundError",
+            "status_code": 404
+        })))
+        .mount(&server)
+        .await;
+    let p = provider(&server.uri());
+    let e = p
+        .apply(&decision("reject", json!({"transaction_id": 42})), &ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Permanent);
+    assert_eq!(e.message, "Transaction not found");
+    assert_eq!(e.provider_code.as_deref(), Some("NotFoundError"));
+    assert_eq!(e.http_status, Some(404));
+    assert!(!e.message.contains(API_KEY));
+}
+
+#[test]
+fn classes_of_statuses() {
+    let class = |status: u16| {
+        LedgerV1::classify(&Response {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: Default::default(),
+            body: Value::Null,
+        })
+        .class
+    };
+    for s in [420, 429, 500, 503] {
+        assert_eq!(class(s), ErrorClass::Retryable, "{s}");
+    }
+    for s in [401, 403] {
+        assert_eq!(class(s), ErrorClass::Auth, "{s}");
+    }
+    for s in [400, 409, 422] {
+        assert_eq!(class(s), ErrorClass::Ambiguous, "{s}");
+    }
+    assert_eq!(class(404), ErrorClass::Permanent);
+}
+
+#[tokio::test]
+async fn rate_limit_420_is_retryable_after_the_asked_delay() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/transactions/1/reject"))
+        .respond_with(
+            ResponseTemplate::new(420)
+                .insert_header("Retry-After", "7")
+                .set_body_json(json!({"message": "Rate limit exceeded", "name": "RateLimit", "status_code": 420})),
+        )
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/transactions/2/reject"))
+        .respond_with(ResponseTemplate::new(420).insert_header("X-RateLimit-Reset", "12"))
+        .mount(&server)
+        .await;
+    let p = provider(&server.uri());
+
+    let e = p
+        .apply(&decision("reject", json!({"transaction_id": 1})), &ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Retryable);
+    assert_eq!(e.http_status, Some(420));
+    assert_eq!(e.retry_after, Some(Duration::from_secs(7)));
+    assert_eq!(e.message, "Rate limit exceeded");
+
+    let e = p
+        .apply(&decision("reject", json!({"transaction_id": 2})), &ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Retryable);
+    assert_eq!(e.retry_after, Some(Duration::from_secs(12)));
+    assert_eq!(e.message, "provider answered HTTP 420");
+}
+
+#[tokio::test]
+async fn read_state_reads_the_transaction() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/transactions/42"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"id": 42, "status": "SIGNED"})),
+        )
+        .mount(&server)
+        .await;
+    let p = provider(&server.uri());
+    let seen = p
+        .read_state(&decision("approve", approve_target()))
+        .await
+        .unwrap();
+    assert_eq!(seen.state, "SIGNED");
+    assert_eq!(seen.verdict, Verdict::AsDecided);
+    let seen = p
+        .read_state(&decision("reject", json!({"transaction_id": 42})))
+        .await
+        .unwrap();
+    assert_eq!(seen.verdict, Verdict::Conflict);
+
+    let calls = server.received_requests().await.unwrap();
+    let r = &calls[0];
+    assert_eq!(r.method.as_str(), "GET");
+    assert_eq!(r.url.path(), "/transactions/42");
+    assert_eq!(header(r, "x-ledger-api-key"), Some(API_KEY));
+    assert!(r.body.is_empty());
+}
+
+#[test]
+fn verdicts() {
+    use Action::{Approve, Reject};
+    for s in [
+        "APPROVED",
+        "SIGNED",
+        "SUBMITTED",
+        "BROADCASTED",
+        "CONFIRMED",
+    ] {
+        assert_eq!(verdict(Approve, s), Verdict::AsDecided, "{s}");
+        assert_eq!(verdict(Reject, s), Verdict::Conflict, "{s}");
+    }
+    for s in ["REJECTED", "ABORTED"] {
+        assert_eq!(verdict(Reject, s), Verdict::AsDecided, "{s}");
+        assert_eq!(verdict(Approve, s), Verdict::Conflict, "{s}");
+    }
+    // Our approval may or may not be among the recorded ones.
+    assert_eq!(verdict(Approve, "PENDING_APPROVAL"), Verdict::Pending);
+    assert_eq!(verdict(Reject, "PENDING_APPROVAL"), Verdict::Pending);
+    for s in ["EXPIRED", "FAILED", "DROPPED", "SOMETHING_NEW"] {
+        assert_eq!(verdict(Approve, s), Verdict::Conflict, "{s}");
+        assert_eq!(verdict(Reject, s), Verdict::Conflict, "{s}");
+    }
+}
+
+/// The simulator half, driven over HTTP like the worker drives it.
+mod simulator {
+    use serde_json::{Value, json};
+
+    use crate::tools::sim::SimHandle;
+    use crate::tools::sim::testkit::{client, parts, sim};
+
+    const KEY: &str = "sim-ledger-v1-key";
+
+    fn tx_id() -> u64 {
+        rand::random::<u32>().into()
+    }
+
+    async fn post(sim: &SimHandle, path: &str, api_key: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = client()
+            .post(format!("{}{path}", sim.base_url("ledger_v1")))
+            .header("X-Ledger-API-Key", api_key)
+            .header("Idempotency-Key", path);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        parts(request.send().await.unwrap()).await
+    }
+
+    fn approve_body() -> Value {
+        json!({"account_name": "vault-1", "recipient": "bc1qxyz", "amount": "1500", "max_fees": null, "coin_fields": null})
+    }
+
+    #[tokio::test]
+    async fn reject_and_approve_succeed() {
+        let sim = sim().await;
+        let (rejected, approved) = (tx_id(), tx_id() + 1);
+
+        let (status, body) =
+            post(&sim, &format!("/transactions/{rejected}/reject"), KEY, None).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["status"], "REJECTED");
+        assert_eq!(body["id"], rejected);
+
+        let path = format!("/transactions/{approved}/approve");
+        let (status, body) = post(&sim, &path, KEY, Some(approve_body())).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["status"], "APPROVED");
+        assert_eq!(body["account_name"], "vault-1");
+        assert_eq!(body["amount"], "1500");
+
+        let url = format!("{}/transactions/{approved}", sim.base_url("ledger_v1"));
+        let (status, body) = parts(
+            client()
+                .get(url)
+                .header("X-Ledger-API-Key", KEY)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!((status, body["status"].clone()), (200, json!("APPROVED")));
+        assert_eq!(
+            sim.target_state("ledger_v1", &rejected.to_string())
+                .as_deref(),
+            Some("REJECTED")
+        );
+        let target = sim.target("ledger_v1", &approved.to_string()).unwrap();
+        assert_eq!(target.keys, [path]);
+        assert_eq!(
+            sim.stats()
+                .provider("ledger_v1")
+                .unwrap()
+                .clone()
+                .state_changes,
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn wrong_key_missing_fields_and_bad_ids_are_refused() {
+        let sim = sim().await;
+        let id = tx_id();
+        let (status, body) = post(&sim, &format!("/transactions/{id}/reject"), "wrong", None).await;
+        assert_eq!(status, 401);
+        assert_eq!(body["status_code"], 401);
+        assert!(body["message"].is_string() && body["name"].is_string());
+
+        let (status, body) = post(
+            &sim,
+            &format!("/transactions/{id}/approve"),
+            KEY,
+            Some(json!({"account_name": "vault-1"})),
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert_eq!(body["status_code"], 400);
+
+        let (status, _) = post(&sim, "/transactions/abc/reject", KEY, None).await;
+        assert_eq!(status, 404);
+        assert_eq!(sim.target_state("ledger_v1", &id.to_string()), None);
+        assert_eq!(
+            sim.stats()
+                .provider("ledger_v1")
+                .unwrap()
+                .clone()
+                .state_changes,
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn second_opposite_decision_conflicts() {
+        let sim = sim().await;
+        let id = tx_id();
+        assert_eq!(
+            post(&sim, &format!("/transactions/{id}/reject"), KEY, None)
+                .await
+                .0,
+            200
+        );
+
+        let path = format!("/transactions/{id}/approve");
+        let (status, body) = post(&sim, &path, KEY, Some(approve_body())).await;
+        assert_eq!(status, 400);
+        assert_eq!(
+            body,
+            json!({"message": "Transaction is not pending approval", "name": "InvalidTransactionStatus", "status_code": 400})
+        );
+        let stats = sim.stats().provider("ledger_v1").unwrap().clone();
+        assert_eq!(stats.double_state_changes, 1);
+        assert_eq!(
+            stats.conflicting_keys, 1,
+            "the helper sends the path as key"
+        );
+        assert_eq!(
+            sim.target_state("ledger_v1", &id.to_string()).as_deref(),
+            Some("REJECTED")
+        );
+    }
+
+    #[tokio::test]
+    async fn worker_env_names_the_credentials_the_fake_accepts() {
+        let sim = crate::tools::sim::testkit::sim().await;
+        let mut ours: Vec<(String, String)> = sim
+            .worker_env()
+            .into_iter()
+            .filter(|(key, _)| key.starts_with("APPROVAL_PROVIDERS__LEDGER_V1__"))
+            .collect();
+        ours.sort();
+        let mut expected = vec![
+            (
+                "APPROVAL_PROVIDERS__LEDGER_V1__BASE_URL".to_owned(),
+                format!("{}/ledger-v1", sim.root_url()),
+            ),
+            (
+                "APPROVAL_PROVIDERS__LEDGER_V1__API_KEY".to_owned(),
+                "sim-ledger-v1-key".to_owned(),
+            ),
+        ];
+        expected.sort();
+        assert_eq!(ours, expected);
+    }
+}

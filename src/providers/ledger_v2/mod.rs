@@ -1,0 +1,506 @@
+//! Ledger Enterprise API v2, "revault-api" (PROVIDERS.md sections 3 and 4,
+//! seed 000).
+//!
+//! Approve and reject are both three calls under one bearer token:
+//! 1. `GET {challenge_path}` (configurable, UNCONFIRMED publicly: default
+//!    `/rest/requests/{request_id}/challenge`) answers `{"challenge"}` (or
+//!    `{"data":{"challenge"}}`);
+//! 2. the decoded challenge bytes are signed as an ES256 compact JWS with
+//!    the API user's P-256 key ([`crate::jws`]);
+//! 3. `POST /rest/requests/{request_id}/approve` (or `/reject`) with
+//!    `{"data":{"signature":"<jws>","challengeType":"API"}}`.
+//!
+//! The challenge read and the decision call carry the decision's
+//! `Idempotency-Key`; Ledger documents no idempotency, so the worker reads
+//! the request before any repeat. Tokens come from `POST /rest/auth/token`
+//! (300 s) and are renewed with `POST /rest/auth/token/refresh` (1800 s),
+//! shared by every concurrent call through one [`TokenCache`].
+//!
+//! The request `state` enum is not public (PROVIDERS.md 3.1: only `INITIAL`
+//! is shown). The mapping in [`verdict`] is our reading of it, borrowed from
+//! v1's request statuses: pending `INITIAL`, `PENDING`, `PENDING_APPROVAL`,
+//! `PENDING_FIRST_APPROVAL`; approved `APPROVED`, `SIGNED`, `SUBMITTED`;
+//! rejected `REJECTED`, `ABORTED`; anything else is a conflict.
+
+pub mod sim;
+#[cfg(test)]
+mod tests;
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use p256::ecdsa::SigningKey;
+use reqwest::{Method, RequestBuilder, StatusCode, Url};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{
+    auth::{Token, TokenCache},
+    contract::{CallContext, Observed, Provider, Reply, Unit, Verdict},
+    http::{self, Http, Response},
+};
+use crate::{
+    decision::{Action, Decision, target_segment},
+    jws,
+    retry::{CallError, ErrorClass},
+    settings::{
+        ProviderSections, SettingsError, check_base_url, check_path_template, env_key, present,
+    },
+};
+
+pub const NAME: &str = "ledger_v2";
+
+/// Renew this long before the access token's 300 s run out.
+const TOKEN_MARGIN: Duration = Duration::from_secs(30);
+/// Documented lifetimes, used when an answer leaves them out.
+const DEFAULT_ACCESS_TTL: u64 = 300;
+const DEFAULT_REFRESH_TTL: u64 = 1800;
+
+/// Seed 000's example: the signature comes from an API user's own key
+/// (as opposed to `PSD`, a hardware device).
+const CHALLENGE_TYPE: &str = "API";
+
+const WAITING: &[&str] = &[
+    "INITIAL",
+    "PENDING",
+    "PENDING_APPROVAL",
+    "PENDING_FIRST_APPROVAL",
+];
+const AFTER_APPROVAL: &[&str] = &["APPROVED", "SIGNED", "SUBMITTED"];
+const AFTER_REJECTION: &[&str] = &["REJECTED", "ABORTED"];
+
+#[derive(Deserialize)]
+struct LedgerV2Settings {
+    base_url: String,
+    challenge_path: String,
+    workspace: Option<String>,
+    api_key_id: Option<SecretString>,
+    api_key_secret: Option<SecretString>,
+    /// PEM text, hex of PEM (Ledger's samples), or a path to a file.
+    signing_key: Option<SecretString>,
+}
+
+pub struct LedgerV2 {
+    http: Http,
+    base: Url,
+    challenge_path: String,
+    workspace: String,
+    api_key_id: SecretString,
+    api_key_secret: SecretString,
+    signing_key: SigningKey,
+    tokens: TokenCache,
+}
+
+/// This provider's registry line: its name in decisions, its client, and
+/// its simulator half.
+pub(crate) const UNIT: Unit = Unit {
+    name: NAME,
+    build,
+    sim: &sim::Half,
+};
+
+pub fn build(
+    sections: &ProviderSections,
+    http: &Http,
+) -> Result<Option<Arc<dyn Provider>>, SettingsError> {
+    let s: LedgerV2Settings = sections.section(NAME)?;
+    let base = check_base_url(NAME, &s.base_url)?;
+    check_path_template(NAME, "challenge_path", &s.challenge_path, "{request_id}")?;
+    let workspace = s
+        .workspace
+        .as_deref()
+        .map(str::trim)
+        .filter(|w| !w.is_empty());
+    let credentials = [
+        ("workspace", workspace.is_some()),
+        ("api_key_id", present(&s.api_key_id).is_some()),
+        ("api_key_secret", present(&s.api_key_secret).is_some()),
+        ("signing_key", present(&s.signing_key).is_some()),
+    ];
+    let (Some(workspace), Some(api_key_id), Some(api_key_secret), Some(signing_key)) = (
+        workspace,
+        present(&s.api_key_id),
+        present(&s.api_key_secret),
+        present(&s.signing_key),
+    ) else {
+        // Contract: missing credentials disable the provider. A partial set
+        // is most likely a deployment slip, so say which keys are missing.
+        if credentials.iter().any(|(_, set)| *set) {
+            let missing: Vec<String> = credentials
+                .iter()
+                .filter(|(_, set)| !set)
+                .map(|(key, _)| env_key(&format!("providers.{NAME}.{key}")))
+                .collect();
+            tracing::warn!(
+                provider = NAME,
+                missing = %missing.join(", "),
+                "provider disabled: some of its credentials are not set"
+            );
+        }
+        return Ok(None);
+    };
+    // Loaded now so a bad key stops start-up instead of failing every
+    // decision. JwsError messages never quote the input.
+    let signing_key =
+        jws::load_signing_key(signing_key.expose_secret()).map_err(|e| SettingsError::Invalid {
+            key: env_key(&format!("providers.{NAME}.signing_key")),
+            problem: e.to_string(),
+        })?;
+    Ok(Some(Arc::new(LedgerV2 {
+        http: http.clone(),
+        base,
+        challenge_path: s.challenge_path,
+        workspace: workspace.to_owned(),
+        api_key_id: api_key_id.clone(),
+        api_key_secret: api_key_secret.clone(),
+        signing_key,
+        tokens: TokenCache::new(NAME, TOKEN_MARGIN),
+    })))
+}
+
+// Request bodies as structs, so their keys go out in the documented order.
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LoginBody<'a> {
+    workspace: &'a str,
+    api_key_id: &'a str,
+    api_key_secret: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RefreshBody<'a> {
+    workspace: &'a str,
+    refresh_token: &'a str,
+}
+
+#[derive(Serialize)]
+struct DecisionBody<'a> {
+    data: Signed<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Signed<'a> {
+    signature: &'a str,
+    challenge_type: &'a str,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TokenAnswer {
+    access_token: String,
+    expires_in_seconds: Option<u64>,
+    refresh_token: Option<String>,
+    refresh_expires_in_seconds: Option<u64>,
+}
+
+fn request_id(d: &Decision) -> Result<&str, String> {
+    target_segment(d, "request_id")
+}
+
+fn verdict(action: Action, state: &str) -> Verdict {
+    let state = state.to_ascii_uppercase();
+    let decided = match action {
+        Action::Approve => AFTER_APPROVAL,
+        Action::Reject => AFTER_REJECTION,
+    };
+    if WAITING.contains(&state.as_str()) {
+        // Like v1, a request stays pending after our approval while the
+        // quorum is incomplete; `reviews[]` would tell, but we do not know
+        // our own user id, so this stays Pending.
+        Verdict::Pending
+    } else if decided.contains(&state.as_str()) {
+        Verdict::AsDecided
+    } else {
+        // EXPIRED, the opposite decision, or a state we do not know.
+        Verdict::Conflict
+    }
+}
+
+/// `{"message","code","issues":[{"message"}]}` → (code, message with the
+/// first issue appended).
+fn error_fields(body: &Value) -> (Option<String>, Option<String>) {
+    fn text(v: Option<&Value>) -> Option<&str> {
+        v.and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+    }
+    let code = text(body.get("code")).map(str::to_owned);
+    let issue = text(body.pointer("/issues/0/message"));
+    let message = match (text(body.get("message")), issue) {
+        (Some(m), Some(i)) => Some(format!("{m}: {i}")),
+        (m, i) => m.or(i).map(str::to_owned),
+    };
+    (code, message.map(|m| m.chars().take(500).collect()))
+}
+
+fn state_of(body: &Value) -> Option<String> {
+    body.get("state").and_then(Value::as_str).map(str::to_owned)
+}
+
+impl LedgerV2 {
+    fn url(&self, path: &str) -> Url {
+        http::join(&self.base, path)
+    }
+
+    fn request(&self, method: Method, url: Url, bearer: &SecretString) -> RequestBuilder {
+        self.http
+            .client()
+            .request(method, url)
+            .header(
+                "Authorization",
+                format!("Bearer {}", bearer.expose_secret()),
+            )
+            .header("Accept", "application/json")
+    }
+
+    /// Ledger v2's error classes for every call but the token ones.
+    fn classify(response: &Response) -> CallError {
+        let (code, message) = error_fields(&response.body);
+        let class = match response.status.as_u16() {
+            // 420 is v1's rate-limit answer; v2's is undocumented, so both.
+            420 | 429 | 500..=599 => ErrorClass::Retryable,
+            // A 401 here already survived one token renewal.
+            401 | 403 => ErrorClass::Auth,
+            404 => ErrorClass::Permanent,
+            // No conflict answer is documented (PROVIDERS.md 3.1): "not
+            // pending" may come as any of these, so read the state.
+            400 | 409 | 422 => ErrorClass::Ambiguous,
+            s => http::default_class(StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY)),
+        };
+        http::error(class, response, code, message)
+    }
+
+    /// A live access token; one token call at a time for all callers.
+    async fn token(&self) -> Result<SecretString, CallError> {
+        self.tokens.get(|refresh| self.fetch_token(refresh)).await
+    }
+
+    async fn fetch_token(&self, refresh: Option<SecretString>) -> Result<Token, CallError> {
+        if let Some(refresh) = refresh {
+            let body = RefreshBody {
+                workspace: &self.workspace,
+                refresh_token: refresh.expose_secret(),
+            };
+            match self
+                .token_call("token_refresh", "/rest/auth/token/refresh", &body)
+                .await
+            {
+                Ok(token) => return Ok(token),
+                // Throttled or down: a login would fare no better.
+                Err(e) if e.class == ErrorClass::Retryable => return Err(e),
+                // The refresh token was refused (revoked, expired early):
+                // log in again with the API key.
+                Err(_) => {}
+            }
+        }
+        let body = LoginBody {
+            workspace: &self.workspace,
+            api_key_id: self.api_key_id.expose_secret(),
+            api_key_secret: self.api_key_secret.expose_secret(),
+        };
+        self.token_call("token", "/rest/auth/token", &body).await
+    }
+
+    /// One token call. Its errors never carry the answer's body: a token
+    /// answer is the one place a credential could come back.
+    async fn token_call(
+        &self,
+        operation: &'static str,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<Token, CallError> {
+        let req = self
+            .http
+            .client()
+            .post(self.url(path))
+            .header("Accept", "application/json")
+            .json(body);
+        let response = self.http.send(NAME, operation, req).await.map_err(|e| {
+            // Nothing can be applied by a token call: always safe to retry.
+            CallError {
+                class: ErrorClass::Retryable,
+                ..e
+            }
+        })?;
+        let status = response.status.as_u16();
+        if !response.status.is_success() {
+            let class = match status {
+                420 | 429 | 500..=599 => ErrorClass::Retryable,
+                // 401/403, or a 400 on malformed credentials: fixing the
+                // API user or its settings is the only cure.
+                _ => ErrorClass::Auth,
+            };
+            let (code, message) = error_fields(&response.body);
+            return Err(CallError {
+                message: format!(
+                    "{NAME} {operation} call answered HTTP {status}{}",
+                    message.map(|m| format!(": {m}")).unwrap_or_default()
+                ),
+                http_status: Some(status),
+                provider_code: code,
+                retry_after: crate::retry::retry_after(&response.headers),
+                ..CallError::new(class, "")
+            });
+        }
+        let answer: TokenAnswer = serde_json::from_value(response.body).map_err(|_| {
+            CallError::new(
+                ErrorClass::Retryable,
+                format!("{NAME} {operation} answer has no accessToken"),
+            )
+        })?;
+        Ok(Token {
+            access: SecretString::from(answer.access_token),
+            expires_in: Duration::from_secs(
+                answer.expires_in_seconds.unwrap_or(DEFAULT_ACCESS_TTL),
+            ),
+            refresh: answer.refresh_token.map(|t| {
+                (
+                    SecretString::from(t),
+                    Duration::from_secs(
+                        answer
+                            .refresh_expires_in_seconds
+                            .unwrap_or(DEFAULT_REFRESH_TTL),
+                    ),
+                )
+            }),
+        })
+    }
+
+    /// Sends a call with the cached token. A 401 means the token died
+    /// early (revoked, clock skew): forget it, get another once, and repeat
+    /// the call once. A second 401 is returned for `classify` (Auth).
+    async fn send_authed(
+        &self,
+        operation: &'static str,
+        make: impl Fn(&SecretString) -> RequestBuilder,
+    ) -> Result<Response, CallError> {
+        let token = self.token().await?;
+        let response = self.http.send(NAME, operation, make(&token)).await?;
+        if response.status != StatusCode::UNAUTHORIZED {
+            return Ok(response);
+        }
+        self.tokens.invalidate(&token).await;
+        let token = self.token().await?;
+        self.http.send(NAME, operation, make(&token)).await
+    }
+
+    async fn challenge(&self, id: &str, ctx: &CallContext) -> Result<String, CallError> {
+        let url = self.url(
+            &self
+                .challenge_path
+                .replace("{request_id}", &http::segment(id)),
+        );
+        let response = self
+            .send_authed("challenge", |token| {
+                self.request(Method::GET, url.clone(), token)
+                    .header("Idempotency-Key", &ctx.idempotency_key)
+            })
+            .await?;
+        if !response.status.is_success() {
+            return Err(Self::classify(&response));
+        }
+        let challenge = response
+            .body
+            .get("challenge")
+            .or_else(|| response.body.pointer("/data/challenge"))
+            .and_then(Value::as_str)
+            .filter(|c| !c.is_empty());
+        match challenge {
+            Some(c) => Ok(c.to_owned()),
+            // The endpoint's shape is unconfirmed: say so rather than guess.
+            None => Err(CallError {
+                response: Some(response.body.clone()),
+                ..CallError::new(
+                    ErrorClass::Permanent,
+                    format!(
+                        "the challenge answer for request {id} has no challenge field (check APPROVAL_PROVIDERS__LEDGER_V2__CHALLENGE_PATH)"
+                    ),
+                )
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for LedgerV2 {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn validate(&self, d: &Decision) -> Result<(), String> {
+        request_id(d).map(|_| ())
+    }
+
+    fn target_key(&self, d: &Decision) -> String {
+        d.target_str("request_id").unwrap_or_default().to_owned()
+    }
+
+    async fn apply(&self, d: &Decision, ctx: &CallContext) -> Result<Reply, CallError> {
+        let id = request_id(d).map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
+        let challenge = self.challenge(id, ctx).await?;
+        // The challenge is signed as received; its content (what the HSM
+        // will act on) is not checked against the decision, as its v2
+        // shape is unconfirmed.
+        let signature = jws::sign_challenge(&self.signing_key, &challenge).map_err(|e| {
+            CallError::new(
+                ErrorClass::Permanent,
+                format!("the challenge for request {id} cannot be signed: {e}"),
+            )
+        })?;
+        let verb = d.action.as_str();
+        let url = self.url(&format!("/rest/requests/{}/{verb}", http::segment(id)));
+        let body = DecisionBody {
+            data: Signed {
+                signature: &signature,
+                challenge_type: CHALLENGE_TYPE,
+            },
+        };
+        let response = self
+            .send_authed(verb, |token| {
+                self.request(Method::POST, url.clone(), token)
+                    .header("Idempotency-Key", &ctx.idempotency_key)
+                    .json(&body)
+            })
+            .await?;
+        if !response.status.is_success() {
+            return Err(Self::classify(&response));
+        }
+        // An approve may leave the request PENDING_APPROVAL while other
+        // quorum approvals are missing: ours was recorded, so it is applied.
+        Ok(Reply::Done {
+            state: state_of(&response.body),
+            response: response.body,
+        })
+    }
+
+    async fn read_state(&self, d: &Decision) -> Result<Observed, CallError> {
+        let id = request_id(d).map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
+        let url = self.url(&format!("/rest/requests/{}", http::segment(id)));
+        let response = self
+            .send_authed("read", |token| {
+                self.request(Method::GET, url.clone(), token)
+            })
+            .await?;
+        if !response.status.is_success() {
+            return Err(Self::classify(&response));
+        }
+        let Some(state) = state_of(&response.body) else {
+            return Err(CallError {
+                response: Some(response.body),
+                ..CallError::new(
+                    ErrorClass::Ambiguous,
+                    format!("request {id} was read without a state field"),
+                )
+            });
+        };
+        Ok(Observed {
+            verdict: verdict(d.action, &state),
+            state,
+            response: response.body,
+        })
+    }
+}

@@ -1,0 +1,499 @@
+//! Ledger Enterprise v2's simulator half ("revault-api", PROVIDERS.md
+//! section 3), written from its documentation, not from the client: token
+//! exchange, challenges, and approve/reject answered with a signed challenge
+//! (section 4). The challenge path and the `data.signature` format are
+//! UNCONFIRMED upstream; the sim implements the contract's reading of them.
+//!
+//! Routes, relative to the base URL (`/ledger-v2`): `POST /rest/auth/token`,
+//! `POST /rest/auth/token/refresh`, `GET /rest/requests/{id}/challenge`,
+//! `POST /rest/requests/{id}/approve`, `POST /rest/requests/{id}/reject`,
+//! `GET /rest/requests/{id}`.
+
+// Handlers return a ready `Response` as their error: it is the natural early
+// exit in axum, errors are the uncommon path, and boxing would only add noise.
+#![allow(
+    clippy::result_large_err,
+    reason = "Response is the handlers' error type"
+)]
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::Response;
+use axum::routing::{get, post};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use p256::ecdsa::VerifyingKey;
+
+use crate::tools::sim::kit::{
+    KeyLog, TargetInfo, TokenStore, applied, bearer, idempotency_key, json, lock, now_rfc3339,
+    random_hex, rfc3339,
+};
+use crate::tools::sim::stats::Counters;
+use crate::tools::sim::unit::{CallKind, SimHalf, SimUnit, UnitOptions};
+
+/// Unused challenges kept per request; older ones are forgotten so a client
+/// that fetches challenges in a loop cannot grow memory.
+const MAX_OPEN_CHALLENGES: usize = 16;
+
+/// What the fake accepts and how it behaves; set through
+/// `SimConfig::with(Options { .. })`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub workspace: String,
+    pub api_key_id: String,
+    pub api_key_secret: String,
+    /// PEM of the API user's key. The fake keeps only its public half to
+    /// verify signatures; the PEM itself is handed to the worker by
+    /// `worker_env`.
+    pub signing_key_pem: String,
+    pub access_ttl: Duration,
+    pub refresh_ttl: Duration,
+    /// `false` skips the ECDSA check of signatures (the payload must still
+    /// be an open challenge). Only for throughput benchmarks: a verify costs
+    /// CPU that a real provider would not take from the worker's machine.
+    pub verify_signatures: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            workspace: "sim-workspace".into(),
+            api_key_id: "sim-key-id".into(),
+            api_key_secret: "sim-key-secret".into(),
+            signing_key_pem: crate::jws::DEMO_SIGNING_KEY_PEM.into(),
+            access_ttl: Duration::from_secs(300),
+            refresh_ttl: Duration::from_secs(1800),
+            verify_signatures: true,
+        }
+    }
+}
+
+/// The registry's handle on this half.
+pub(crate) struct Half;
+
+impl SimHalf for Half {
+    fn prefix(&self) -> &'static str {
+        "/ledger-v2"
+    }
+
+    fn start(&self, options: &UnitOptions) -> Result<Arc<dyn SimUnit>, String> {
+        let options: Options = options.get();
+        let signing_key = crate::jws::load_signing_key(&options.signing_key_pem)
+            .map_err(|e| format!("signing key: {e}"))?;
+        Ok(Arc::new(Sim {
+            verifying_key: *signing_key.verifying_key(),
+            options,
+            store: Mutex::default(),
+            tokens: Mutex::default(),
+            counters: Counters::default(),
+        }))
+    }
+
+    fn sample_target(&self, _action: &str) -> Value {
+        json!({"request_id": uuid::Uuid::new_v4().to_string()})
+    }
+
+    fn sample_key(&self, target: &Value) -> Option<String> {
+        target["request_id"].as_str().map(str::to_owned)
+    }
+
+    fn for_bench(&self, options: &mut UnitOptions) {
+        let mut ours: Options = options.get();
+        ours.verify_signatures = false;
+        options.set(ours);
+    }
+
+    /// A challenge read, then the signed decision.
+    fn calls_per_decision(&self) -> u32 {
+        2
+    }
+
+    fn decision_path(&self, key: &str) -> Option<String> {
+        Some(format!("/requests/{key}/"))
+    }
+}
+
+/// One running fake: its options, its stores and its counters.
+struct Sim {
+    options: Options,
+    verifying_key: VerifyingKey,
+    store: Mutex<Store>,
+    tokens: Mutex<Tokens>,
+    counters: Counters,
+}
+
+impl SimUnit for Sim {
+    fn routes(self: Arc<Self>) -> Router {
+        routes().with_state(self)
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn error(&self, status: StatusCode, code: &str, message: &str) -> Response {
+        error(status, code, message)
+    }
+
+    fn call_kind(&self, method: &Method, path: &str) -> CallKind {
+        if path.contains("/auth/token") {
+            CallKind::Auth
+        } else {
+            CallKind::by_method(method)
+        }
+    }
+
+    fn target(&self, key: &str) -> Option<TargetInfo> {
+        lock(&self.store).target(key)
+    }
+
+    fn reset(&self) {
+        *lock(&self.store) = Store::default();
+    }
+
+    fn worker_env(&self) -> Vec<(&'static str, String)> {
+        let o = &self.options;
+        vec![
+            ("WORKSPACE", o.workspace.clone()),
+            ("API_KEY_ID", o.api_key_id.clone()),
+            ("API_KEY_SECRET", o.api_key_secret.clone()),
+            ("SIGNING_KEY", o.signing_key_pem.clone()),
+        ]
+    }
+}
+
+fn routes() -> Router<Arc<Sim>> {
+    Router::new()
+        .route("/rest/auth/token", post(token))
+        .route("/rest/auth/token/refresh", post(refresh))
+        .route("/rest/requests/{id}", get(read))
+        .route("/rest/requests/{id}/challenge", get(challenge))
+        .route("/rest/requests/{id}/{action}", post(decide))
+}
+
+#[derive(Default)]
+struct Tokens {
+    access: TokenStore,
+    refresh: TokenStore,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewStep {
+    stage_name: &'static str,
+    quorum: u32,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Review {
+    step_index: u32,
+    user_id: String,
+    status: &'static str,
+    created_at: String,
+    updated_at: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct VaultRequest {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: String,
+    legacy_id: u64,
+    state: &'static str,
+    review_steps: [ReviewStep; 1],
+    current_step_index: u32,
+    expired_at: String,
+    target_id: String,
+    note: Option<Value>,
+    reviews: Vec<Review>,
+    created_at: String,
+    updated_at: String,
+    inflight: Option<Value>,
+    #[serde(skip)]
+    keys: KeyLog,
+    #[serde(skip)]
+    challenges: VecDeque<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct Store {
+    requests: HashMap<String, VaultRequest>,
+    next_legacy_id: u64,
+}
+
+impl Store {
+    fn target(&self, id: &str) -> Option<TargetInfo> {
+        self.requests.get(id).map(|r| r.keys.info(r.state))
+    }
+
+    fn request(&mut self, id: &str) -> &mut VaultRequest {
+        if !self.requests.contains_key(id) {
+            self.next_legacy_id += 1;
+        }
+        let legacy_id = self.next_legacy_id;
+        self.requests.entry(id.to_owned()).or_insert_with(|| {
+            let now = time::OffsetDateTime::now_utc();
+            let created = rfc3339(now);
+            VaultRequest {
+                kind: "CREATE_TRANSACTION",
+                id: id.to_owned(),
+                legacy_id,
+                state: "PENDING_APPROVAL",
+                review_steps: [ReviewStep {
+                    stage_name: "Approvers",
+                    quorum: 1,
+                }],
+                current_step_index: 0,
+                // Ledger requests expire after 7 days.
+                expired_at: rfc3339(now + time::Duration::days(7)),
+                target_id: uuid::Uuid::new_v4().to_string(),
+                note: None,
+                reviews: Vec::new(),
+                created_at: created.clone(),
+                updated_at: created,
+                inflight: None,
+                keys: KeyLog::default(),
+                challenges: VecDeque::new(),
+            }
+        })
+    }
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    json(
+        status,
+        &json!({"message": message, "code": code, "issues": []}),
+    )
+}
+
+fn invalid_input(issue: &str) -> Response {
+    json(
+        StatusCode::BAD_REQUEST,
+        &json!({"message": "Invalid input data", "code": "BAD_REQUEST", "issues": [{"message": issue}]}),
+    )
+}
+
+fn unauthorized() -> Response {
+    error(
+        StatusCode::UNAUTHORIZED,
+        "UNAUTHORIZED",
+        "Authorization not provided or expired",
+    )
+}
+
+fn authorize(sim: &Sim, headers: &HeaderMap) -> Result<(), Response> {
+    let valid = bearer(headers).is_some_and(|token| lock(&sim.tokens).access.is_valid(token));
+    if valid { Ok(()) } else { Err(unauthorized()) }
+}
+
+fn string_field<'v>(value: &'v Value, name: &str) -> Result<&'v str, Response> {
+    value
+        .get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid_input(&format!("{name} is required")))
+}
+
+/// Issues an access/refresh pair; both the exchange and the refresh answer
+/// this same shape.
+fn issue(sim: &Sim) -> Response {
+    let (access, refresh) = {
+        let mut tokens = lock(&sim.tokens);
+        (
+            tokens.access.issue(sim.options.access_ttl),
+            tokens.refresh.issue(sim.options.refresh_ttl),
+        )
+    };
+    Counters::bump(&sim.counters.token_issued);
+    json(
+        StatusCode::OK,
+        &json!({
+            "accessToken": access,
+            "expiresInSeconds": sim.options.access_ttl.as_secs(),
+            "refreshToken": refresh,
+            "refreshExpiresInSeconds": sim.options.refresh_ttl.as_secs(),
+        }),
+    )
+}
+
+async fn token(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
+    let Ok(value) = serde_json::from_slice::<Value>(&body) else {
+        return invalid_input("body must be a JSON object");
+    };
+    let fields = (
+        string_field(&value, "workspace"),
+        string_field(&value, "apiKeyId"),
+        string_field(&value, "apiKeySecret"),
+    );
+    let (workspace, key_id, secret) = match fields {
+        (Ok(w), Ok(k), Ok(s)) => (w, k, s),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return e,
+    };
+    let c = &sim.options;
+    if workspace != c.workspace || key_id != c.api_key_id || secret != c.api_key_secret {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "Invalid credentials",
+        );
+    }
+    issue(&sim)
+}
+
+async fn refresh(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
+    let Ok(value) = serde_json::from_slice::<Value>(&body) else {
+        return invalid_input("body must be a JSON object");
+    };
+    let (workspace, refresh_token) = match (
+        string_field(&value, "workspace"),
+        string_field(&value, "refreshToken"),
+    ) {
+        (Ok(w), Ok(r)) => (w, r),
+        (Err(e), _) | (_, Err(e)) => return e,
+    };
+    let valid =
+        workspace == sim.options.workspace && lock(&sim.tokens).refresh.is_valid(refresh_token);
+    if !valid {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "Invalid or expired refresh token",
+        );
+    }
+    issue(&sim)
+}
+
+async fn read(State(sim): State<Arc<Sim>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    if let Err(response) = authorize(&sim, &headers) {
+        return response;
+    }
+    let mut store = lock(&sim.store);
+    json(StatusCode::OK, &*store.request(&id))
+}
+
+/// Issues a fresh challenge for the request and remembers its bytes, which
+/// the signed JWS payload must later equal.
+async fn challenge(
+    State(sim): State<Arc<Sim>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = authorize(&sim, &headers) {
+        return response;
+    }
+    let payload = json!({
+        "antireplay": random_hex(32),
+        "data": {"request_id": id, "action": "REVIEW"},
+        "type": "APPROVE_REQUEST",
+    });
+    let bytes = serde_json::to_vec(&payload).unwrap_or_default();
+    let encoded = URL_SAFE_NO_PAD.encode(&bytes);
+    let mut store = lock(&sim.store);
+    let challenges = &mut store.request(&id).challenges;
+    if challenges.len() >= MAX_OPEN_CHALLENGES {
+        challenges.pop_front();
+    }
+    challenges.push_back(bytes);
+    json(StatusCode::OK, &json!({"challenge": encoded}))
+}
+
+async fn decide(
+    State(sim): State<Arc<Sim>>,
+    Path((id, action)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let decided_state = match action.as_str() {
+        "approve" => "APPROVED",
+        "reject" => "REJECTED",
+        _ => return error(StatusCode::NOT_FOUND, "NOT_FOUND", "Not found"),
+    };
+    if let Err(response) = authorize(&sim, &headers) {
+        return response;
+    }
+    let Ok(value) = serde_json::from_slice::<Value>(&body) else {
+        return invalid_input("body must be a JSON object");
+    };
+    let Some(data) = value.get("data").filter(|d| d.is_object()) else {
+        return invalid_input("data is required");
+    };
+    let signature = match string_field(data, "signature") {
+        Ok(signature) => signature,
+        Err(response) => return response,
+    };
+    match data.get("challengeType").and_then(Value::as_str) {
+        Some("API") => {}
+        _ => return invalid_input("data.challengeType must be \"API\""),
+    }
+    // Verify outside the lock: ECDSA verification is the costliest step here.
+    let payload = if sim.options.verify_signatures {
+        crate::jws::verify_jws(&sim.verifying_key, signature).ok()
+    } else {
+        unverified_payload(signature)
+    };
+    let Some(payload) = payload else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "INVALID_SIGNATURE",
+            "Signature verification failed",
+        );
+    };
+
+    let counters = &sim.counters;
+    let mut store = lock(&sim.store);
+    let request = store.request(&id);
+    let Some(position) = request.challenges.iter().position(|c| *c == payload) else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "INVALID_CHALLENGE",
+            "Signed payload is not an open challenge of this request",
+        );
+    };
+    request.challenges.remove(position);
+    request.keys.record(idempotency_key(&headers), counters);
+    if request.state != "PENDING_APPROVAL" {
+        Counters::bump(&counters.double_state_changes);
+        return error(
+            StatusCode::BAD_REQUEST,
+            "REQUEST_NOT_PENDING",
+            "Request is not pending approval",
+        );
+    }
+    let now = now_rfc3339();
+    request.state = decided_state;
+    request.reviews.push(Review {
+        step_index: 0,
+        user_id: sim.options.api_key_id.clone(),
+        status: decided_state,
+        created_at: now.clone(),
+        updated_at: now.clone(),
+    });
+    request.updated_at = now;
+    Counters::bump(&counters.state_changes);
+    applied(json(StatusCode::OK, &*request))
+}
+
+/// The payload of a compact JWS without checking its signature, for
+/// benchmarks that turn verification off.
+fn unverified_payload(jws: &str) -> Option<Vec<u8>> {
+    let mut segments = jws.split('.');
+    let (_, payload, _, None) = (
+        segments.next()?,
+        segments.next()?,
+        segments.next()?,
+        segments.next(),
+    ) else {
+        return None;
+    };
+    URL_SAFE_NO_PAD.decode(payload).ok()
+}

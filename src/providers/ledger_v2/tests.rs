@@ -1,0 +1,890 @@
+//! The client's contract tests (wiremock), then the simulator half's tests.
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use serde_json::json;
+use wiremock::{
+    Mock, MockServer, ResponseTemplate,
+    matchers::{method, path},
+};
+
+use super::*;
+use crate::{decision::parse, settings::Settings};
+
+const WORKSPACE: &str = "ws-1";
+const KEY_ID: &str = "key-id-1";
+const KEY_SECRET: &str = "key-s3cr3t";
+const CHALLENGE_JSON: &str = r#"{"antireplay":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","data":{"request_id":"r-1"},"type":"APPROVE_REQUEST"}"#;
+
+fn env(base_url: &str) -> Vec<(String, String)> {
+    [
+        ("APPROVAL_PROVIDERS__LEDGER_V2__BASE_URL", base_url),
+        ("APPROVAL_PROVIDERS__LEDGER_V2__WORKSPACE", WORKSPACE),
+        ("APPROVAL_PROVIDERS__LEDGER_V2__API_KEY_ID", KEY_ID),
+        ("APPROVAL_PROVIDERS__LEDGER_V2__API_KEY_SECRET", KEY_SECRET),
+        (
+            "APPROVAL_PROVIDERS__LEDGER_V2__SIGNING_KEY",
+            jws::DEMO_SIGNING_KEY_PEM,
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+fn http() -> Http {
+    Http::new(Duration::from_secs(5), Duration::from_secs(5)).unwrap()
+}
+
+fn build_with(vars: Vec<(String, String)>) -> Result<Option<Arc<dyn Provider>>, SettingsError> {
+    let settings = Settings::load_from(None, vars)?;
+    build(&settings.providers, &http())
+}
+
+fn provider(base_url: &str) -> Arc<dyn Provider> {
+    build_with(env(base_url)).unwrap().expect("enabled")
+}
+
+fn decision(action: &str, request_id: &str) -> Decision {
+    parse(
+        json!({
+            "decision_id": "d-2",
+            "provider": NAME,
+            "action": action,
+            "target": {"request_id": request_id},
+        })
+        .to_string()
+        .as_bytes(),
+    )
+    .unwrap()
+}
+
+fn ctx() -> CallContext {
+    CallContext {
+        idempotency_key: "idem-v2-1".into(),
+        attempt: 1,
+        confirmation_token: None,
+    }
+}
+
+fn challenge_b64() -> String {
+    URL_SAFE_NO_PAD.encode(CHALLENGE_JSON)
+}
+
+fn token_answer(access: &str, refresh: &str) -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_json(json!({
+        "accessToken": access,
+        "expiresInSeconds": 300,
+        "refreshToken": refresh,
+        "refreshExpiresInSeconds": 1800,
+    }))
+}
+
+async fn mount_token(server: &MockServer) {
+    Mock::given(method("POST"))
+        .and(path("/rest/auth/token"))
+        .respond_with(token_answer("at-1", "rt-1"))
+        .mount(server)
+        .await;
+}
+
+async fn mount_challenge(server: &MockServer, id: &str) {
+    Mock::given(method("GET"))
+        .and(path(format!("/rest/requests/{id}/challenge")))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"challenge": challenge_b64(), "id": 7})),
+        )
+        .mount(server)
+        .await;
+}
+
+async fn mount_decision(server: &MockServer, id: &str, verb: &str, state: &str) {
+    Mock::given(method("POST"))
+        .and(path(format!("/rest/requests/{id}/{verb}")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "type": "TRANSACTION", "id": id, "legacyId": 12, "state": state,
+            "reviewSteps": [], "currentStepIndex": 0, "targetId": "t-1", "reviews": []
+        })))
+        .mount(server)
+        .await;
+}
+
+fn header<'a>(r: &'a wiremock::Request, name: &str) -> Option<&'a str> {
+    r.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn body(r: &wiremock::Request) -> &str {
+    std::str::from_utf8(&r.body).unwrap()
+}
+
+fn login_body() -> String {
+    format!(r#"{{"workspace":"{WORKSPACE}","apiKeyId":"{KEY_ID}","apiKeySecret":"{KEY_SECRET}"}}"#)
+}
+
+fn assert_login(r: &wiremock::Request) {
+    assert_eq!(r.method.as_str(), "POST");
+    assert_eq!(r.url.path(), "/rest/auth/token");
+    assert_eq!(header(r, "content-type"), Some("application/json"));
+    assert_eq!(header(r, "authorization"), None);
+    assert_eq!(body(r), login_body());
+}
+
+fn assert_challenge_read(r: &wiremock::Request, id_path: &str, bearer: &str) {
+    assert_eq!(r.method.as_str(), "GET");
+    assert_eq!(r.url.path(), format!("/rest/requests/{id_path}/challenge"));
+    assert_eq!(
+        header(r, "authorization"),
+        Some(format!("Bearer {bearer}").as_str())
+    );
+    assert_eq!(header(r, "idempotency-key"), Some("idem-v2-1"));
+    assert!(r.body.is_empty());
+}
+
+/// Checks the decision call's exact body and returns the JWS it holds.
+fn assert_decision_call(r: &wiremock::Request, id_path: &str, verb: &str, bearer: &str) -> String {
+    assert_eq!(r.method.as_str(), "POST");
+    assert_eq!(r.url.path(), format!("/rest/requests/{id_path}/{verb}"));
+    assert_eq!(
+        header(r, "authorization"),
+        Some(format!("Bearer {bearer}").as_str())
+    );
+    assert_eq!(header(r, "idempotency-key"), Some("idem-v2-1"));
+    assert_eq!(header(r, "content-type"), Some("application/json"));
+    let sent: Value = serde_json::from_slice(&r.body).unwrap();
+    let jws = sent["data"]["signature"].as_str().unwrap().to_owned();
+    assert_eq!(
+        body(r),
+        format!(r#"{{"data":{{"signature":"{jws}","challengeType":"API"}}}}"#)
+    );
+    jws
+}
+
+/// The JWS verifies with the demo key's public half, has exactly
+/// PyJWT's header, and its payload is the challenge bytes unchanged.
+fn assert_signed_challenge(jws_text: &str) {
+    let key = jws::load_signing_key(jws::DEMO_SIGNING_KEY_PEM).unwrap();
+    let payload = jws::verify_jws(key.verifying_key(), jws_text).unwrap();
+    assert_eq!(payload, CHALLENGE_JSON.as_bytes());
+    let header = jws_text.split('.').next().unwrap();
+    assert_eq!(
+        URL_SAFE_NO_PAD.decode(header).unwrap(),
+        br#"{"alg":"ES256","typ":"JWT"}"#
+    );
+    assert_eq!(jws_text.split('.').nth(1).unwrap(), challenge_b64());
+}
+
+#[tokio::test]
+async fn reject_reads_the_challenge_signs_it_and_posts_the_exact_body() {
+    let server = MockServer::start().await;
+    mount_token(&server).await;
+    mount_challenge(&server, "r-1").await;
+    mount_decision(&server, "r-1", "reject", "REJECTED").await;
+    let p = provider(&server.uri());
+    let d = decision("reject", "r-1");
+    p.validate(&d).unwrap();
+    let Reply::Done { state, response } = p.apply(&d, &ctx()).await.unwrap() else {
+        panic!("expected Done");
+    };
+    assert_eq!(state.as_deref(), Some("REJECTED"));
+    assert_eq!(response["legacyId"], 12);
+
+    let calls = server.received_requests().await.unwrap();
+    assert_eq!(calls.len(), 3);
+    assert_login(&calls[0]);
+    assert_challenge_read(&calls[1], "r-1", "at-1");
+    let jws = assert_decision_call(&calls[2], "r-1", "reject", "at-1");
+    assert_signed_challenge(&jws);
+}
+
+#[tokio::test]
+async fn approve_accepts_a_data_wrapped_challenge_and_encodes_the_id() {
+    let server = MockServer::start().await;
+    mount_token(&server).await;
+    Mock::given(method("GET"))
+        .and(path("/rest/requests/req%3A9%20b/challenge"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"data": {"challenge": challenge_b64()}})),
+        )
+        .mount(&server)
+        .await;
+    mount_decision(&server, "req%3A9%20b", "approve", "PENDING_APPROVAL").await;
+    let p = provider(&server.uri());
+    let Reply::Done { state, .. } = p
+        .apply(&decision("approve", "req:9 b"), &ctx())
+        .await
+        .unwrap()
+    else {
+        panic!("expected Done");
+    };
+    // More quorum approvals needed: ours is recorded, so it is applied.
+    assert_eq!(state.as_deref(), Some("PENDING_APPROVAL"));
+
+    let calls = server.received_requests().await.unwrap();
+    assert_eq!(calls.len(), 3);
+    assert_login(&calls[0]);
+    assert_challenge_read(&calls[1], "req%3A9%20b", "at-1");
+    let jws = assert_decision_call(&calls[2], "req%3A9%20b", "approve", "at-1");
+    assert_signed_challenge(&jws);
+}
+
+#[tokio::test]
+async fn concurrent_calls_share_one_token_fetch() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/rest/auth/token"))
+        .respond_with(token_answer("at-1", "rt-1").set_delay(Duration::from_millis(200)))
+        .mount(&server)
+        .await;
+    let ids: Vec<String> = (0..6).map(|n| format!("r-{n}")).collect();
+    for id in &ids {
+        mount_challenge(&server, id).await;
+        mount_decision(&server, id, "reject", "REJECTED").await;
+    }
+    let p = provider(&server.uri());
+    let decisions: Vec<Decision> = ids.iter().map(|id| decision("reject", id)).collect();
+    let context = ctx();
+    let results =
+        futures_util::future::join_all(decisions.iter().map(|d| p.apply(d, &context))).await;
+    assert!(results.iter().all(Result::is_ok));
+
+    let calls = server.received_requests().await.unwrap();
+    let logins: Vec<_> = calls
+        .iter()
+        .filter(|r| r.url.path().starts_with("/rest/auth/"))
+        .collect();
+    assert_eq!(logins.len(), 1);
+    assert_login(logins[0]);
+    assert_eq!(calls.len(), 1 + 2 * ids.len());
+    for r in calls
+        .iter()
+        .filter(|r| !r.url.path().starts_with("/rest/auth/"))
+    {
+        assert_eq!(header(r, "authorization"), Some("Bearer at-1"));
+    }
+}
+
+#[tokio::test]
+async fn a_401_refreshes_the_token_once_and_repeats_the_call() {
+    let server = MockServer::start().await;
+    mount_token(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/rest/auth/token/refresh"))
+        .respond_with(token_answer("at-2", "rt-2"))
+        .mount(&server)
+        .await;
+    mount_challenge(&server, "r-1").await;
+    Mock::given(method("POST"))
+        .and(path("/rest/requests/r-1/reject"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(
+            json!({"message": "Authorization not provided", "code": "UNAUTHORIZED", "issues": []}),
+        ))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    mount_decision(&server, "r-1", "reject", "REJECTED").await;
+    let p = provider(&server.uri());
+    let Reply::Done { state, .. } = p.apply(&decision("reject", "r-1"), &ctx()).await.unwrap()
+    else {
+        panic!("expected Done");
+    };
+    assert_eq!(state.as_deref(), Some("REJECTED"));
+
+    let calls = server.received_requests().await.unwrap();
+    assert_eq!(calls.len(), 5);
+    assert_login(&calls[0]);
+    assert_challenge_read(&calls[1], "r-1", "at-1");
+    let first = assert_decision_call(&calls[2], "r-1", "reject", "at-1");
+    let refresh = &calls[3];
+    assert_eq!(refresh.method.as_str(), "POST");
+    assert_eq!(refresh.url.path(), "/rest/auth/token/refresh");
+    assert_eq!(header(refresh, "content-type"), Some("application/json"));
+    assert_eq!(header(refresh, "authorization"), None);
+    assert_eq!(
+        body(refresh),
+        format!(r#"{{"workspace":"{WORKSPACE}","refreshToken":"rt-1"}}"#)
+    );
+    // The same signed answer is repeated: the 401 stopped the first call.
+    let second = assert_decision_call(&calls[4], "r-1", "reject", "at-2");
+    assert_eq!(first, second);
+    assert_signed_challenge(&second);
+}
+
+#[tokio::test]
+async fn a_refused_refresh_falls_back_to_a_login() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/rest/auth/token"))
+        .respond_with(token_answer("at-1", "rt-1"))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/rest/auth/token"))
+        .respond_with(token_answer("at-2", "rt-2"))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/rest/auth/token/refresh"))
+        .respond_with(ResponseTemplate::new(401))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/rest/requests/r-1/challenge"))
+        .respond_with(ResponseTemplate::new(401))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    mount_challenge(&server, "r-1").await;
+    mount_decision(&server, "r-1", "approve", "APPROVED").await;
+    let p = provider(&server.uri());
+    p.apply(&decision("approve", "r-1"), &ctx()).await.unwrap();
+
+    let calls = server.received_requests().await.unwrap();
+    let paths: Vec<(&str, Option<&str>)> = calls
+        .iter()
+        .map(|r| (r.url.path(), header(r, "authorization")))
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            ("/rest/auth/token", None),
+            ("/rest/requests/r-1/challenge", Some("Bearer at-1")),
+            ("/rest/auth/token/refresh", None),
+            ("/rest/auth/token", None),
+            ("/rest/requests/r-1/challenge", Some("Bearer at-2")),
+            ("/rest/requests/r-1/approve", Some("Bearer at-2")),
+        ]
+    );
+    assert_login(&calls[3]);
+}
+
+#[tokio::test]
+async fn two_401s_fail_as_unauthorized() {
+    let server = MockServer::start().await;
+    mount_token(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/rest/auth/token/refresh"))
+        .respond_with(token_answer("at-2", "rt-2"))
+        .mount(&server)
+        .await;
+    mount_challenge(&server, "r-1").await;
+    Mock::given(method("POST"))
+        .and(path("/rest/requests/r-1/approve"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(
+            json!({"message": "Authorization not provided", "code": "UNAUTHORIZED"}),
+        ))
+        .mount(&server)
+        .await;
+    let p = provider(&server.uri());
+    let e = p
+        .apply(&decision("approve", "r-1"), &ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Auth);
+    assert_eq!(e.http_status, Some(401));
+    assert_eq!(e.message, "Authorization not provided");
+    assert_eq!(e.provider_code.as_deref(), Some("UNAUTHORIZED"));
+
+    let calls = server.received_requests().await.unwrap();
+    let paths: Vec<&str> = calls.iter().map(|r| r.url.path()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/rest/auth/token",
+            "/rest/requests/r-1/challenge",
+            "/rest/requests/r-1/approve",
+            "/rest/auth/token/refresh",
+            "/rest/requests/r-1/approve",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn error_bodies_give_message_issue_and_code() {
+    let server = MockServer::start().await;
+    mount_token(&server).await;
+    mount_challenge(&server, "r-1").await;
+    Mock::given(method("POST"))
+        .and(path("/rest/requests/r-1/reject"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+            "message": "Invalid input data",
+            "code": "INVALID_INPUT",
+            "issues": [{"message": "Request is not pending"}, {"message": "second"}]
+        })))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/rest/requests/gone/challenge"))
+        .respond_with(ResponseTemplate::new(404).set_body_json(
+            json!({"message": "Request not found", "code": "NOT_FOUND", "issues": []}),
+        ))
+        .mount(&server)
+        .await;
+    let p = provider(&server.uri());
+
+    let e = p
+        .apply(&decision("reject", "r-1"), &ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Ambiguous);
+    assert_eq!(e.message, "Invalid input data: Request is not pending");
+    assert_eq!(e.provider_code.as_deref(), Some("INVALID_INPUT"));
+    assert_eq!(e.http_status, Some(400));
+
+    let e = p
+        .apply(&decision("reject", "gone"), &ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Permanent);
+    assert_eq!(e.message, "Request not found");
+    assert_eq!(e.provider_code.as_deref(), Some("NOT_FOUND"));
+}
+
+#[test]
+fn classes_of_statuses() {
+    let class = |status: u16| {
+        LedgerV2::classify(&Response {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: Default::default(),
+            body: Value::Null,
+        })
+        .class
+    };
+    for s in [420, 429, 500, 502] {
+        assert_eq!(class(s), ErrorClass::Retryable, "{s}");
+    }
+    for s in [401, 403] {
+        assert_eq!(class(s), ErrorClass::Auth, "{s}");
+    }
+    for s in [400, 409, 422] {
+        assert_eq!(class(s), ErrorClass::Ambiguous, "{s}");
+    }
+    assert_eq!(class(404), ErrorClass::Permanent);
+}
+
+#[tokio::test]
+async fn failing_token_calls_are_auth_or_retryable_and_never_echo_the_answer() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/rest/auth/token"))
+        .respond_with(
+            ResponseTemplate::new(401)
+                .set_body_json(json!({"message": "Invalid credentials", "code": "UNAUTHORIZED"})),
+        )
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/rest/auth/token"))
+        .respond_with(ResponseTemplate::new(503).insert_header("Retry-After", "4"))
+        .mount(&server)
+        .await;
+    let p = provider(&server.uri());
+
+    let e = p
+        .apply(&decision("reject", "r-1"), &ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Auth);
+    assert_eq!(e.http_status, Some(401));
+    assert!(e.message.contains("Invalid credentials"), "{}", e.message);
+    assert!(e.response.is_none());
+    assert!(!e.message.contains(KEY_SECRET));
+
+    let e = p
+        .apply(&decision("reject", "r-1"), &ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Retryable);
+    assert_eq!(e.retry_after, Some(Duration::from_secs(4)));
+    // No decision call was made without a token.
+    let calls = server.received_requests().await.unwrap();
+    assert!(calls.iter().all(|r| r.url.path() == "/rest/auth/token"));
+}
+
+#[tokio::test]
+async fn read_state_reads_the_request() {
+    let server = MockServer::start().await;
+    mount_token(&server).await;
+    Mock::given(method("GET"))
+        .and(path("/rest/requests/r-1"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "r-1", "state": "APPROVED", "reviews": []})),
+        )
+        .mount(&server)
+        .await;
+    let p = provider(&server.uri());
+    let seen = p.read_state(&decision("approve", "r-1")).await.unwrap();
+    assert_eq!(seen.state, "APPROVED");
+    assert_eq!(seen.verdict, Verdict::AsDecided);
+    let seen = p.read_state(&decision("reject", "r-1")).await.unwrap();
+    assert_eq!(seen.verdict, Verdict::Conflict);
+
+    let calls = server.received_requests().await.unwrap();
+    assert_eq!(calls.len(), 3);
+    assert_login(&calls[0]);
+    let r = &calls[1];
+    assert_eq!(r.method.as_str(), "GET");
+    assert_eq!(r.url.path(), "/rest/requests/r-1");
+    assert_eq!(header(r, "authorization"), Some("Bearer at-1"));
+    assert!(r.body.is_empty());
+}
+
+#[test]
+fn verdicts() {
+    use Action::{Approve, Reject};
+    for s in [
+        "INITIAL",
+        "PENDING",
+        "PENDING_APPROVAL",
+        "PENDING_FIRST_APPROVAL",
+    ] {
+        assert_eq!(verdict(Approve, s), Verdict::Pending, "{s}");
+        assert_eq!(verdict(Reject, s), Verdict::Pending, "{s}");
+    }
+    for s in ["APPROVED", "SIGNED", "SUBMITTED"] {
+        assert_eq!(verdict(Approve, s), Verdict::AsDecided, "{s}");
+        assert_eq!(verdict(Reject, s), Verdict::Conflict, "{s}");
+    }
+    for s in ["REJECTED", "ABORTED"] {
+        assert_eq!(verdict(Reject, s), Verdict::AsDecided, "{s}");
+        assert_eq!(verdict(Approve, s), Verdict::Conflict, "{s}");
+    }
+    for s in ["EXPIRED", "BLOCKED"] {
+        assert_eq!(verdict(Approve, s), Verdict::Conflict, "{s}");
+        assert_eq!(verdict(Reject, s), Verdict::Conflict, "{s}");
+    }
+}
+
+#[test]
+fn request_id_must_be_a_path_segment() {
+    let p = provider("http://127.0.0.1:9");
+    assert!(p.validate(&decision("approve", "r-1")).is_ok());
+    let e = p.validate(&decision("approve", "../admin")).unwrap_err();
+    assert!(e.contains("request_id"), "{e}");
+    let e = p.validate(&decision("approve", "")).unwrap_err();
+    assert!(e.contains("request_id"), "{e}");
+}
+
+#[test]
+fn a_bad_signing_key_is_a_settings_error_without_the_key() {
+    for bad in [
+        "-----BEGIN EC PRIVATE KEY-----\nTk9UQUtFWXNlY3JldEJ5dGVz\n-----END EC PRIVATE KEY-----\n",
+        "NOTAKEYsecretBytes",
+    ] {
+        let mut vars = env("http://127.0.0.1:9");
+        vars.retain(|(k, _)| !k.ends_with("SIGNING_KEY"));
+        vars.push((
+            "APPROVAL_PROVIDERS__LEDGER_V2__SIGNING_KEY".into(),
+            bad.into(),
+        ));
+        let Err(err) = build_with(vars) else {
+            panic!("a bad key must not build");
+        };
+        let text = err.to_string();
+        assert!(
+            text.contains("APPROVAL_PROVIDERS__LEDGER_V2__SIGNING_KEY"),
+            "{text}"
+        );
+        assert!(!text.contains("Tk9UQUtFWXNlY3JldEJ5dGVz"), "{text}");
+        assert!(!text.contains("NOTAKEYsecretBytes"), "{text}");
+    }
+}
+
+#[test]
+fn disabled_without_every_credential_and_checks_the_challenge_path() {
+    for missing in ["WORKSPACE", "API_KEY_ID", "API_KEY_SECRET", "SIGNING_KEY"] {
+        let mut vars = env("http://127.0.0.1:9");
+        vars.retain(|(k, _)| !k.ends_with(&format!("V2__{missing}")));
+        assert!(build_with(vars).unwrap().is_none(), "{missing}");
+    }
+    let mut vars = env("http://127.0.0.1:9");
+    vars.push((
+        "APPROVAL_PROVIDERS__LEDGER_V2__CHALLENGE_PATH".into(),
+        "/rest/requests/challenge".into(),
+    ));
+    let Err(err) = build_with(vars) else {
+        panic!("a template without {{request_id}} must not build");
+    };
+    assert!(
+        err.to_string()
+            .contains("APPROVAL_PROVIDERS__LEDGER_V2__CHALLENGE_PATH")
+    );
+}
+
+/// The simulator half, driven over HTTP like the worker drives it.
+mod simulator {
+    use super::super::sim;
+    use std::time::Duration;
+
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use serde_json::{Value, json};
+
+    use crate::jws::{DEMO_SIGNING_KEY_PEM, load_signing_key, sign_challenge};
+    use crate::tools::sim::testkit::{client, new_id, parts, sim, sim_with};
+    use crate::tools::sim::{SimConfig, SimHandle};
+
+    async fn token(sim: &SimHandle) -> Value {
+        let url = format!("{}/rest/auth/token", sim.base_url("ledger_v2"));
+        let body = json!({"workspace": "sim-workspace", "apiKeyId": "sim-key-id", "apiKeySecret": "sim-key-secret"});
+        let (status, body) = parts(client().post(url).json(&body).send().await.unwrap()).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    async fn access_token(sim: &SimHandle) -> String {
+        token(sim).await["accessToken"].as_str().unwrap().to_owned()
+    }
+
+    async fn challenge(sim: &SimHandle, bearer: &str, id: &str) -> String {
+        let url = format!("{}/rest/requests/{id}/challenge", sim.base_url("ledger_v2"));
+        let (status, body) =
+            parts(client().get(url).bearer_auth(bearer).send().await.unwrap()).await;
+        assert_eq!(status, 200, "{body}");
+        body["challenge"].as_str().unwrap().to_owned()
+    }
+
+    async fn decide(
+        sim: &SimHandle,
+        bearer: &str,
+        id: &str,
+        action: &str,
+        signature: &str,
+    ) -> (u16, Value) {
+        let url = format!("{}/rest/requests/{id}/{action}", sim.base_url("ledger_v2"));
+        let body = json!({"data": {"signature": signature, "challengeType": "API"}});
+        let request = client()
+            .post(url)
+            .bearer_auth(bearer)
+            .header("Idempotency-Key", format!("{action}-{id}"))
+            .json(&body);
+        parts(request.send().await.unwrap()).await
+    }
+
+    async fn signed(sim: &SimHandle, bearer: &str, id: &str) -> String {
+        let key = load_signing_key(DEMO_SIGNING_KEY_PEM).unwrap();
+        sign_challenge(&key, &challenge(sim, bearer, id).await).unwrap()
+    }
+
+    #[tokio::test]
+    async fn token_challenge_and_signed_decisions() {
+        let sim = sim().await;
+        let issued = token(&sim).await;
+        assert_eq!(issued["expiresInSeconds"], 300);
+        assert_eq!(issued["refreshExpiresInSeconds"], 1800);
+        let bearer = issued["accessToken"].as_str().unwrap();
+
+        let approved = new_id();
+        let signature = signed(&sim, bearer, &approved).await;
+        let (status, body) = decide(&sim, bearer, &approved, "approve", &signature).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["state"], "APPROVED");
+        assert_eq!(body["id"], approved.as_str());
+        assert!(body["legacyId"].is_u64() && body["reviewSteps"].is_array());
+        assert_eq!(body["reviews"][0]["status"], "APPROVED");
+
+        let rejected = new_id();
+        let signature = signed(&sim, bearer, &rejected).await;
+        let (status, body) = decide(&sim, bearer, &rejected, "reject", &signature).await;
+        assert_eq!((status, body["state"].clone()), (200, json!("REJECTED")));
+
+        let url = format!("{}/rest/requests/{rejected}", sim.base_url("ledger_v2"));
+        let (_, body) = parts(client().get(url).bearer_auth(bearer).send().await.unwrap()).await;
+        assert_eq!(body["state"], "REJECTED");
+        let stats = sim.stats().provider("ledger_v2").unwrap().clone();
+        assert_eq!((stats.state_changes, stats.token_issued), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn bad_signature_and_reused_challenge_are_refused() {
+        let sim = sim().await;
+        let bearer = access_token(&sim).await;
+        let id = new_id();
+        let challenge = challenge(&sim, &bearer, &id).await;
+
+        let other_key = p256::ecdsa::SigningKey::from_slice(&[7u8; 32]).expect("a valid scalar");
+        let forged = sign_challenge(&other_key, &challenge).unwrap();
+        let (status, body) = decide(&sim, &bearer, &id, "approve", &forged).await;
+        assert_eq!(status, 403);
+        assert_eq!(body["code"], "INVALID_SIGNATURE");
+        assert!(body["issues"].is_array());
+
+        // Signed correctly, but over bytes the sim never issued for this request.
+        let key = load_signing_key(DEMO_SIGNING_KEY_PEM).unwrap();
+        let foreign = signed(&sim, &bearer, &new_id()).await;
+        let (status, body) = decide(&sim, &bearer, &id, "approve", &foreign).await;
+        assert_eq!(
+            (status, body["code"].clone()),
+            (403, json!("INVALID_CHALLENGE"))
+        );
+
+        let good = sign_challenge(&key, &challenge).unwrap();
+        assert_eq!(decide(&sim, &bearer, &id, "approve", &good).await.0, 200);
+        let (status, body) = decide(&sim, &bearer, &id, "approve", &good).await;
+        assert_eq!(
+            (status, body["code"].clone()),
+            (403, json!("INVALID_CHALLENGE"))
+        );
+
+        let url = format!("{}/rest/requests/{id}/approve", sim.base_url("ledger_v2"));
+        let response = client()
+            .post(url)
+            .bearer_auth(&bearer)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400);
+        assert_eq!(
+            sim.stats()
+                .provider("ledger_v2")
+                .unwrap()
+                .clone()
+                .double_state_changes,
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn second_opposite_decision_conflicts() {
+        let sim = sim().await;
+        let bearer = access_token(&sim).await;
+        let id = new_id();
+        let signature = signed(&sim, &bearer, &id).await;
+        assert_eq!(
+            decide(&sim, &bearer, &id, "reject", &signature).await.0,
+            200
+        );
+
+        let signature = signed(&sim, &bearer, &id).await;
+        let (status, body) = decide(&sim, &bearer, &id, "approve", &signature).await;
+        assert_eq!(
+            (status, body["code"].clone()),
+            (400, json!("REQUEST_NOT_PENDING"))
+        );
+        let stats = sim.stats().provider("ledger_v2").unwrap().clone();
+        assert_eq!((stats.double_state_changes, stats.conflicting_keys), (1, 1));
+        assert_eq!(
+            sim.target_state("ledger_v2", &id).as_deref(),
+            Some("REJECTED")
+        );
+    }
+
+    #[tokio::test]
+    async fn unauthorized_expired_token_and_refresh() {
+        let sim = sim_with(SimConfig::default().with(sim::Options {
+            access_ttl: Duration::ZERO,
+            ..sim::Options::default()
+        }))
+        .await;
+        let base = sim.base_url("ledger_v2");
+        let url = format!("{base}/rest/auth/token");
+        let wrong =
+            json!({"workspace": "sim-workspace", "apiKeyId": "sim-key-id", "apiKeySecret": "nope"});
+        let (status, body) = parts(client().post(&url).json(&wrong).send().await.unwrap()).await;
+        assert_eq!((status, body["code"].clone()), (401, json!("UNAUTHORIZED")));
+
+        let issued = token(&sim).await;
+        let expired = issued["accessToken"].as_str().unwrap();
+        let read = format!("{base}/rest/requests/{}", new_id());
+        let (status, body) = parts(
+            client()
+                .get(&read)
+                .bearer_auth(expired)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 401);
+        assert_eq!(
+            body,
+            json!({"message": "Authorization not provided or expired", "code": "UNAUTHORIZED", "issues": []})
+        );
+        assert_eq!(client().get(&read).send().await.unwrap().status(), 401);
+
+        let refresh = json!({"workspace": "sim-workspace", "refreshToken": issued["refreshToken"]});
+        let (status, body) = parts(
+            client()
+                .post(format!("{base}/rest/auth/token/refresh"))
+                .json(&refresh)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body["accessToken"].is_string() && body["refreshToken"].is_string());
+        assert_eq!(
+            sim.stats()
+                .provider("ledger_v2")
+                .unwrap()
+                .clone()
+                .token_issued,
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn benchmarks_may_skip_the_ecdsa_check_but_not_the_challenge_check() {
+        let sim = sim_with(SimConfig::default().with(sim::Options {
+            verify_signatures: false,
+            ..sim::Options::default()
+        }))
+        .await;
+        let bearer = access_token(&sim).await;
+        let id = new_id();
+        let challenge = challenge(&sim, &bearer, &id).await;
+        let other_key = p256::ecdsa::SigningKey::from_slice(&[7u8; 32]).expect("a valid scalar");
+        let foreign = sign_challenge(&other_key, &URL_SAFE_NO_PAD.encode(b"not issued")).unwrap();
+        let (status, _) = decide(&sim, &bearer, &id, "approve", &foreign).await;
+        assert_eq!(status, 403);
+        let unchecked = sign_challenge(&other_key, &challenge).unwrap();
+        assert_eq!(
+            decide(&sim, &bearer, &id, "approve", &unchecked).await.0,
+            200
+        );
+    }
+
+    #[tokio::test]
+    async fn worker_env_names_the_credentials_the_fake_accepts() {
+        let sim = crate::tools::sim::testkit::sim().await;
+        let mut ours: Vec<(String, String)> = sim
+            .worker_env()
+            .into_iter()
+            .filter(|(key, _)| key.starts_with("APPROVAL_PROVIDERS__LEDGER_V2__"))
+            .collect();
+        ours.sort();
+        let mut expected = vec![
+            (
+                "APPROVAL_PROVIDERS__LEDGER_V2__BASE_URL".to_owned(),
+                format!("{}/ledger-v2", sim.root_url()),
+            ),
+            (
+                "APPROVAL_PROVIDERS__LEDGER_V2__WORKSPACE".to_owned(),
+                "sim-workspace".to_owned(),
+            ),
+            (
+                "APPROVAL_PROVIDERS__LEDGER_V2__API_KEY_ID".to_owned(),
+                "sim-key-id".to_owned(),
+            ),
+            (
+                "APPROVAL_PROVIDERS__LEDGER_V2__API_KEY_SECRET".to_owned(),
+                "sim-key-secret".to_owned(),
+            ),
+            (
+                "APPROVAL_PROVIDERS__LEDGER_V2__SIGNING_KEY".to_owned(),
+                crate::jws::DEMO_SIGNING_KEY_PEM.to_owned(),
+            ),
+        ];
+        expected.sort();
+        assert_eq!(ours, expected);
+    }
+}

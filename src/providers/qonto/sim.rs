@@ -1,0 +1,643 @@
+//! Qonto's simulator half, written from Qonto's documentation (PROVIDERS.md
+//! section 1), not from the client: request decline/approve with mandatory
+//! idempotency keys, SCA on approve, and the request list used for
+//! reconciliation.
+//!
+//! Routes, relative to the base URL (`/qonto`):
+//! `POST /v2/requests/{plural_type}/{id}/decline`,
+//! `POST /v2/requests/{plural_type}/{id}/approve`, `GET /v2/requests`,
+//! `GET /v2/sca_sessions/{token}`,
+//! `POST /v2/mocked_sca_sessions/{token}/{allow|deny}`.
+
+// Handlers return a ready `Response` as their error: it is the natural early
+// exit in axum, errors are the uncommon path, and boxing would only add noise.
+#![allow(
+    clippy::result_large_err,
+    reason = "Response is the handlers' error type"
+)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::Response;
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::tools::sim::kit::{
+    KeyLog, ScaAuto, TargetInfo, applied, header_str, json, lock, now_rfc3339, random_hex, rfc3339,
+};
+use crate::tools::sim::stats::Counters;
+use crate::tools::sim::unit::{CallKind, SimHalf, SimUnit, UnitOptions};
+
+const IDEMPOTENCY_HEADER: &str = "x-qonto-idempotency-key";
+const SCA_HEADER: &str = "x-qonto-sca-session-token";
+/// Qonto SCA sessions last 15 minutes, then read as `deny`.
+const SCA_LIFETIME: Duration = Duration::from_secs(15 * 60);
+const MAX_PER_PAGE: usize = 100;
+
+/// What the fake accepts and how it behaves; set through
+/// `SimConfig::with(Options { .. })`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub login: String,
+    pub secret_key: String,
+    /// Accepted as `Authorization: Bearer <token>` (Qonto's OAuth option).
+    pub access_token: String,
+    /// When set, every approve needs SCA, resolved by this rule.
+    pub sca_for_all_approvals: Option<ScaAuto>,
+    /// How long a cached success is replayed for an idempotency key.
+    pub idempotency_ttl: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            login: "sim-qonto".into(),
+            secret_key: "sim-qonto-secret".into(),
+            access_token: "sim-qonto-token".into(),
+            sca_for_all_approvals: None,
+            idempotency_ttl: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// The registry's handle on this half.
+pub(crate) struct Half;
+
+impl SimHalf for Half {
+    fn prefix(&self) -> &'static str {
+        "/qonto"
+    }
+
+    fn start(&self, options: &UnitOptions) -> Result<Arc<dyn SimUnit>, String> {
+        Ok(Arc::new(Sim {
+            options: options.get(),
+            store: Mutex::default(),
+            counters: Counters::default(),
+        }))
+    }
+
+    fn sample_target(&self, _action: &str) -> Value {
+        json!({"request_type": "transfers", "request_id": uuid::Uuid::new_v4().to_string()})
+    }
+
+    fn sample_key(&self, target: &Value) -> Option<String> {
+        target["request_id"].as_str().map(str::to_owned)
+    }
+
+    /// Request ids are UUIDs.
+    fn malformed_target(&self) -> Option<(&'static str, Value)> {
+        Some((
+            "approve",
+            json!({"request_type": "transfers", "request_id": "not-a-uuid"}),
+        ))
+    }
+
+    fn confirms(&self) -> bool {
+        true
+    }
+
+    fn decision_path(&self, key: &str) -> Option<String> {
+        Some(format!("/{key}/"))
+    }
+}
+
+/// One running fake: its options, its store and its counters.
+struct Sim {
+    options: Options,
+    store: Mutex<Store>,
+    counters: Counters,
+}
+
+impl SimUnit for Sim {
+    fn routes(self: Arc<Self>) -> Router {
+        routes().with_state(self)
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn error(&self, status: StatusCode, code: &str, message: &str) -> Response {
+        error(status, code, message)
+    }
+
+    fn fault_code(&self, rate_limited: bool) -> &'static str {
+        if rate_limited {
+            "too_many_requests"
+        } else {
+            "service_unavailable"
+        }
+    }
+
+    /// The sandbox's SCA mock plays the human: never faulted.
+    fn call_kind(&self, method: &Method, path: &str) -> CallKind {
+        if path.contains("/mocked_sca_sessions/") {
+            CallKind::Helper
+        } else {
+            CallKind::by_method(method)
+        }
+    }
+
+    fn target(&self, key: &str) -> Option<TargetInfo> {
+        lock(&self.store).target(key)
+    }
+
+    fn reset(&self) {
+        *lock(&self.store) = Store::default();
+    }
+
+    fn worker_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("LOGIN", self.options.login.clone()),
+            ("SECRET_KEY", self.options.secret_key.clone()),
+        ]
+    }
+
+    fn require_confirmation(&self, key: &str, auto: ScaAuto) -> bool {
+        lock(&self.store).require_sca(key, auto);
+        true
+    }
+}
+
+fn routes() -> Router<Arc<Sim>> {
+    Router::new()
+        .route("/v2/requests", get(list))
+        .route("/v2/requests/{request_type}/{id}/{action}", post(decide))
+        .route("/v2/sca_sessions/{token}", get(sca_session))
+        .route("/v2/mocked_sca_sessions/{token}/{result}", post(mock_sca))
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct Request {
+    id: String,
+    /// Singular form, as Qonto's resources carry it.
+    request_type: &'static str,
+    status: &'static str,
+    initiator_id: &'static str,
+    approver_id: Option<&'static str>,
+    note: &'static str,
+    declined_note: Option<String>,
+    debit_iban: Option<String>,
+    amount: &'static str,
+    currency: &'static str,
+    processed_at: Option<String>,
+    created_at: String,
+    #[serde(skip)]
+    keys: KeyLog,
+}
+
+/// A success cached for an idempotency key. Only the request id is kept: a
+/// decided request never changes again, so re-rendering it replays the very
+/// same bytes while costing far less memory over a long benchmark.
+struct Cached {
+    at: Instant,
+    request_id: String,
+}
+
+struct ScaSession {
+    request_id: String,
+    started: Instant,
+    auto: ScaAuto,
+    /// Set by the sandbox mock endpoint; wins over the auto rule.
+    decided: Option<&'static str>,
+}
+
+impl ScaSession {
+    fn result(&self) -> &'static str {
+        if let Some(result) = self.decided {
+            return result;
+        }
+        let elapsed = self.started.elapsed();
+        match self.auto {
+            ScaAuto::Allow { after } if elapsed >= after => return "allow",
+            ScaAuto::Deny { after } if elapsed >= after => return "deny",
+            _ => {}
+        }
+        if elapsed >= SCA_LIFETIME {
+            "deny"
+        } else {
+            "waiting"
+        }
+    }
+}
+
+#[derive(Default)]
+struct Store {
+    requests: HashMap<String, Request>,
+    /// Creation order, so the list can answer newest first without sorting.
+    order: Vec<String>,
+    idempotency: HashMap<String, Cached>,
+    sca_rules: HashMap<String, ScaAuto>,
+    sca_sessions: HashMap<String, ScaSession>,
+}
+
+impl Store {
+    fn require_sca(&mut self, request_id: &str, auto: ScaAuto) {
+        self.sca_rules.insert(request_id.to_owned(), auto);
+    }
+
+    fn target(&self, id: &str) -> Option<TargetInfo> {
+        self.requests.get(id).map(|r| r.keys.info(r.status))
+    }
+
+    fn request(&mut self, id: &str, request_type: &'static str) -> &mut Request {
+        if !self.requests.contains_key(id) {
+            self.order.push(id.to_owned());
+        }
+        self.requests
+            .entry(id.to_owned())
+            .or_insert_with(|| Request {
+                id: id.to_owned(),
+                request_type,
+                status: "pending",
+                initiator_id: "sim-initiator",
+                approver_id: None,
+                note: "Simulated request",
+                declined_note: None,
+                debit_iban: None,
+                amount: "100.00",
+                currency: "EUR",
+                processed_at: None,
+                created_at: now_rfc3339(),
+                keys: KeyLog::default(),
+            })
+    }
+
+    fn cached(&mut self, key: &str, ttl: Duration) -> Option<Response> {
+        let cached = self.idempotency.get(key)?;
+        if cached.at.elapsed() >= ttl {
+            self.idempotency.remove(key);
+            return None;
+        }
+        self.requests.get(&cached.request_id).map(wrapped)
+    }
+
+    fn cache(&mut self, key: &str, request_id: &str, ttl: Duration) {
+        // Prune lazily when the cache doubles, so long benchmark runs keep a
+        // bounded cache without a background task.
+        if self.idempotency.len() >= 4096 && self.idempotency.len().is_power_of_two() {
+            self.idempotency.retain(|_, c| c.at.elapsed() < ttl);
+        }
+        let cached = Cached {
+            at: Instant::now(),
+            request_id: request_id.to_owned(),
+        };
+        self.idempotency.insert(key.to_owned(), cached);
+    }
+}
+
+/// Qonto wraps the request in one key named after its type.
+fn wrapped(request: &Request) -> Response {
+    let key = format!("request_{}", request.request_type);
+    json(StatusCode::OK, &BTreeMap::from([(key, request)]))
+}
+
+fn error(status: StatusCode, code: &str, detail: &str) -> Response {
+    json(
+        status,
+        &json!({"errors": [{"code": code, "detail": detail}]}),
+    )
+}
+
+fn error_at(status: StatusCode, code: &str, detail: &str, pointer: &str) -> Response {
+    let body =
+        json!({"errors": [{"code": code, "detail": detail, "source": {"pointer": pointer}}]});
+    json(status, &body)
+}
+
+/// API key (`login:secret`) or OAuth bearer token.
+fn authorize(sim: &Sim, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(value) = header_str(headers, header::AUTHORIZATION.as_str()) else {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "authorization_header_missing",
+            "Authorization header is missing",
+        ));
+    };
+    let c = &sim.options;
+    let api_key_ok = value.split_once(':') == Some((&c.login, &c.secret_key));
+    let bearer_ok = value.strip_prefix("Bearer ") == Some(c.access_token.as_str());
+    if api_key_ok || bearer_ok {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "authorization_token_invalid",
+            "Authorization token is invalid",
+        ))
+    }
+}
+
+fn singular(plural: &str) -> Option<&'static str> {
+    match plural {
+        "transfers" => Some("transfer"),
+        "multi_transfers" => Some("multi_transfer"),
+        "flash_cards" => Some("flash_card"),
+        "virtual_cards" => Some("virtual_card"),
+        _ => None,
+    }
+}
+
+enum Action {
+    Decline { note: String },
+    Approve { debit_iban: Option<String> },
+}
+
+/// Validates the body; kept apart from the state change so it can run before
+/// the lock while the replay check still wins over a changed body.
+fn parse_action(action: &str, body: &[u8]) -> Option<Result<Action, Response>> {
+    let parsed: Option<Value> = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(value) => Some(value),
+            Err(_) => {
+                return Some(Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_json",
+                    "Request body is not valid JSON",
+                )));
+            }
+        }
+    };
+    let field = |name: &str| parsed.as_ref().and_then(|v| v.get(name));
+    Some(match action {
+        "decline" => match field("declined_note").and_then(Value::as_str) {
+            Some(note) => Ok(Action::Decline {
+                note: note.to_owned(),
+            }),
+            None => Err(error_at(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                "declined_note is required",
+                "/declined_note",
+            )),
+        },
+        "approve" => match field("debit_iban") {
+            None | Some(Value::Null) => Ok(Action::Approve { debit_iban: None }),
+            Some(Value::String(iban)) => Ok(Action::Approve {
+                debit_iban: Some(iban.clone()),
+            }),
+            Some(_) => Err(error_at(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                "debit_iban must be a string",
+                "/debit_iban",
+            )),
+        },
+        _ => return None,
+    })
+}
+
+async fn decide(
+    State(sim): State<Arc<Sim>>,
+    Path((plural, id, action)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let not_found = || error(StatusCode::NOT_FOUND, "not_found", "Not found");
+    let (Some(request_type), Some(parsed)) = (singular(&plural), parse_action(&action, &body))
+    else {
+        return not_found();
+    };
+    if let Err(response) = authorize(&sim, &headers) {
+        return response;
+    }
+    let Some(key) = header_str(&headers, IDEMPOTENCY_HEADER).filter(|k| !k.is_empty()) else {
+        return error_at(
+            StatusCode::BAD_REQUEST,
+            "missing_idempotency_key",
+            "X-Qonto-Idempotency-Key header is required",
+            "/headers/X-Qonto-Idempotency-Key",
+        );
+    };
+    let ttl = sim.options.idempotency_ttl;
+    let counters = &sim.counters;
+
+    let mut store = lock(&sim.store);
+    // A cached success is replayed whatever the body or path says, like Qonto.
+    if let Some(replay) = store.cached(key, ttl) {
+        return replay;
+    }
+    let action = match parsed {
+        Ok(action) => action,
+        Err(response) => return response,
+    };
+    let sca_rule = store
+        .sca_rules
+        .get(&id)
+        .copied()
+        .or(sim.options.sca_for_all_approvals);
+    let request = store.request(&id, request_type);
+    if request.request_type != request_type {
+        return not_found();
+    }
+    request.keys.record(Some(key), counters);
+    if request.status != "pending" {
+        Counters::bump(&counters.double_state_changes);
+        return error_at(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "request_not_pending",
+            "Request is not pending",
+            "/status",
+        );
+    }
+    if let (Action::Approve { .. }, Some(auto)) = (&action, sca_rule)
+        && let Err(response) = check_sca(&mut store, &id, auto, header_str(&headers, SCA_HEADER))
+    {
+        return response;
+    }
+
+    let request = store.request(&id, request_type);
+    let now = now_rfc3339();
+    match action {
+        Action::Decline { note } => {
+            request.status = "declined";
+            request.declined_note = Some(note);
+        }
+        Action::Approve { debit_iban } => {
+            request.status = "approved";
+            if debit_iban.is_some() {
+                request.debit_iban = debit_iban;
+            }
+        }
+    }
+    request.approver_id = Some("sim-approver");
+    request.processed_at = Some(now);
+    Counters::bump(&counters.state_changes);
+
+    let response = wrapped(request);
+    store.cache(key, &id, ttl);
+    applied(response)
+}
+
+/// `Ok` when the approve may proceed; otherwise the 428 that opens a session
+/// or the 412 for a token that is not (or no longer) allowed.
+fn check_sca(
+    store: &mut Store,
+    id: &str,
+    auto: ScaAuto,
+    token: Option<&str>,
+) -> Result<(), Response> {
+    let Some(token) = token else {
+        let token = random_hex(16);
+        let expires_at = rfc3339(time::OffsetDateTime::now_utc() + SCA_LIFETIME);
+        store.sca_sessions.insert(
+            token.clone(),
+            ScaSession {
+                request_id: id.to_owned(),
+                started: Instant::now(),
+                auto,
+                decided: None,
+            },
+        );
+        let body = json!({
+            "errors": [{"code": "sca_required", "detail": "SCA required"}],
+            "sca_session_token": token,
+            "sca_session_expires_at": expires_at,
+        });
+        return Err(json(StatusCode::PRECONDITION_REQUIRED, &body));
+    };
+    let result = match store.sca_sessions.get(token) {
+        Some(session) if session.request_id == id => session.result(),
+        _ => "unknown",
+    };
+    if result == "allow" {
+        return Ok(());
+    }
+    // UNCONFIRMED: Qonto documents only the 412 status; the code is ours.
+    Err(error(
+        StatusCode::PRECONDITION_FAILED,
+        "sca_session_invalid",
+        &format!("SCA session is not allowed (result: {result})"),
+    ))
+}
+
+async fn sca_session(
+    State(sim): State<Arc<Sim>>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = authorize(&sim, &headers) {
+        return response;
+    }
+    let store = lock(&sim.store);
+    match store.sca_sessions.get(&token) {
+        Some(session) => json(
+            StatusCode::OK,
+            &json!({"result": session.result(), "canceled_at": null}),
+        ),
+        None => error(StatusCode::NOT_FOUND, "not_found", "SCA session not found"),
+    }
+}
+
+/// Qonto sandbox's "simulate user decision" endpoint.
+async fn mock_sca(
+    State(sim): State<Arc<Sim>>,
+    Path((token, result)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = authorize(&sim, &headers) {
+        return response;
+    }
+    let result = match result.as_str() {
+        "allow" => "allow",
+        "deny" => "deny",
+        _ => return error(StatusCode::NOT_FOUND, "not_found", "Not found"),
+    };
+    let mut store = lock(&sim.store);
+    match store.sca_sessions.get_mut(&token) {
+        Some(session) => {
+            session.decided = Some(result);
+            json(
+                StatusCode::OK,
+                &json!({"result": result, "canceled_at": null}),
+            )
+        }
+        None => error(StatusCode::NOT_FOUND, "not_found", "SCA session not found"),
+    }
+}
+
+#[derive(Deserialize)]
+struct Paging {
+    page: Option<usize>,
+    per_page: Option<usize>,
+}
+
+/// `GET /v2/requests?status[]=..&request_type[]=..&page=&per_page=`, newest
+/// first. The filters repeat their key, so they are read as pairs.
+async fn list(
+    State(sim): State<Arc<Sim>>,
+    paging: Result<Query<Paging>, QueryRejection>,
+    Query(pairs): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = authorize(&sim, &headers) {
+        return response;
+    }
+    let values = |name: &str| -> Vec<&str> {
+        let bracketed = format!("{name}[]");
+        pairs
+            .iter()
+            .filter(|(k, _)| *k == bracketed || k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    let statuses = values("status");
+    let types = values("request_type");
+    let Ok(Query(paging)) = paging else {
+        return error_at(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_parameter",
+            "page and per_page must be non-negative integers",
+            "/page",
+        );
+    };
+    let page = paging.page.unwrap_or(1).max(1);
+    let per_page = paging.per_page.unwrap_or(MAX_PER_PAGE);
+    if per_page == 0 || per_page > MAX_PER_PAGE {
+        return error_at(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_parameter",
+            "per_page must be between 1 and 100",
+            "/per_page",
+        );
+    }
+
+    let store = lock(&sim.store);
+    let matching: Vec<&Request> = store
+        .order
+        .iter()
+        .rev()
+        .filter_map(|id| store.requests.get(id))
+        .filter(|r| statuses.is_empty() || statuses.contains(&r.status))
+        .filter(|r| types.is_empty() || types.contains(&r.request_type))
+        .collect();
+    let total_count = matching.len();
+    let total_pages = total_count.div_ceil(per_page);
+    let requests: Vec<&Request> = matching
+        .into_iter()
+        .skip((page - 1).saturating_mul(per_page))
+        .take(per_page)
+        .collect();
+    let body = json!({
+        "requests": requests,
+        "meta": {
+            "current_page": page,
+            "next_page": (page < total_pages).then_some(page + 1),
+            "prev_page": (page > 1).then_some(page - 1),
+            "total_pages": total_pages,
+            "total_count": total_count,
+            "per_page": per_page,
+        }
+    });
+    json(StatusCode::OK, &body)
+}

@@ -1,0 +1,155 @@
+//! Per-provider counters. Atomics, not a mutex, because every request bumps
+//! them and the benchmark drives the sim at 10k+ requests per second.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+/// HTTP statuses are below 600; one slot each avoids a map on the hot path.
+const STATUS_SLOTS: usize = 600;
+
+pub struct Counters {
+    pub calls: AtomicU64,
+    pub http2_calls: AtomicU64,
+    pub state_changing_calls: AtomicU64,
+    pub state_changes: AtomicU64,
+    pub double_state_changes: AtomicU64,
+    pub conflicting_keys: AtomicU64,
+    pub token_issued: AtomicU64,
+    pub dropped_connections: AtomicU64,
+    by_status: Box<[AtomicU64]>,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            calls: AtomicU64::new(0),
+            http2_calls: AtomicU64::new(0),
+            state_changing_calls: AtomicU64::new(0),
+            state_changes: AtomicU64::new(0),
+            double_state_changes: AtomicU64::new(0),
+            conflicting_keys: AtomicU64::new(0),
+            token_issued: AtomicU64::new(0),
+            dropped_connections: AtomicU64::new(0),
+            by_status: (0..STATUS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl Counters {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn record_status(&self, status: u16) {
+        if let Some(slot) = self.by_status.get(usize::from(status)) {
+            Self::bump(slot);
+        }
+    }
+
+    fn scalars(&self) -> [&AtomicU64; 8] {
+        [
+            &self.calls,
+            &self.http2_calls,
+            &self.state_changing_calls,
+            &self.state_changes,
+            &self.double_state_changes,
+            &self.conflicting_keys,
+            &self.token_issued,
+            &self.dropped_connections,
+        ]
+    }
+
+    pub fn reset(&self) {
+        for counter in self.scalars().into_iter().chain(self.by_status.iter()) {
+            counter.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn snapshot(&self) -> ProviderStats {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let by_status = self
+            .by_status
+            .iter()
+            .enumerate()
+            .filter_map(|(status, count)| {
+                let count = load(count);
+                (count > 0).then_some((status as u16, count))
+            })
+            .collect();
+        ProviderStats {
+            calls: load(&self.calls),
+            http2_calls: load(&self.http2_calls),
+            state_changing_calls: load(&self.state_changing_calls),
+            state_changes: load(&self.state_changes),
+            double_state_changes: load(&self.double_state_changes),
+            conflicting_keys: load(&self.conflicting_keys),
+            token_issued: load(&self.token_issued),
+            dropped_connections: load(&self.dropped_connections),
+            by_status,
+        }
+    }
+}
+
+/// Counters of one provider since start or the last reset.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderStats {
+    /// Every request under the provider's prefix: decisions, reads, tokens.
+    pub calls: u64,
+    /// Of those, requests that came over HTTP/2.
+    pub http2_calls: u64,
+    /// Requests to approve/reject/link endpoints, whatever their answer
+    /// (faulted, refused, replayed or applied).
+    pub state_changing_calls: u64,
+    /// Pending -> decided transitions (per transaction where one call
+    /// decides several).
+    pub state_changes: u64,
+    /// Decision calls that reached an already-decided target and were not an
+    /// idempotent replay. A correct worker keeps this at 0.
+    pub double_state_changes: u64,
+    /// Targets that received decision calls with two different idempotency keys.
+    pub conflicting_keys: u64,
+    /// Access tokens issued (token exchanges and refreshes).
+    pub token_issued: u64,
+    /// Connections dropped without an answer (reset, timeout and
+    /// apply-then-fail faults).
+    pub dropped_connections: u64,
+    /// HTTP status -> number of answers with it.
+    pub by_status: BTreeMap<u16, u64>,
+}
+
+/// Counters of every provider, keyed by its name; also served at
+/// `GET /_sim/stats` as `{"<name>": {...}, ...}`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SimStats(pub BTreeMap<String, ProviderStats>);
+
+impl SimStats {
+    pub fn provider(&self, name: &str) -> Option<&ProviderStats> {
+        self.0.get(name)
+    }
+
+    /// Sum over providers, e.g. to assert `double_state_changes == 0` once.
+    pub fn total(&self) -> ProviderStats {
+        let mut total = ProviderStats::default();
+        for p in self.0.values() {
+            total.calls += p.calls;
+            total.http2_calls += p.http2_calls;
+            total.state_changing_calls += p.state_changing_calls;
+            total.state_changes += p.state_changes;
+            total.double_state_changes += p.double_state_changes;
+            total.conflicting_keys += p.conflicting_keys;
+            total.token_issued += p.token_issued;
+            total.dropped_connections += p.dropped_connections;
+            for (status, count) in &p.by_status {
+                *total.by_status.entry(*status).or_default() += count;
+            }
+        }
+        total
+    }
+}
