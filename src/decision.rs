@@ -8,10 +8,10 @@ use serde_json::{Map, Value};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use uuid::Uuid;
 
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Namespace of every UUIDv5 this service derives (idempotency keys, event ids).
-pub const NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_2b0e_7a4d_4c59_9a51_3e0f_a7d2_c4b1);
+pub(crate) const NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_2b0e_7a4d_4c59_9a51_3e0f_a7d2_c4b1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -31,37 +31,37 @@ impl Action {
 
 #[derive(Debug, Clone)]
 pub struct Decision {
-    pub decision_id: String,
-    pub provider: String,
-    pub action: Action,
-    pub target: Map<String, Value>,
-    pub reason: Option<String>,
+    pub(crate) decision_id: String,
+    pub(crate) provider: String,
+    pub(crate) action: Action,
+    pub(crate) target: Map<String, Value>,
+    pub(crate) reason: Option<String>,
     /// The given key, or one derived at parse time (see [`derived_key`]).
-    pub idempotency_key: String,
-    pub decided_by: Option<String>,
-    pub decided_at: Option<String>,
+    pub(crate) idempotency_key: String,
+    pub(crate) decided_by: Option<String>,
+    pub(crate) decided_at: Option<String>,
 }
 
 /// What could be read of a message that failed validation, echoed in its
 /// `invalid` outcome so consumers can still correlate it.
 #[derive(Debug, Clone, Default)]
-pub struct Echo {
-    pub decision_id: Option<String>,
-    pub provider: Option<String>,
-    pub action: Option<String>,
-    pub target: Option<Value>,
-    pub decided_by: Option<String>,
-    pub decided_at: Option<String>,
+pub(crate) struct Echo {
+    pub(crate) decision_id: Option<String>,
+    pub(crate) provider: Option<String>,
+    pub(crate) action: Option<String>,
+    pub(crate) target: Option<Value>,
+    pub(crate) decided_by: Option<String>,
+    pub(crate) decided_at: Option<String>,
 }
 
 #[derive(Debug, Clone)]
-pub struct Invalid {
-    pub problem: String,
-    pub echo: Box<Echo>,
+pub(crate) struct Invalid {
+    pub(crate) problem: String,
+    pub(crate) echo: Box<Echo>,
 }
 
 impl Decision {
-    pub fn echo(&self) -> Echo {
+    pub(crate) fn echo(&self) -> Echo {
         Echo {
             decision_id: Some(self.decision_id.clone()),
             provider: Some(self.provider.clone()),
@@ -72,7 +72,7 @@ impl Decision {
         }
     }
 
-    pub fn target_str(&self, field: &str) -> Option<&str> {
+    pub(crate) fn target_str(&self, field: &str) -> Option<&str> {
         self.target.get(field).and_then(Value::as_str)
     }
 }
@@ -83,7 +83,7 @@ pub fn derived_key(decision_id: &str, provider: &str, action: Action) -> String 
 }
 
 /// Parses and checks the provider-independent shape of a decision.
-pub fn parse(body: &[u8]) -> Result<Decision, Invalid> {
+pub(crate) fn parse(body: &[u8]) -> Result<Decision, Invalid> {
     let mut echo = Echo::default();
     let fail = |echo: &Echo, problem: String| Invalid {
         problem,
@@ -210,7 +210,7 @@ fn truncate(s: &str, max: usize) -> &str {
 
 /// Checks a value that will become one URL path segment: no separators,
 /// no dot segments, no control characters (it is percent-encoded later).
-pub fn check_segment(field: &str, value: &str) -> Result<(), String> {
+pub(crate) fn check_segment(field: &str, value: &str) -> Result<(), String> {
     if value.is_empty() {
         return Err(format!("target.{field} must not be empty"));
     }
@@ -232,7 +232,7 @@ pub fn check_segment(field: &str, value: &str) -> Result<(), String> {
 }
 
 /// A required string field of `target`, checked as a path segment.
-pub fn target_segment<'a>(d: &'a Decision, field: &str) -> Result<&'a str, String> {
+pub(crate) fn target_segment<'a>(d: &'a Decision, field: &str) -> Result<&'a str, String> {
     match d.target.get(field) {
         Some(Value::String(s)) => {
             check_segment(field, s)?;
@@ -244,7 +244,7 @@ pub fn target_segment<'a>(d: &'a Decision, field: &str) -> Result<&'a str, Strin
 }
 
 /// The decision's `reason`, required by some providers for a reject.
-pub fn required_reason(d: &Decision, max_chars: Option<usize>) -> Result<&str, String> {
+pub(crate) fn required_reason(d: &Decision, max_chars: Option<usize>) -> Result<&str, String> {
     let reason = d
         .reason
         .as_deref()
@@ -279,7 +279,7 @@ mod tests {
         parse(json).expect_err("invalid").problem
     }
 
-    const GOOD: &str = r#"{"decision_id":"d-1","provider":"qonto","action":"reject",
+    const GOOD: &str = r#"{"decision_id":"d-1","provider":"acme","action":"reject",
         "target":{"request_type":"transfers","request_id":"7b6f4c1e-3c55-4a56-9f5e-0d6a1c1f2a3b"},
         "reason":"no","decided_at":"2026-11-21T10:00:00Z"}"#;
 
@@ -296,11 +296,11 @@ mod tests {
         let d = ok(GOOD);
         assert_eq!(
             d.idempotency_key,
-            derived_key("d-1", "qonto", Action::Reject)
+            derived_key("d-1", "acme", Action::Reject)
         );
         assert_ne!(
             d.idempotency_key,
-            derived_key("d-1", "qonto", Action::Approve)
+            derived_key("d-1", "acme", Action::Approve)
         );
         let given = ok(&GOOD.replace("\"reason\"", "\"idempotency_key\":\"k-9\",\"reason\""));
         assert_eq!(given.idempotency_key, "k-9");
@@ -311,7 +311,7 @@ mod tests {
         assert!(problem(b"\xff\xfe").contains("UTF-8"));
         assert!(problem(b"{nope").contains("not valid JSON"));
         assert!(problem(b"[1]").contains("JSON object"));
-        assert!(problem(br#"{"provider":"qonto"}"#).contains("decision_id"));
+        assert!(problem(br#"{"provider":"acme"}"#).contains("decision_id"));
         assert!(problem(br#"{"decision_id":"a b","provider":"q"}"#).contains("decision_id"));
         assert!(
             problem(br#"{"decision_id":"a","provider":"q","action":"maybe","target":{}}"#)
@@ -331,10 +331,10 @@ mod tests {
 
     #[test]
     fn echo_keeps_what_was_readable() {
-        let err = parse(br#"{"decision_id":"d-7","provider":"qonto","action":"nope","target":{}}"#)
+        let err = parse(br#"{"decision_id":"d-7","provider":"acme","action":"nope","target":{}}"#)
             .unwrap_err();
         assert_eq!(err.echo.decision_id.as_deref(), Some("d-7"));
-        assert_eq!(err.echo.provider.as_deref(), Some("qonto"));
+        assert_eq!(err.echo.provider.as_deref(), Some("acme"));
     }
 
     #[test]

@@ -7,22 +7,22 @@
 //! Beside them: `broker` (RabbitMQ), `settings`, `telemetry`, and the
 //! binary's `commands`; apart, in `tools`: the provider simulator, `demo`,
 //! `bench` and the outcome capture.
+//!
+//! Public is only what the binary and the integration tests use; everything
+//! else is `pub(crate)`, so the compiler reports what nothing uses.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod broker;
 pub mod commands;
 pub mod decision;
-pub mod jws;
-pub mod locks;
-pub mod outcome;
+pub(crate) mod jws;
+pub(crate) mod locks;
+pub(crate) mod outcome;
 pub mod providers;
-pub mod readiness;
-pub mod retry;
+pub(crate) mod readiness;
+pub(crate) mod retry;
 pub mod settings;
 mod shutdown;
 pub mod telemetry;
 pub mod tools;
 pub mod worker;
-
-// The tools keep their short paths for the binary and the integration tests.
-pub use tools::{bench, demo, sim};

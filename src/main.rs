@@ -6,11 +6,10 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 use approval_worker::{
-    bench,
     commands::{check, dead_letters, run, simulate},
-    demo,
     settings::Settings,
     telemetry,
+    tools::{bench, demo},
 };
 
 /// Every decision spawns tasks (ours, and lapin's per acknowledgement) whose

@@ -59,7 +59,8 @@ pub enum ErrorKind {
     Exhausted,
     /// Delivered more often than the delivery limit allows without settling.
     Poison,
-    /// A human confirmation step (Qonto SCA) was denied or expired.
+    /// A human confirmation step (a strong customer authentication session)
+    /// was denied or expired.
     ConfirmationDenied,
 }
 
@@ -253,8 +254,8 @@ mod tests {
             b"",
         );
         assert_eq!(e.routing_key(), "unknown.invalid");
-        e.provider = Some("qonto".into());
-        assert_eq!(e.routing_key(), "qonto.invalid");
+        e.provider = Some("acme".into());
+        assert_eq!(e.routing_key(), "acme.invalid");
         e.provider = Some("a.#".into());
         assert_eq!(e.routing_key(), "unknown.invalid");
     }

@@ -15,7 +15,8 @@ use serde_json::Value;
 /// How the worker must treat a failed provider call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
-    /// Nothing was applied (connect error, 5xx, 429, Ledger 420): call again.
+    /// Nothing was applied (connect error, 5xx, 429 or a provider's own
+    /// rate-limit status): call again.
     Retryable,
     /// The request may have reached the provider (timeout or reset after
     /// sending, an unexpected 4xx such as "not pending"): read the target's

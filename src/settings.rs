@@ -53,60 +53,60 @@ pub enum SettingsError {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
-    pub amqp: AmqpSettings,
-    pub worker: WorkerSettings,
-    pub retry: RetrySettings,
-    pub admin: AdminSettings,
+    pub(crate) amqp: AmqpSettings,
+    pub(crate) worker: WorkerSettings,
+    pub(crate) retry: RetrySettings,
+    pub(crate) admin: AdminSettings,
     pub log: LogSettings,
-    pub providers: ProviderSections,
+    pub(crate) providers: ProviderSections,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct AmqpSettings {
+pub(crate) struct AmqpSettings {
     /// Carries the broker password, hence secret.
     #[serde(deserialize_with = "amqp_url")]
-    pub url: SecretString,
+    pub(crate) url: SecretString,
     #[serde(deserialize_with = "queue_prefix")]
-    pub prefix: String,
-    pub prefetch: NonZeroU16,
+    pub(crate) prefix: String,
+    pub(crate) prefetch: NonZeroU16,
     #[serde(deserialize_with = "delivery_limit")]
-    pub delivery_limit: u32,
+    pub(crate) delivery_limit: u32,
     #[serde(rename = "reconnect_initial_ms", deserialize_with = "millis")]
-    pub reconnect_initial: Duration,
+    pub(crate) reconnect_initial: Duration,
     #[serde(rename = "reconnect_max_ms", deserialize_with = "millis")]
-    pub reconnect_max: Duration,
+    pub(crate) reconnect_max: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct WorkerSettings {
     #[serde(rename = "drain_timeout_ms", deserialize_with = "millis")]
-    pub drain_timeout: Duration,
-    pub max_calls_per_provider: NonZeroUsize,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) max_calls_per_provider: NonZeroUsize,
     #[serde(rename = "http_timeout_ms", deserialize_with = "positive_millis")]
-    pub http_timeout: Duration,
+    pub(crate) http_timeout: Duration,
     #[serde(rename = "connect_timeout_ms", deserialize_with = "millis")]
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Speak HTTP/2 from the first byte (h2c on `http://`), see default.toml.
-    pub http2_prior_knowledge: bool,
+    pub(crate) http2_prior_knowledge: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct RetrySettings {
-    pub max_attempts: NonZeroU32,
+pub(crate) struct RetrySettings {
+    pub(crate) max_attempts: NonZeroU32,
     #[serde(rename = "initial_backoff_ms", deserialize_with = "positive_millis")]
-    pub initial_backoff: Duration,
+    pub(crate) initial_backoff: Duration,
     #[serde(rename = "max_backoff_ms", deserialize_with = "millis")]
-    pub max_backoff: Duration,
-    pub in_process_attempts: NonZeroU32,
+    pub(crate) max_backoff: Duration,
+    pub(crate) in_process_attempts: NonZeroU32,
     #[serde(rename = "in_process_max_wait_ms", deserialize_with = "millis")]
-    pub in_process_max_wait: Duration,
+    pub(crate) in_process_max_wait: Duration,
     #[serde(rename = "horizon_ms", deserialize_with = "millis")]
-    pub horizon: Duration,
+    pub(crate) horizon: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct AdminSettings {
-    pub bind: SocketAddr,
+pub(crate) struct AdminSettings {
+    pub(crate) bind: SocketAddr,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -130,7 +130,7 @@ pub struct LogSettings {
 /// touch this file. `Debug` lists names only: sections hold secrets.
 #[derive(Clone, Deserialize, Default)]
 #[serde(transparent)]
-pub struct ProviderSections(pub std::collections::BTreeMap<String, config::Value>);
+pub struct ProviderSections(pub(crate) std::collections::BTreeMap<String, config::Value>);
 
 impl std::fmt::Debug for ProviderSections {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -140,7 +140,10 @@ impl std::fmt::Debug for ProviderSections {
 
 impl ProviderSections {
     /// Deserializes `[providers.<name>]` into the provider's own settings type.
-    pub fn section<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T, SettingsError> {
+    pub(crate) fn section<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<T, SettingsError> {
         let value = self.0.get(name).cloned().unwrap_or_else(|| {
             config::Value::new(None, config::ValueKind::Table(Default::default()))
         });
@@ -151,7 +154,7 @@ impl ProviderSections {
 }
 
 /// Checks a provider's base URL setting.
-pub fn check_base_url(provider: &str, url: &str) -> Result<Url, SettingsError> {
+pub(crate) fn check_base_url(provider: &str, url: &str) -> Result<Url, SettingsError> {
     match Url::parse(url) {
         Ok(u) if u.scheme() == "https" || u.scheme() == "http" => Ok(u),
         _ => Err(SettingsError::Invalid {
@@ -162,7 +165,7 @@ pub fn check_base_url(provider: &str, url: &str) -> Result<Url, SettingsError> {
 }
 
 /// Checks a configurable (publicly unconfirmed) path template.
-pub fn check_path_template(
+pub(crate) fn check_path_template(
     provider: &str,
     key: &str,
     template: &str,
@@ -180,14 +183,14 @@ pub fn check_path_template(
 
 /// A configured secret, treating an empty string like an absent one so that
 /// `APPROVAL_..._TOKEN=` in a manifest disables rather than sends "".
-pub fn present(secret: &Option<SecretString>) -> Option<&SecretString> {
+pub(crate) fn present(secret: &Option<SecretString>) -> Option<&SecretString> {
     secret
         .as_ref()
         .filter(|s| !s.expose_secret().trim().is_empty())
 }
 
 /// Turns a dotted config path into the environment form users set.
-pub fn env_key(path: &str) -> String {
+pub(crate) fn env_key(path: &str) -> String {
     format!("APPROVAL_{}", path.replace('.', "__").to_uppercase())
 }
 
@@ -283,7 +286,7 @@ impl Settings {
     }
 
     /// The broker URL with any password replaced, for log lines.
-    pub fn amqp_url_redacted(&self) -> String {
+    pub(crate) fn amqp_url_redacted(&self) -> String {
         match Url::parse(self.amqp.url.expose_secret()) {
             Ok(mut u) => {
                 if u.password().is_some() {
@@ -370,6 +373,7 @@ fn empty_as_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<LogFormat>, D
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::REGISTRY;
 
     fn load(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
         Settings::load_from(
@@ -378,21 +382,23 @@ mod tests {
         )
     }
 
-    /// Every shipped key has its `APPROVAL_` variable wired in the
-    /// Kubernetes ConfigMap or Secret, so a new setting cannot be forgotten there.
+    /// Every registry unit has its `[providers.<name>]` section in the
+    /// shipped defaults, and every shipped key has its `APPROVAL_` variable
+    /// wired in the Kubernetes ConfigMap or Secret, so neither a new
+    /// provider nor a new setting can be forgotten there.
     #[test]
     fn every_default_key_is_wired_in_the_kubernetes_manifests() {
+        let defaults = include_str!("../config/default.toml");
         let manifests = concat!(
             include_str!("../deploy/k8s/configmap.yaml"),
             include_str!("../deploy/k8s/secret.yaml")
         );
+        let mut sections = Vec::new();
         let mut section = String::new();
         let mut missing = Vec::new();
-        for line in include_str!("../config/default.toml")
-            .lines()
-            .map(str::trim)
-        {
+        for line in defaults.lines().map(str::trim) {
             if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                sections.push(name.to_owned());
                 section = name.to_uppercase().replace('.', "__");
             } else if let Some((key, _)) = line.split_once('=').filter(|_| !line.starts_with('#')) {
                 let var = format!("APPROVAL_{section}__{}", key.trim().to_uppercase());
@@ -401,7 +407,12 @@ mod tests {
                 }
             }
         }
-        assert!(section.len() > 1, "default.toml has sections");
+        for unit in REGISTRY {
+            if !sections.contains(&format!("providers.{}", unit.name)) {
+                missing.push(format!("[providers.{}] in config/default.toml", unit.name));
+            }
+        }
+        assert!(sections.len() > REGISTRY.len(), "default.toml has sections");
         assert_eq!(missing, Vec::<String>::new());
     }
 
@@ -414,26 +425,30 @@ mod tests {
             "amqp://guest:guest@127.0.0.1:5672/%2f"
         );
         assert_eq!(s.admin.bind, "127.0.0.1:9090".parse().unwrap());
-        assert!(s.providers.0.contains_key("qonto"));
+        for unit in REGISTRY {
+            assert!(s.providers.0.contains_key(unit.name), "{}", unit.name);
+        }
     }
 
     #[test]
     fn environment_keys_override_nested_values() {
+        let name = REGISTRY[0].name;
+        let var = |key: &str| format!("APPROVAL_PROVIDERS__{}__{key}", name.to_uppercase());
+        let (base_url, secret) = (var("BASE_URL"), var("SECRET"));
         let s = load(&[
             ("APPROVAL_AMQP__PREFETCH", "7"),
-            ("APPROVAL_PROVIDERS__LEDGER_V1__BASE_URL", "http://x.test"),
-            ("APPROVAL_PROVIDERS__QONTO__LOGIN", "l"),
-            ("APPROVAL_PROVIDERS__QONTO__SECRET_KEY", "s3cr3t-value"),
+            (base_url.as_str(), "http://x.test"),
+            (secret.as_str(), "s3cr3t-value"),
             ("APPROVAL_LOG__FORMAT", "json"),
         ])
         .unwrap();
         assert_eq!(s.amqp.prefetch.get(), 7);
         #[derive(Deserialize)]
-        struct V1 {
+        struct Section {
             base_url: String,
         }
-        let v1: V1 = s.providers.section("ledger_v1").unwrap();
-        assert_eq!(v1.base_url, "http://x.test");
+        let section: Section = s.providers.section(name).unwrap();
+        assert_eq!(section.base_url, "http://x.test");
         assert_eq!(s.log.format, Some(LogFormat::Json));
         assert!(!format!("{s:?}").contains("s3cr3t-value"));
     }

@@ -21,8 +21,6 @@ use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use settle::{Dispatched, Ending, Settle};
 
-/// Kept at its old path for the bench's ceiling relay.
-pub use crate::broker::outcome_properties;
 use crate::{
     broker::{Delivery, History, PendingConfirmation, Session, Topology},
     decision::{self, Decision},

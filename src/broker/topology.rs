@@ -14,7 +14,7 @@ use lapin::{
 
 /// Retry tiers: a queue per delay band, so a message never waits behind one
 /// with a much longer delay (messages only expire at the head of a queue).
-pub const RETRY_TIERS: &[(&str, u64)] = &[
+pub(crate) const RETRY_TIERS: &[(&str, u64)] = &[
     ("1s", 1_000),
     ("5s", 5_000),
     ("30s", 30_000),
@@ -36,7 +36,7 @@ impl Topology {
         }
     }
 
-    pub fn prefix(&self) -> &str {
+    pub(crate) fn prefix(&self) -> &str {
         &self.prefix
     }
 
@@ -53,13 +53,13 @@ impl Topology {
         format!("{}.outcomes", self.prefix)
     }
 
-    pub fn retry_queue(&self, tier: &str) -> String {
+    pub(crate) fn retry_queue(&self, tier: &str) -> String {
         format!("{}.retry.{tier}", self.prefix)
     }
 
     /// The queue of the smallest tier that holds `delay`; longer delays
     /// use the last. The message's own expiration sets the exact wait.
-    pub fn retry_tier(&self, delay: Duration) -> String {
+    pub(crate) fn retry_tier(&self, delay: Duration) -> String {
         let ms = delay.as_millis();
         let (name, _) = RETRY_TIERS
             .iter()
@@ -158,6 +158,6 @@ impl Topology {
     }
 }
 
-pub fn str_value(s: &str) -> AMQPValue {
+pub(crate) fn str_value(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }

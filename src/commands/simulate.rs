@@ -8,7 +8,7 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{shutdown, sim};
+use crate::{shutdown, tools::sim};
 
 #[derive(clap::Args)]
 pub struct Args {

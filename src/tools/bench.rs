@@ -43,7 +43,6 @@ use crate::{
         capture,
         sim::{self, Faults, SimConfig, samples},
     },
-    worker,
 };
 
 const PHASE_DEADLINE: Duration = Duration::from_secs(600);
@@ -618,7 +617,7 @@ impl Ceiling {
             consume.clone(),
             self.outcomes.clone(),
             self.result.clone(),
-            worker::outcome_properties(&uuid::Uuid::nil().to_string(), Some("ceiling")),
+            broker::outcome_properties(&uuid::Uuid::nil().to_string(), Some("ceiling")),
         ));
         let relay_task = tokio::spawn(async move {
             let acks = TaskTracker::new();

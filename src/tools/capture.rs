@@ -14,7 +14,7 @@ use crate::broker::Topology;
 /// Binds a private queue to `P.outcomes` and forwards every event's JSON
 /// text unparsed: the bench counts most events without reading them, and
 /// parsing here would take CPU from the worker it measures.
-pub async fn outcomes(
+pub(crate) async fn outcomes(
     channel: &Channel,
     topology: &Topology,
 ) -> Result<mpsc::UnboundedReceiver<Vec<u8>>, lapin::Error> {

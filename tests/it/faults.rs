@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use approval_worker::sim::{self, Faults, SimHandle, samples};
+use approval_worker::tools::sim::{self, Faults, SimHandle, samples};
 use rand::Rng;
 use serde_json::Value;
 

@@ -1,7 +1,7 @@
 //! Every provider end to end: the real broker, the worker, and the
 //! project's provider simulator.
 
-use approval_worker::sim::{self, Faults, samples};
+use approval_worker::tools::sim::{self, Faults, samples};
 
 use crate::helpers::app::{App, TestApp, spawn_app};
 

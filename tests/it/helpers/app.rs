@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use approval_worker::sim::{self, Faults, SimConfig, SimHandle};
+use approval_worker::tools::sim::{self, Faults, SimConfig, SimHandle};
 use wiremock::MockServer;
 
 use super::{

@@ -1,7 +1,7 @@
 //! Qonto played by wiremock: the credentials a test worker is given, its
 //! environment, the provider's answers, and sample decisions.
 
-use approval_worker::sim::samples;
+use approval_worker::tools::sim::samples;
 use serde_json::{Value, json};
 use wiremock::ResponseTemplate;
 
