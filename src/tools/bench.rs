@@ -156,8 +156,8 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
 
         // Rounds of (ceiling, worker, worker with provider latency), back to
         // back, so each ratio compares phases run under the same conditions.
-        // On a shared two-core machine single phases swing by a third from run
-        // to run; the medians over rounds are what the bench reports.
+        // On a shared machine single phases swing widely from run to run;
+        // the medians over rounds are what the bench reports.
         let mut ceilings = Vec::new();
         let mut worker_rates = Vec::new();
         let mut latency_rates = Vec::new();
@@ -564,7 +564,8 @@ struct EventId {
 ///
 /// It moves the worker's messages: decisions of the same size in, and out
 /// a real outcome event of the run with the property set the worker
-/// publishes (a relay of a 45-byte result measured about 10 % higher).
+/// publishes, since a relay of a small result overstates the ceiling (see
+/// the README's Performance section).
 struct Ceiling {
     feed: Feed,
     outcomes: String,

@@ -9,14 +9,11 @@ use std::{
     time::Duration,
 };
 
-use approval_worker::broker::Topology;
-use futures_util::StreamExt;
+use approval_worker::{broker::Topology, tools::capture};
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties,
-    options::{
-        BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-        QueueBindOptions, QueueDeclareOptions,
-    },
+    message::Delivery,
+    options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
 };
 use serde_json::Value;
@@ -40,6 +37,20 @@ pub struct Outcome {
     pub delivery_mode: Option<u8>,
 }
 
+impl From<Delivery> for Outcome {
+    fn from(d: Delivery) -> Self {
+        let p = &d.properties;
+        Self {
+            body: serde_json::from_slice(&d.data).expect("outcome events are JSON"),
+            routing_key: d.routing_key.as_str().to_owned(),
+            message_id: p.message_id().as_ref().map(|s| s.as_str().to_owned()),
+            correlation_id: p.correlation_id().as_ref().map(|s| s.as_str().to_owned()),
+            content_type: p.content_type().as_ref().map(|s| s.as_str().to_owned()),
+            delivery_mode: *p.delivery_mode(),
+        }
+    }
+}
+
 impl Outcome {
     pub fn status(&self) -> &str {
         self.body["status"].as_str().unwrap_or_default()
@@ -60,8 +71,8 @@ pub struct TestBroker {
     pub prefix: String,
     pub topology: Topology,
     channel: Channel,
-    /// `P.capture`: a durable queue bound to every outcome event, so that
-    /// none is lost even when the broker restarts under the test.
+    /// `P.capture`: the library's durable outcome capture, so that no event
+    /// is lost even when the broker restarts under the test.
     capture: String,
     outcomes: Arc<Mutex<Vec<Outcome>>>,
     stop_capture: CancellationToken,
@@ -81,31 +92,18 @@ impl TestBroker {
         topology.declare(&channel).await.unwrap();
 
         let capture = format!("{prefix}.capture");
-        channel
-            .queue_declare(
-                capture.as_str().into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        channel
-            .queue_bind(
-                capture.as_str().into(),
-                topology.outcomes().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let outcomes = Arc::new(Mutex::new(Vec::new()));
         let stop_capture = CancellationToken::new();
-        tokio::spawn(capture_outcomes(
-            capture.clone(),
-            outcomes.clone(),
-            stop_capture.clone(),
-        ));
+        let mut events =
+            capture::durable(&AMQP_URL.into(), &topology, &capture, stop_capture.clone())
+                .await
+                .unwrap();
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let sink = outcomes.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                sink.lock().unwrap().push(Outcome::from(event));
+            }
+        });
         Self {
             prefix,
             topology,
@@ -308,50 +306,6 @@ async fn connect(name: &str) -> Result<Connection, lapin::Error> {
         ConnectionProperties::default().with_connection_name(name.into()),
     )
     .await
-}
-
-/// Consumes `queue` into `sink` on a connection of its own, acknowledging
-/// each event once stored. When the broker goes away (the restart test), it
-/// connects again; the queue is durable and kept what arrived meanwhile.
-async fn capture_outcomes(queue: String, sink: Arc<Mutex<Vec<Outcome>>>, stop: CancellationToken) {
-    let consume = || async {
-        let conn = connect(&format!("test capture {queue}")).await?;
-        let channel = conn.create_channel().await?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "capture".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        while let Some(delivery) = consumer.next().await {
-            let d = delivery?;
-            let p = &d.properties;
-            sink.lock().unwrap().push(Outcome {
-                body: serde_json::from_slice(&d.data).expect("outcome events are JSON"),
-                routing_key: d.routing_key.as_str().to_owned(),
-                message_id: p.message_id().as_ref().map(|s| s.as_str().to_owned()),
-                correlation_id: p.correlation_id().as_ref().map(|s| s.as_str().to_owned()),
-                content_type: p.content_type().as_ref().map(|s| s.as_str().to_owned()),
-                delivery_mode: *p.delivery_mode(),
-            });
-            d.ack(BasicAckOptions::default()).await?;
-        }
-        Ok::<_, lapin::Error>(())
-    };
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = consume() => {}
-        }
-        // A pause between attempts while the broker is away, not a
-        // synchronisation: nothing waits on it.
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
-    }
 }
 
 fn amqp_to_string(v: &AMQPValue) -> String {
