@@ -126,7 +126,7 @@ async fn health_readiness_and_metrics_follow_the_work() {
         || async { (mock::requests(provider).await.len() >= 5).then_some(()) },
     )
     .await;
-    worker.signal("TERM");
+    worker.signal(libc::SIGTERM);
     wait_for(
         "/readyz 503 while draining",
         Duration::from_secs(5),

@@ -87,7 +87,7 @@ async fn sigkill_mid_flight_loses_nothing_and_applies_nothing_twice() {
         broker.wait_consumer().await;
         let wait = rand::thread_rng().gen_range(100..500);
         tokio::time::sleep(Duration::from_millis(wait)).await; // a random moment, not a synchronisation
-        worker.signal("KILL");
+        worker.signal(libc::SIGKILL);
         worker.wait(Duration::from_secs(10)).await;
         let done = broker.outcomes().len();
         println!(
@@ -99,7 +99,7 @@ async fn sigkill_mid_flight_loses_nothing_and_applies_nothing_twice() {
     let outcomes = settled(broker, &ids, Duration::from_secs(120)).await;
     let elapsed = started.elapsed();
     broker.wait_consumer().await;
-    worker.signal("TERM");
+    worker.signal(libc::SIGTERM);
     assert_eq!(worker.wait(Duration::from_secs(20)).await.code(), Some(0));
 
     let already = outcomes

@@ -43,7 +43,7 @@ async fn sigterm_finishes_the_call_in_flight_then_exits_zero() {
         || async { (!mock::requests(provider).await.is_empty()).then_some(()) },
     )
     .await;
-    worker.signal("TERM");
+    worker.signal(libc::SIGTERM);
     let status = worker.wait(Duration::from_secs(20)).await;
     assert_eq!(
         status.code(),
@@ -94,7 +94,7 @@ async fn no_configured_secret_reaches_the_logs() {
     }
     broker.publish_raw("qonto.reject", b"{broken").await;
     broker.wait_outcomes(5, |_| true).await;
-    worker.signal("TERM");
+    worker.signal(libc::SIGTERM);
     assert_eq!(worker.wait(Duration::from_secs(20)).await.code(), Some(0));
 
     let logs = worker.output();

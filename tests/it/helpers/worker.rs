@@ -101,14 +101,19 @@ impl Process {
         self.output.lock().unwrap().clone()
     }
 
-    /// Sends a signal by name (`TERM`, `KILL`).
-    pub fn signal(&self, sig: &str) {
-        let pid = self.child.id().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args([&format!("-{sig}"), &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
+    /// Sends a signal (`libc::SIGTERM`, `libc::SIGKILL`).
+    pub fn signal(&self, sig: libc::c_int) {
+        let pid = self.child.id().expect("running");
+        let pid = libc::pid_t::try_from(pid).expect("a pid fits pid_t");
+        // SAFETY: kill(2) takes plain integers; `pid` is our own child, not
+        // yet reaped (`wait` reaps it), so it names no other process.
+        let sent = unsafe { libc::kill(pid, sig) };
+        assert_eq!(
+            sent,
+            0,
+            "kill({pid}, {sig}): {}",
+            std::io::Error::last_os_error()
+        );
     }
 
     /// Waits for the exit and for the last line of output.
