@@ -21,7 +21,6 @@ mod tests;
 
 use std::{sync::Arc, time::Duration};
 
-use async_trait::async_trait;
 use reqwest::{Method, RequestBuilder, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -29,7 +28,7 @@ use serde_json::Value;
 
 use super::{
     auth::{Token, TokenCache},
-    contract::{CallContext, Observed, Provider, Reply, Unit, Verdict},
+    contract::{CallContext, Client, Observed, Provider, Reply, Unit, Verdict},
     http::{self, Http, Response},
 };
 use crate::{
@@ -85,7 +84,7 @@ pub(crate) const UNIT: Unit = Unit {
 pub fn build(
     sections: &ProviderSections,
     http: &Http,
-) -> Result<Option<Arc<dyn Provider>>, SettingsError> {
+) -> Result<Option<Arc<dyn Client>>, SettingsError> {
     let s: FlexPaySettings = sections.section(NAME)?;
     let base = check_base_url(NAME, &s.base_url)?;
     check_path_template(NAME, "read_path", &s.read_path, "{reference}")?;
@@ -108,6 +107,13 @@ pub fn build(
 struct TokenRequest<'a> {
     client_id: &'a str,
     client_secret: &'a str,
+}
+
+/// A decision's target as FlexPay's calls need it.
+pub struct Target<'d> {
+    reference: &'d str,
+    /// The reject call's body; an accept sends none.
+    reject: Option<RejectBody<'d>>,
 }
 
 #[derive(Serialize)]
@@ -362,37 +368,36 @@ impl FlexPay {
     }
 }
 
-#[async_trait]
 impl Provider for FlexPay {
     fn name(&self) -> &'static str {
         NAME
     }
 
-    fn validate(&self, d: &Decision) -> Result<(), String> {
-        target_segment(d, "reference")?;
-        match d.action {
-            Action::Reject => required_reason(d, Some(MAX_REASON_CHARS)).map(|_| ()),
-            Action::Approve => Ok(()),
-        }
-    }
+    type Target<'d> = Target<'d>;
 
-    fn target_key(&self, d: &Decision) -> String {
-        d.target_str("reference").unwrap_or_default().to_owned()
-    }
-
-    async fn apply(&self, d: &Decision, ctx: &CallContext) -> Result<Reply, CallError> {
-        let reference =
-            target_segment(d, "reference").map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
-        let (verb, body) = match d.action {
-            Action::Reject => (
-                "reject",
-                Some(RejectBody {
-                    reason: required_reason(d, Some(MAX_REASON_CHARS))
-                        .map_err(|e| CallError::new(ErrorClass::Permanent, e))?,
-                }),
-            ),
-            Action::Approve => ("accept", None),
+    fn validate<'d>(&self, d: &'d Decision) -> Result<Target<'d>, String> {
+        let reference = target_segment(d, "reference")?;
+        let reject = match d.action {
+            Action::Reject => Some(RejectBody {
+                reason: required_reason(d, Some(MAX_REASON_CHARS))?,
+            }),
+            Action::Approve => None,
         };
+        Ok(Target { reference, reject })
+    }
+
+    fn target_key(&self, t: &Self::Target<'_>) -> String {
+        t.reference.to_owned()
+    }
+
+    async fn apply(
+        &self,
+        _: &Decision,
+        t: &Self::Target<'_>,
+        ctx: &CallContext,
+    ) -> Result<Reply, CallError> {
+        let (reference, body) = (t.reference, t.reject.as_ref());
+        let verb = if body.is_some() { "reject" } else { "accept" };
         let url = http::join(
             &self.base,
             &format!("/v1/transactions/{}/{verb}", http::segment(reference)),
@@ -402,7 +407,7 @@ impl Provider for FlexPay {
                 let req = self
                     .request(Method::POST, url.clone(), token)
                     .header("Idempotency-Key", &ctx.idempotency_key);
-                match &body {
+                match body {
                     Some(body) => req.json(body),
                     None => req,
                 }
@@ -417,9 +422,8 @@ impl Provider for FlexPay {
         })
     }
 
-    async fn read_state(&self, d: &Decision) -> Result<Observed, CallError> {
-        let reference =
-            target_segment(d, "reference").map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
+    async fn read_state(&self, d: &Decision, t: &Self::Target<'_>) -> Result<Observed, CallError> {
+        let reference = t.reference;
         let url = http::join(
             &self.base,
             &self

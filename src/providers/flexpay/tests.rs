@@ -36,7 +36,7 @@ fn settings(server: &MockServer) -> Settings {
     .unwrap()
 }
 
-fn provider(server: &MockServer) -> Arc<dyn Provider> {
+fn provider(server: &MockServer) -> Arc<dyn Client> {
     let http = Http::new(Duration::from_secs(5), Duration::from_secs(2)).unwrap();
     build(&settings(server).providers, &http)
         .unwrap()

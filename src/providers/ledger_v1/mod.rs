@@ -18,14 +18,13 @@ mod tests;
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use reqwest::{Method, StatusCode, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{
-    contract::{CallContext, Observed, Provider, Reply, Unit, Verdict},
+    contract::{CallContext, Client, Observed, Provider, Reply, Unit, Verdict},
     http::{self, Http, Response},
 };
 use crate::{
@@ -81,7 +80,7 @@ pub(crate) const UNIT: Unit = Unit {
 pub fn build(
     sections: &ProviderSections,
     http: &Http,
-) -> Result<Option<Arc<dyn Provider>>, SettingsError> {
+) -> Result<Option<Arc<dyn Client>>, SettingsError> {
     let s: LedgerV1Settings = sections.section(NAME)?;
     let base = check_base_url(NAME, &s.base_url)?;
     let Some(api_key) = present(&s.api_key) else {
@@ -92,6 +91,13 @@ pub fn build(
         base,
         api_key: api_key.clone(),
     })))
+}
+
+/// A decision's target as Ledger v1's calls need it.
+pub struct Target<'d> {
+    id: u64,
+    /// The approve call's body; a reject sends none.
+    approve: Option<ApproveBody<'d>>,
 }
 
 /// The approve body, fields in the documented order. Nulls are sent, not
@@ -226,35 +232,41 @@ impl LedgerV1 {
     }
 }
 
-#[async_trait]
 impl Provider for LedgerV1 {
     fn name(&self) -> &'static str {
         NAME
     }
 
-    fn validate(&self, d: &Decision) -> Result<(), String> {
-        transaction_id(d)?;
-        match d.action {
-            Action::Reject => Ok(()),
-            Action::Approve => approve_body(d).map(|_| ()),
-        }
+    type Target<'d> = Target<'d>;
+
+    fn validate<'d>(&self, d: &'d Decision) -> Result<Target<'d>, String> {
+        let id = transaction_id(d)?;
+        let approve = match d.action {
+            Action::Reject => None,
+            Action::Approve => Some(approve_body(d)?),
+        };
+        Ok(Target { id, approve })
     }
 
-    fn target_key(&self, d: &Decision) -> String {
-        transaction_id(d)
-            .map(|id| id.to_string())
-            .unwrap_or_default()
+    fn target_key(&self, t: &Self::Target<'_>) -> String {
+        t.id.to_string()
     }
 
-    async fn apply(&self, d: &Decision, ctx: &CallContext) -> Result<Reply, CallError> {
-        let id = transaction_id(d).map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
+    async fn apply(
+        &self,
+        d: &Decision,
+        t: &Self::Target<'_>,
+        ctx: &CallContext,
+    ) -> Result<Reply, CallError> {
         let verb = d.action.as_str();
         let mut req = self
-            .request(Method::POST, self.transaction_url(id, &format!("/{verb}")))
+            .request(
+                Method::POST,
+                self.transaction_url(t.id, &format!("/{verb}")),
+            )
             .header("Idempotency-Key", &ctx.idempotency_key);
-        if d.action == Action::Approve {
-            let body = approve_body(d).map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
-            req = req.json(&body);
+        if let Some(body) = &t.approve {
+            req = req.json(body);
         }
         let response = self.http.send(NAME, verb, req).await?;
         if !response.status.is_success() {
@@ -269,8 +281,8 @@ impl Provider for LedgerV1 {
         })
     }
 
-    async fn read_state(&self, d: &Decision) -> Result<Observed, CallError> {
-        let id = transaction_id(d).map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
+    async fn read_state(&self, d: &Decision, t: &Self::Target<'_>) -> Result<Observed, CallError> {
+        let id = t.id;
         let response = self
             .http
             .send(

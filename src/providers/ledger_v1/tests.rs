@@ -35,7 +35,7 @@ fn ctx() -> CallContext {
     }
 }
 
-fn provider(base_url: &str) -> Arc<dyn Provider> {
+fn provider(base_url: &str) -> Arc<dyn Client> {
     let settings = Settings::load_from(
         None,
         vec![

@@ -28,7 +28,6 @@ mod tests;
 
 use std::{sync::Arc, time::Duration};
 
-use async_trait::async_trait;
 use p256::ecdsa::SigningKey;
 use reqwest::{Method, RequestBuilder, StatusCode, Url};
 use secrecy::{ExposeSecret, SecretString};
@@ -37,7 +36,7 @@ use serde_json::Value;
 
 use super::{
     auth::{Token, TokenCache},
-    contract::{CallContext, Observed, Provider, Reply, Unit, Verdict},
+    contract::{CallContext, Client, Observed, Provider, Reply, Unit, Verdict},
     http::{self, Http, Response},
 };
 use crate::{
@@ -103,7 +102,7 @@ pub(crate) const UNIT: Unit = Unit {
 pub fn build(
     sections: &ProviderSections,
     http: &Http,
-) -> Result<Option<Arc<dyn Provider>>, SettingsError> {
+) -> Result<Option<Arc<dyn Client>>, SettingsError> {
     let s: LedgerV2Settings = sections.section(NAME)?;
     let base = check_base_url(NAME, &s.base_url)?;
     check_path_template(NAME, "challenge_path", &s.challenge_path, "{request_id}")?;
@@ -195,10 +194,6 @@ struct TokenAnswer {
     expires_in_seconds: Option<u64>,
     refresh_token: Option<String>,
     refresh_expires_in_seconds: Option<u64>,
-}
-
-fn request_id(d: &Decision) -> Result<&str, String> {
-    target_segment(d, "request_id")
 }
 
 fn verdict(action: Action, state: &str) -> Verdict {
@@ -425,22 +420,29 @@ impl LedgerV2 {
     }
 }
 
-#[async_trait]
 impl Provider for LedgerV2 {
     fn name(&self) -> &'static str {
         NAME
     }
 
-    fn validate(&self, d: &Decision) -> Result<(), String> {
-        request_id(d).map(|_| ())
+    type Target<'d> = &'d str;
+
+    /// The target is the request id.
+    fn validate<'d>(&self, d: &'d Decision) -> Result<&'d str, String> {
+        target_segment(d, "request_id")
     }
 
-    fn target_key(&self, d: &Decision) -> String {
-        d.target_str("request_id").unwrap_or_default().to_owned()
+    fn target_key(&self, id: &Self::Target<'_>) -> String {
+        (*id).to_owned()
     }
 
-    async fn apply(&self, d: &Decision, ctx: &CallContext) -> Result<Reply, CallError> {
-        let id = request_id(d).map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
+    async fn apply(
+        &self,
+        d: &Decision,
+        id: &Self::Target<'_>,
+        ctx: &CallContext,
+    ) -> Result<Reply, CallError> {
+        let id = *id;
         let challenge = self.challenge(id, ctx).await?;
         // The challenge is signed as received; its content (what the HSM
         // will act on) is not checked against the decision, as its v2
@@ -477,8 +479,8 @@ impl Provider for LedgerV2 {
         })
     }
 
-    async fn read_state(&self, d: &Decision) -> Result<Observed, CallError> {
-        let id = request_id(d).map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
+    async fn read_state(&self, d: &Decision, id: &Self::Target<'_>) -> Result<Observed, CallError> {
+        let id = *id;
         let url = self.url(&format!("/rest/requests/{}", http::segment(id)));
         let response = self
             .send_authed("read", |token| {

@@ -35,12 +35,12 @@ fn http() -> Http {
     Http::new(Duration::from_secs(5), Duration::from_secs(5)).unwrap()
 }
 
-fn build_with(vars: Vec<(String, String)>) -> Result<Option<Arc<dyn Provider>>, SettingsError> {
+fn build_with(vars: Vec<(String, String)>) -> Result<Option<Arc<dyn Client>>, SettingsError> {
     let settings = Settings::load_from(None, vars)?;
     build(&settings.providers, &http())
 }
 
-fn provider(base_url: &str) -> Arc<dyn Provider> {
+fn provider(base_url: &str) -> Arc<dyn Client> {
     build_with(env(base_url)).unwrap().expect("enabled")
 }
 

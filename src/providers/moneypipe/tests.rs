@@ -13,7 +13,7 @@ use crate::{decision::parse, settings::Settings};
 
 const TOKEN: &str = "mp-static-token-5e1";
 
-async fn provider(server: &MockServer) -> Arc<dyn Provider> {
+async fn provider(server: &MockServer) -> Arc<dyn Client> {
     let settings = Settings::load_from(
         None,
         vec![

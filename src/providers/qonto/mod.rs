@@ -11,14 +11,13 @@ mod tests;
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use reqwest::{Method, StatusCode, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    contract::{CallContext, ConfirmationState, Observed, Provider, Reply, Unit, Verdict},
+    contract::{CallContext, Client, ConfirmationState, Observed, Provider, Reply, Unit, Verdict},
     http::{self, Http, Response},
 };
 use crate::{
@@ -77,7 +76,7 @@ pub(crate) const UNIT: Unit = Unit {
 pub fn build(
     sections: &ProviderSections,
     http: &Http,
-) -> Result<Option<Arc<dyn Provider>>, SettingsError> {
+) -> Result<Option<Arc<dyn Client>>, SettingsError> {
     let s: QontoSettings = sections.section(NAME)?;
     let base = check_base_url(NAME, &s.base_url)?;
     let auth = match (
@@ -107,8 +106,23 @@ pub fn build(
     })))
 }
 
-/// The validated target: (plural path type, singular resource type, id).
-fn target(d: &Decision) -> Result<(&'static str, &'static str, &str), String> {
+/// A decision's target as Qonto's calls need it.
+pub struct Target<'d> {
+    /// The request type as the decision path spells it (`transfers`).
+    plural: &'static str,
+    /// The same type as the request list filters on (`transfer`).
+    singular: &'static str,
+    id: &'d str,
+    /// What the decision call carries beyond the path.
+    body: Body<'d>,
+}
+
+enum Body<'d> {
+    Decline { note: &'d str },
+    Approve { debit_iban: Option<&'d str> },
+}
+
+fn target(d: &Decision) -> Result<Target<'_>, String> {
     let raw_type = d
         .target_str("request_type")
         .ok_or("missing required field target.request_type (a string)")?;
@@ -129,7 +143,20 @@ fn target(d: &Decision) -> Result<(&'static str, &'static str, &str), String> {
     if id.len() != 36 || uuid::Uuid::try_parse(id).is_err() {
         return Err("target.request_id must be a UUID (8-4-4-4-12 hex digits)".to_owned());
     }
-    Ok((plural, singular, id))
+    let body = match d.action {
+        Action::Reject => Body::Decline {
+            note: required_reason(d, None)?,
+        },
+        Action::Approve => Body::Approve {
+            debit_iban: debit_iban(d)?,
+        },
+    };
+    Ok(Target {
+        plural,
+        singular,
+        id,
+        body,
+    })
 }
 
 fn debit_iban(d: &Decision) -> Result<Option<&str>, String> {
@@ -219,7 +246,6 @@ fn verdict(action: Action, status: &str) -> Verdict {
     }
 }
 
-#[async_trait]
 impl Provider for Qonto {
     fn name(&self) -> &'static str {
         NAME
@@ -229,27 +255,29 @@ impl Provider for Qonto {
         true
     }
 
-    fn validate(&self, d: &Decision) -> Result<(), String> {
-        target(d)?;
-        match d.action {
-            Action::Reject => required_reason(d, None).map(|_| ()),
-            Action::Approve => debit_iban(d).map(|_| ()),
-        }
+    type Target<'d> = Target<'d>;
+
+    fn validate<'d>(&self, d: &'d Decision) -> Result<Target<'d>, String> {
+        target(d)
     }
 
-    fn target_key(&self, d: &Decision) -> String {
-        d.target_str("request_id").unwrap_or_default().to_owned()
+    fn target_key(&self, t: &Self::Target<'_>) -> String {
+        t.id.to_owned()
     }
 
-    async fn apply(&self, d: &Decision, ctx: &CallContext) -> Result<Reply, CallError> {
-        let (plural, _, id) = target(d).map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
+    async fn apply(
+        &self,
+        d: &Decision,
+        t: &Self::Target<'_>,
+        ctx: &CallContext,
+    ) -> Result<Reply, CallError> {
         let verb = match d.action {
             Action::Approve => "approve",
             Action::Reject => "decline",
         };
         let url = http::join(
             &self.base,
-            &format!("/v2/requests/{plural}/{}/{verb}", http::segment(id)),
+            &format!("/v2/requests/{}/{}/{verb}", t.plural, http::segment(t.id)),
         );
         let mut req = self
             .request(Method::POST, url)
@@ -257,13 +285,9 @@ impl Provider for Qonto {
         if let Some(token) = &ctx.confirmation_token {
             req = req.header("X-Qonto-Sca-Session-Token", token);
         }
-        let body = match d.action {
-            Action::Reject => {
-                Some(json!({ "declined_note": d.reason.as_deref().unwrap_or_default() }))
-            }
-            Action::Approve => debit_iban(d)
-                .map_err(|e| CallError::new(ErrorClass::Permanent, e))?
-                .map(|iban| json!({ "debit_iban": iban })),
+        let body = match t.body {
+            Body::Decline { note } => Some(json!({ "declined_note": note })),
+            Body::Approve { debit_iban } => debit_iban.map(|iban| json!({ "debit_iban": iban })),
         };
         if let Some(body) = body {
             req = req.json(&body);
@@ -297,8 +321,8 @@ impl Provider for Qonto {
         Err(Self::classify(&response))
     }
 
-    async fn read_state(&self, d: &Decision) -> Result<Observed, CallError> {
-        let (_, singular, id) = target(d).map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
+    async fn read_state(&self, d: &Decision, t: &Self::Target<'_>) -> Result<Observed, CallError> {
+        let (singular, id) = (t.singular, t.id);
         for page in 1..=MAX_LIST_PAGES {
             let mut url = http::join(&self.base, "/v2/requests");
             url.query_pairs_mut()

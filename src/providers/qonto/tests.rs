@@ -21,7 +21,7 @@ fn singular_types_map_to_plural_paths() {
         "approve",
         None,
     );
-    assert_eq!(target(&d).unwrap().0, "virtual_cards");
+    assert_eq!(target(&d).unwrap().plural, "virtual_cards");
 }
 
 #[test]
@@ -38,7 +38,7 @@ fn target_rules() {
             auth: Auth::Bearer(SecretString::from("t")),
             staging_token: None,
         };
-        provider.validate(&d)
+        provider.validate(&d).map(drop)
     };
     let id = "7b6f4c1e-3c55-4a56-9f5e-0d6a1c1f2a3b";
     assert!(
