@@ -241,6 +241,31 @@ pub fn error(
     }
 }
 
+/// Every status a provider's table is checked at: each class boundary and
+/// the statuses some provider documents.
+#[cfg(test)]
+pub(crate) const CHECKED_STATUSES: &[u16] = &[
+    200, 204, 302, 400, 401, 403, 404, 405, 409, 410, 415, 418, 420, 422, 428, 429, 500, 501, 502,
+    503, 504, 599,
+];
+
+/// `classify`'s class for each of [`CHECKED_STATUSES`] on an empty body, so a
+/// provider's test can pin its whole table.
+#[cfg(test)]
+pub(crate) fn classes(classify: impl Fn(&Response) -> CallError) -> Vec<(u16, ErrorClass)> {
+    CHECKED_STATUSES
+        .iter()
+        .map(|&status| {
+            let response = Response {
+                status: StatusCode::from_u16(status).expect("a valid status"),
+                headers: HeaderMap::new(),
+                body: Value::Null,
+            };
+            (status, classify(&response).class)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -648,6 +648,38 @@ fn missing_credentials_disable_and_a_bad_template_is_refused() {
     assert!(e.contains("APPROVAL_PROVIDERS__FLEXPAY__READ_PATH"), "{e}");
 }
 
+/// FlexPay's whole status table (empty bodies), so any drift from the
+/// shared table or its overrides fails here.
+#[test]
+fn status_table() {
+    use ErrorClass::{Ambiguous, Auth, Permanent, Retryable};
+    let expected = vec![
+        (200, Ambiguous),
+        (204, Ambiguous),
+        (302, Permanent),
+        (400, Ambiguous),
+        (401, Auth),
+        (403, Auth),
+        (404, Permanent),
+        (405, Permanent),
+        (409, Ambiguous),
+        (410, Permanent),
+        (415, Permanent),
+        (418, Permanent),
+        (420, Permanent),
+        (422, Ambiguous),
+        (428, Permanent),
+        (429, Retryable),
+        (500, Retryable),
+        (501, Retryable),
+        (502, Retryable),
+        (503, Retryable),
+        (504, Retryable),
+        (599, Retryable),
+    ];
+    assert_eq!(http::classes(FlexPay::classify), expected);
+}
+
 /// The simulator half, driven over HTTP like the worker drives it.
 mod simulator {
     use super::super::sim;

@@ -341,6 +341,38 @@ fn verdicts() {
     }
 }
 
+/// Ledger v1's whole status table (empty bodies), so any drift from the
+/// shared table or its overrides fails here.
+#[test]
+fn status_table() {
+    use ErrorClass::{Ambiguous, Auth, Permanent, Retryable};
+    let expected = vec![
+        (200, Permanent),
+        (204, Permanent),
+        (302, Permanent),
+        (400, Ambiguous),
+        (401, Auth),
+        (403, Auth),
+        (404, Permanent),
+        (405, Permanent),
+        (409, Ambiguous),
+        (410, Permanent),
+        (415, Permanent),
+        (418, Permanent),
+        (420, Retryable),
+        (422, Ambiguous),
+        (428, Permanent),
+        (429, Retryable),
+        (500, Retryable),
+        (501, Retryable),
+        (502, Retryable),
+        (503, Retryable),
+        (504, Retryable),
+        (599, Retryable),
+    ];
+    assert_eq!(http::classes(LedgerV1::classify), expected);
+}
+
 /// The simulator half, driven over HTTP like the worker drives it.
 mod simulator {
     use serde_json::{Value, json};

@@ -618,6 +618,38 @@ fn disabled_without_every_credential_and_checks_the_challenge_path() {
     );
 }
 
+/// Ledger v2's whole status table (empty bodies), so any drift from the
+/// shared table or its overrides fails here.
+#[test]
+fn status_table() {
+    use ErrorClass::{Ambiguous, Auth, Permanent, Retryable};
+    let expected = vec![
+        (200, Permanent),
+        (204, Permanent),
+        (302, Permanent),
+        (400, Ambiguous),
+        (401, Auth),
+        (403, Auth),
+        (404, Permanent),
+        (405, Permanent),
+        (409, Ambiguous),
+        (410, Permanent),
+        (415, Permanent),
+        (418, Permanent),
+        (420, Retryable),
+        (422, Ambiguous),
+        (428, Permanent),
+        (429, Retryable),
+        (500, Retryable),
+        (501, Retryable),
+        (502, Retryable),
+        (503, Retryable),
+        (504, Retryable),
+        (599, Retryable),
+    ];
+    assert_eq!(http::classes(LedgerV2::classify), expected);
+}
+
 /// The simulator half, driven over HTTP like the worker drives it.
 mod simulator {
     use super::super::sim;
