@@ -212,13 +212,19 @@ pub fn join(base: &Url, path: &str) -> Url {
     url
 }
 
-/// The class most providers give an HTTP status; each provider module
-/// refines it in its own `classify`.
+/// The class an HTTP status gets at every provider; each provider's
+/// `classify` overrides only the statuses and codes its documentation
+/// gives another meaning.
 pub fn default_class(status: StatusCode) -> ErrorClass {
     match status.as_u16() {
-        429 | 500..=599 => ErrorClass::Retryable,
-        401 => ErrorClass::Auth,
-        409 | 422 => ErrorClass::Ambiguous,
+        // 420 is Ledger's rate-limit answer, kept wherever it is not overridden.
+        420 | 429 | 500..=599 => ErrorClass::Retryable,
+        // Refused credentials or rights: only an operator can fix them.
+        401 | 403 => ErrorClass::Auth,
+        // No provider documents an answer for "not pending any more"; it may
+        // come as any of these, so the worker reads the state.
+        400 | 409 | 422 => ErrorClass::Ambiguous,
+        // Not found, or a status we do not expect: the call cannot pass as sent.
         _ => ErrorClass::Permanent,
     }
 }

@@ -195,13 +195,13 @@ impl FlexPay {
         });
         let status = response.status.as_u16();
         let class = match status {
-            429 | 500..=599 => ErrorClass::Retryable,
-            401 | 403 => ErrorClass::Auth,
-            404 => ErrorClass::Permanent,
             // No code for "not pending any more" is documented: unless the
             // code says the request itself is wrong, reconcile.
             200..=299 | 400 | 409 | 422 if permanent_code => ErrorClass::Permanent,
-            200..=299 | 400 | 409 | 422 => ErrorClass::Ambiguous,
+            // `success: false` on a 2xx is read like a 400 without a code.
+            200..=299 => ErrorClass::Ambiguous,
+            // FlexPay documents no 420: an unexpected status.
+            420 => ErrorClass::Permanent,
             _ => http::default_class(response.status),
         };
         let message = message.unwrap_or_else(|| match status {

@@ -18,7 +18,7 @@ mod tests;
 
 use std::sync::Arc;
 
-use reqwest::{Method, StatusCode, Url};
+use reqwest::{Method, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -216,18 +216,10 @@ impl LedgerV1 {
     /// Ledger v1's error classes, in one place.
     fn classify(response: &Response) -> CallError {
         let (code, message) = error_fields(&response.body);
-        let class = match response.status.as_u16() {
-            // Ledger's rate-limit answer; `http::error` reads Retry-After or
-            // X-RateLimit-Reset into the delay.
-            420 | 429 | 500..=599 => ErrorClass::Retryable,
-            // A static API key that is refused stays refused.
-            401 | 403 => ErrorClass::Auth,
-            404 => ErrorClass::Permanent,
-            // No conflict answer is documented (PROVIDERS.md 2.3): "not
-            // pending" may come as any of these, so read the state.
-            400 | 409 | 422 => ErrorClass::Ambiguous,
-            s => http::default_class(StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY)),
-        };
+        // The shared table as it stands: 420 is Ledger's rate-limit answer
+        // (`http::error` reads Retry-After or X-RateLimit-Reset into the
+        // delay), and no conflict answer is documented (PROVIDERS.md 2.3).
+        let class = http::default_class(response.status);
         http::error(class, response, code, message)
     }
 }

@@ -255,17 +255,10 @@ impl LedgerV2 {
     /// Ledger v2's error classes for every call but the token ones.
     fn classify(response: &Response) -> CallError {
         let (code, message) = error_fields(&response.body);
-        let class = match response.status.as_u16() {
-            // 420 is v1's rate-limit answer; v2's is undocumented, so both.
-            420 | 429 | 500..=599 => ErrorClass::Retryable,
-            // A 401 here already survived one token renewal.
-            401 | 403 => ErrorClass::Auth,
-            404 => ErrorClass::Permanent,
-            // No conflict answer is documented (PROVIDERS.md 3.1): "not
-            // pending" may come as any of these, so read the state.
-            400 | 409 | 422 => ErrorClass::Ambiguous,
-            s => http::default_class(StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY)),
-        };
+        // The shared table as it stands: v2's rate-limit answer is
+        // undocumented, so v1's 420 counts too; a 401 here already survived
+        // one token renewal; no conflict answer is documented (PROVIDERS.md 3.1).
+        let class = http::default_class(response.status);
         http::error(class, response, code, message)
     }
 

@@ -335,10 +335,12 @@ impl MoneyPipe {
             // to look like these, so the worker reads the state.
             (_, Some(0 | 9)) => ErrorClass::Ambiguous,
             (_, Some(1 | 3 | 4 | 5 | 6 | 10)) => ErrorClass::Permanent,
-            (400 | 409 | 422, _) => ErrorClass::Ambiguous,
             // A 2xx that is not an operation: we cannot tell what happened.
             (200..=299, _) => ErrorClass::Ambiguous,
-            _ => ErrorClass::Permanent,
+            // A 403 is a banned application or company (codes 3 and 4), not
+            // a refused token; MoneyPipe documents no 420.
+            (403 | 420, _) => ErrorClass::Permanent,
+            _ => http::default_class(response.status),
         };
         let what = match (code, status) {
             (Some(c), _) => match code_name(c) {

@@ -204,10 +204,14 @@ impl Qonto {
             {
                 ErrorClass::Permanent
             }
-            // Unauthorized with a static credential cannot be fixed by a
-            // retry; Qonto also throttles after 200 401s an hour.
-            401 => ErrorClass::Auth,
-            s => http::default_class(StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY)),
+            // A 403 is a membership without the right to decide this request
+            // (the credential itself was accepted) and a 400 a call Qonto
+            // cannot parse: a read explains neither and a retry fixes neither.
+            // Qonto documents no 420.
+            400 | 403 | 420 => ErrorClass::Permanent,
+            // A 401 (the shared table's Auth) is a static credential that a
+            // retry cannot fix; Qonto also throttles after 200 401s an hour.
+            _ => http::default_class(response.status),
         };
         http::error(class, response, code, detail)
     }
