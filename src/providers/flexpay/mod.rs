@@ -259,10 +259,6 @@ impl FlexPay {
         Err(http::error(class, &response, code, Some(message)))
     }
 
-    async fn token(&self) -> Result<SecretString, CallError> {
-        self.tokens.get(|_| self.fetch_token()).await
-    }
-
     /// A request with the bearer token and JSON accepted.
     fn request(&self, method: Method, url: Url, token: &SecretString) -> RequestBuilder {
         self.http
@@ -272,23 +268,19 @@ impl FlexPay {
             .header("Accept", "application/json")
     }
 
-    /// Sends with a cached token; a 401 means the JWT was revoked or expired
-    /// early, so exchange the credentials once and send once more. A second
-    /// 401 is an auth failure (a 401 means nothing was applied, so the
-    /// repeat is safe without idempotency).
+    /// Sends under the cached JWT, exchanging the credentials again once on
+    /// a 401 (FlexPay issues no refresh token). A 401 that survives the
+    /// exchange is an auth failure, named as such.
     async fn call(
         &self,
         operation: &'static str,
         build: impl Fn(&SecretString) -> RequestBuilder,
     ) -> Result<Response, CallError> {
-        let token = self.token().await?;
-        let response = self.http.send(NAME, operation, build(&token)).await?;
-        if response.status.as_u16() != 401 {
-            return Ok(response);
-        }
-        self.tokens.invalidate(&token).await;
-        let token = self.token().await?;
-        let response = self.http.send(NAME, operation, build(&token)).await?;
+        let fetch = |_| self.fetch_token();
+        let response = self
+            .tokens
+            .send(&self.http, operation, fetch, build)
+            .await?;
         if response.status.as_u16() == 401 {
             let mut e = Self::classify(&response);
             e.class = ErrorClass::Auth;

@@ -29,7 +29,7 @@ mod tests;
 use std::{sync::Arc, time::Duration};
 
 use p256::ecdsa::SigningKey;
-use reqwest::{Method, RequestBuilder, StatusCode, Url};
+use reqwest::{Method, RequestBuilder, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -262,11 +262,6 @@ impl LedgerV2 {
         http::error(class, response, code, message)
     }
 
-    /// A live access token; one token call at a time for all callers.
-    async fn token(&self) -> Result<SecretString, CallError> {
-        self.tokens.get(|refresh| self.fetch_token(refresh)).await
-    }
-
     async fn fetch_token(&self, refresh: Option<SecretString>) -> Result<Token, CallError> {
         if let Some(refresh) = refresh {
             let body = RefreshBody {
@@ -358,22 +353,14 @@ impl LedgerV2 {
         })
     }
 
-    /// Sends a call with the cached token. A 401 means the token died
-    /// early (revoked, clock skew): forget it, get another once, and repeat
-    /// the call once. A second 401 is returned for `classify` (Auth).
+    /// Sends a call under the cached token, renewed once on a 401.
     async fn send_authed(
         &self,
         operation: &'static str,
         make: impl Fn(&SecretString) -> RequestBuilder,
     ) -> Result<Response, CallError> {
-        let token = self.token().await?;
-        let response = self.http.send(NAME, operation, make(&token)).await?;
-        if response.status != StatusCode::UNAUTHORIZED {
-            return Ok(response);
-        }
-        self.tokens.invalidate(&token).await;
-        let token = self.token().await?;
-        self.http.send(NAME, operation, make(&token)).await
+        let fetch = |refresh| self.fetch_token(refresh);
+        self.tokens.send(&self.http, operation, fetch, make).await
     }
 
     async fn challenge(&self, id: &str, ctx: &CallContext) -> Result<String, CallError> {

@@ -7,6 +7,8 @@ use wiremock::{
     matchers::{method, path},
 };
 
+use reqwest::StatusCode;
+
 use super::*;
 use crate::{decision::parse, settings::Settings};
 
