@@ -8,7 +8,10 @@ use std::{
 };
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use reqwest::{RequestBuilder, StatusCode, Url, header::HeaderMap};
+use reqwest::{
+    RequestBuilder, StatusCode, Url,
+    header::{HeaderMap, HeaderValue},
+};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
@@ -198,6 +201,27 @@ fn client(
         .map_err(SettingsError::HttpClient)
 }
 
+/// Credential headers other than a bearer token (which goes through
+/// [`RequestBuilder::bearer_auth`]): marked sensitive, so reqwest's and
+/// hyper's debug output never prints them and HTTP/2 never indexes them.
+pub trait SecretHeader {
+    fn secret_header(self, name: &'static str, value: &str) -> Self;
+}
+
+impl SecretHeader for RequestBuilder {
+    fn secret_header(self, name: &'static str, value: &str) -> Self {
+        match HeaderValue::from_str(value) {
+            Ok(mut value) => {
+                value.set_sensitive(true);
+                self.header(name, value)
+            }
+            // Left to reqwest to refuse when sent, whose error never quotes
+            // the value.
+            Err(_) => self.header(name, value),
+        }
+    }
+}
+
 /// Percent-encodes one path segment (already checked by validation).
 pub fn segment(value: &str) -> String {
     utf8_percent_encode(value, SEGMENT).to_string()
@@ -270,6 +294,20 @@ pub(crate) fn classes(classify: impl Fn(&Response) -> CallError) -> Vec<(u16, Er
             (status, classify(&response).class)
         })
         .collect()
+}
+
+/// Builds `request` and checks that each named header is there and marked
+/// sensitive.
+#[cfg(test)]
+pub(crate) fn assert_sensitive(request: RequestBuilder, names: &[&str]) {
+    let request = request.build().expect("the request builds");
+    for name in names {
+        let value = request
+            .headers()
+            .get(*name)
+            .unwrap_or_else(|| panic!("no {name} header"));
+        assert!(value.is_sensitive(), "{name} is not marked sensitive");
+    }
 }
 
 #[cfg(test)]

@@ -264,7 +264,7 @@ impl FlexPay {
         self.http
             .client()
             .request(method, url)
-            .header("Authorization", format!("Bearer {}", token.expose_secret()))
+            .bearer_auth(token.expose_secret())
             .header("Accept", "application/json")
     }
 

@@ -680,6 +680,24 @@ fn status_table() {
     assert_eq!(http::classes(FlexPay::classify), expected);
 }
 
+#[test]
+fn the_bearer_header_is_sensitive() {
+    let p = FlexPay {
+        http: Http::new(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap(),
+        base: Url::parse("http://x").unwrap(),
+        client_id: SecretString::from("i"),
+        client_secret: SecretString::from("s"),
+        read_path: "/r/{reference}".to_owned(),
+        tokens: TokenCache::new(NAME, TOKEN_MARGIN),
+    };
+    let req = p.request(Method::GET, p.base.clone(), &SecretString::from("t"));
+    http::assert_sensitive(req, &["Authorization"]);
+}
+
 /// The simulator half, driven over HTTP like the worker drives it.
 mod simulator {
     use super::super::sim;

@@ -25,7 +25,7 @@ use serde_json::{Map, Value};
 
 use super::{
     contract::{CallContext, Client, Observed, Provider, Reply, Unit, Verdict},
-    http::{self, Http, Response},
+    http::{self, Http, Response, SecretHeader},
 };
 use crate::{
     decision::{Action, Decision},
@@ -204,7 +204,7 @@ impl LedgerV1 {
         self.http
             .client()
             .request(method, url)
-            .header("X-Ledger-API-Key", self.api_key.expose_secret())
+            .secret_header("X-Ledger-API-Key", self.api_key.expose_secret())
             .header("Accept", "application/json")
     }
 

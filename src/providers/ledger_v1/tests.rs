@@ -375,6 +375,21 @@ fn status_table() {
     assert_eq!(http::classes(LedgerV1::classify), expected);
 }
 
+#[test]
+fn the_api_key_header_is_sensitive() {
+    let p = LedgerV1 {
+        http: Http::new(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap(),
+        base: Url::parse("http://x").unwrap(),
+        api_key: SecretString::from("k"),
+    };
+    let req = p.request(Method::GET, p.transaction_url(1, ""));
+    http::assert_sensitive(req, &["X-Ledger-API-Key"]);
+}
+
 /// The simulator half, driven over HTTP like the worker drives it.
 mod simulator {
     use serde_json::{Value, json};

@@ -245,10 +245,7 @@ impl LedgerV2 {
         self.http
             .client()
             .request(method, url)
-            .header(
-                "Authorization",
-                format!("Bearer {}", bearer.expose_secret()),
-            )
+            .bearer_auth(bearer.expose_secret())
             .header("Accept", "application/json")
     }
 

@@ -652,6 +652,26 @@ fn status_table() {
     assert_eq!(http::classes(LedgerV2::classify), expected);
 }
 
+#[test]
+fn the_bearer_header_is_sensitive() {
+    let p = LedgerV2 {
+        http: Http::new(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap(),
+        base: Url::parse("http://x").unwrap(),
+        challenge_path: "/c/{request_id}".to_owned(),
+        workspace: "w".to_owned(),
+        api_key_id: SecretString::from("i"),
+        api_key_secret: SecretString::from("s"),
+        signing_key: jws::load_signing_key(jws::DEMO_SIGNING_KEY_PEM).unwrap(),
+        tokens: TokenCache::new(NAME, TOKEN_MARGIN),
+    };
+    let req = p.request(Method::GET, p.url("/r"), &SecretString::from("t"));
+    http::assert_sensitive(req, &["Authorization"]);
+}
+
 /// The simulator half, driven over HTTP like the worker drives it.
 mod simulator {
     use super::super::sim;

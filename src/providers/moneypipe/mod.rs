@@ -311,10 +311,7 @@ impl MoneyPipe {
             .http
             .client()
             .request(method, url)
-            .header(
-                "Authorization",
-                format!("Bearer {}", self.token.expose_secret()),
-            )
+            .bearer_auth(self.token.expose_secret())
             .header("Accept", "application/json");
         if let Some(ctx) = ctx {
             req = req.header("Idempotency-Key", &ctx.idempotency_key);

@@ -568,6 +568,24 @@ fn status_table() {
     assert_eq!(http::classes(MoneyPipe::classify), expected);
 }
 
+#[test]
+fn the_bearer_header_is_sensitive() {
+    let p = MoneyPipe {
+        http: Http::new(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap(),
+        base: Url::parse("http://x").unwrap(),
+        token: SecretString::from("t"),
+        reject_path: "/o/{operation_id}".to_owned(),
+    };
+    http::assert_sensitive(
+        p.request(Method::GET, p.base.clone(), None),
+        &["Authorization"],
+    );
+}
+
 /// The simulator half, driven over HTTP like the worker drives it.
 mod simulator {
     use serde_json::{Value, json};

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use super::{
     contract::{CallContext, Client, ConfirmationState, Observed, Provider, Reply, Unit, Verdict},
-    http::{self, Http, Response},
+    http::{self, Http, Response, SecretHeader},
 };
 use crate::{
     decision::{Action, Decision, required_reason},
@@ -178,18 +178,17 @@ fn debit_iban(d: &Decision) -> Result<Option<&str>, String> {
 
 impl Qonto {
     fn request(&self, method: Method, url: Url) -> reqwest::RequestBuilder {
-        let auth = match &self.auth {
-            Auth::ApiKey(v) => v.expose_secret().to_owned(),
-            Auth::Bearer(t) => format!("Bearer {}", t.expose_secret()),
-        };
-        let mut req = self
+        let req = self
             .http
             .client()
             .request(method, url)
-            .header("Authorization", auth)
             .header("Accept", "application/json");
+        let mut req = match &self.auth {
+            Auth::ApiKey(v) => req.secret_header("Authorization", v.expose_secret()),
+            Auth::Bearer(t) => req.bearer_auth(t.expose_secret()),
+        };
         if let Some(staging) = &self.staging_token {
-            req = req.header("X-Qonto-Staging-Token", staging.expose_secret());
+            req = req.secret_header("X-Qonto-Staging-Token", staging.expose_secret());
         }
         req
     }

@@ -124,6 +124,28 @@ fn status_table() {
     assert_eq!(http::classes(Qonto::classify), expected);
 }
 
+#[test]
+fn credential_headers_are_sensitive() {
+    let qonto = |auth| Qonto {
+        http: Http::new(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap(),
+        base: Url::parse("http://x").unwrap(),
+        auth,
+        staging_token: Some(SecretString::from("s")),
+    };
+    for auth in [
+        Auth::ApiKey(SecretString::from("login:secret")),
+        Auth::Bearer(SecretString::from("t")),
+    ] {
+        let p = qonto(auth);
+        let req = p.request(Method::GET, p.base.clone());
+        http::assert_sensitive(req, &["Authorization", "X-Qonto-Staging-Token"]);
+    }
+}
+
 /// The simulator half, driven over HTTP like the worker drives it.
 mod simulator {
     use super::super::sim;
