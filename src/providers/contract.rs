@@ -12,7 +12,7 @@ use super::http;
 use crate::{
     decision::Decision,
     retry::{CallError, ErrorClass},
-    settings::{ProviderSections, SettingsError},
+    settings::{ProviderSections, SettingsError, env_key},
     tools::sim::unit::SimHalf,
 };
 
@@ -26,6 +26,41 @@ pub struct Unit {
 
 pub type Build =
     fn(&ProviderSections, &http::Http) -> Result<Option<Arc<dyn Client>>, SettingsError>;
+
+/// The one rule for a provider's credentials, all or none: none set
+/// disables the provider (the contract's way to run without it), every one
+/// set enables it, and a partial set stops start-up naming what is missing,
+/// as it is a deployment slip rather than a choice.
+pub(crate) fn credentials<T, const N: usize>(
+    provider: &str,
+    keys: [(&str, Option<T>); N],
+) -> Result<Option<[T; N]>, SettingsError> {
+    let missing: Vec<String> = keys
+        .iter()
+        .filter(|(_, value)| value.is_none())
+        .map(|(key, _)| env_key(&format!("providers.{provider}.{key}")))
+        .collect();
+    if missing.len() == N {
+        return Ok(None);
+    }
+    if let Some(first) = missing.first() {
+        let set: Vec<String> = keys
+            .iter()
+            .filter(|(_, value)| value.is_some())
+            .map(|(key, _)| env_key(&format!("providers.{provider}.{key}")))
+            .collect();
+        return Err(SettingsError::Invalid {
+            key: first.clone(),
+            problem: format!(
+                "{} set without {}: set all of them, or none to disable {provider}",
+                set.join(", "),
+                missing.join(", ")
+            ),
+        });
+    }
+    let values: Vec<T> = keys.into_iter().filter_map(|(_, value)| value).collect();
+    Ok(values.try_into().ok())
+}
 
 /// What a call needs beyond the decision itself.
 #[derive(Debug, Clone)]
@@ -243,5 +278,31 @@ impl dyn Client {
             .bind(decision)
             .map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
         call.read_state().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_all_or_none() {
+        let none: [(&str, Option<&str>); 2] = [("id", None), ("secret", None)];
+        assert_eq!(credentials("p", none).unwrap(), None);
+        let all = [("id", Some("i")), ("secret", Some("s"))];
+        assert_eq!(credentials("p", all).unwrap(), Some(["i", "s"]));
+        let partial = [("id", Some("i")), ("secret", None), ("extra", None)];
+        let Err(SettingsError::Invalid { key, problem }) = credentials("p", partial) else {
+            panic!("a partial set must fail");
+        };
+        assert_eq!(key, "APPROVAL_PROVIDERS__P__SECRET");
+        assert!(
+            problem.contains("APPROVAL_PROVIDERS__P__SECRET, APPROVAL_PROVIDERS__P__EXTRA"),
+            "{problem}"
+        );
+        assert!(
+            problem.contains("APPROVAL_PROVIDERS__P__ID set"),
+            "{problem}"
+        );
     }
 }

@@ -28,7 +28,7 @@ use serde_json::Value;
 
 use super::{
     auth::{Token, TokenCache},
-    contract::{CallContext, Client, Observed, Provider, Reply, Unit, Verdict},
+    contract::{CallContext, Client, Observed, Provider, Reply, Unit, Verdict, credentials},
     http::{self, Http, Response},
 };
 use crate::{
@@ -88,7 +88,13 @@ pub fn build(
     let s: FlexPaySettings = sections.section(NAME)?;
     let base = check_base_url(NAME, &s.base_url)?;
     check_path_template(NAME, "read_path", &s.read_path, "{reference}")?;
-    let (Some(client_id), Some(client_secret)) = (present(&s.client_id), present(&s.client_secret))
+    let Some([client_id, client_secret]) = credentials(
+        NAME,
+        [
+            ("client_id", present(&s.client_id)),
+            ("client_secret", present(&s.client_secret)),
+        ],
+    )?
     else {
         return Ok(None);
     };

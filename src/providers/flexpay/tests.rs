@@ -626,7 +626,7 @@ async fn absence_from_the_pending_list_proves_nothing() {
 }
 
 #[test]
-fn missing_credentials_disable_and_a_bad_template_is_refused() {
+fn partial_credentials_fail_naming_the_key_and_a_bad_template_is_refused() {
     let http = Http::new(Duration::from_secs(1), Duration::from_secs(1)).unwrap();
     let load = |vars: &[(&str, &str)]| {
         Settings::load_from(
@@ -635,10 +635,17 @@ fn missing_credentials_disable_and_a_bad_template_is_refused() {
         )
         .unwrap()
     };
-    let s = load(&[("APPROVAL_PROVIDERS__FLEXPAY__CLIENT_ID", "id")]);
-    assert!(build(&s.providers, &http).unwrap().is_none());
-    let s = load(&[("APPROVAL_PROVIDERS__FLEXPAY__CLIENT_SECRET", "secret")]);
-    assert!(build(&s.providers, &http).unwrap().is_none());
+    assert!(build(&load(&[]).providers, &http).unwrap().is_none());
+    for (set, missing) in [
+        ("CLIENT_ID", "CLIENT_SECRET"),
+        ("CLIENT_SECRET", "CLIENT_ID"),
+    ] {
+        let s = load(&[(&format!("APPROVAL_PROVIDERS__FLEXPAY__{set}"), "x")]);
+        let Err(SettingsError::Invalid { key, .. }) = build(&s.providers, &http) else {
+            panic!("{set} alone must stop start-up");
+        };
+        assert_eq!(key, format!("APPROVAL_PROVIDERS__FLEXPAY__{missing}"));
+    }
     let s = load(&[
         ("APPROVAL_PROVIDERS__FLEXPAY__CLIENT_ID", "id"),
         ("APPROVAL_PROVIDERS__FLEXPAY__CLIENT_SECRET", "secret"),

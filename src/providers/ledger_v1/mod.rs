@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{
-    contract::{CallContext, Client, Observed, Provider, Reply, Unit, Verdict},
+    contract::{CallContext, Client, Observed, Provider, Reply, Unit, Verdict, credentials},
     http::{self, Http, Response, SecretHeader},
 };
 use crate::{
@@ -83,7 +83,7 @@ pub fn build(
 ) -> Result<Option<Arc<dyn Client>>, SettingsError> {
     let s: LedgerV1Settings = sections.section(NAME)?;
     let base = check_base_url(NAME, &s.base_url)?;
-    let Some(api_key) = present(&s.api_key) else {
+    let Some([api_key]) = credentials(NAME, [("api_key", present(&s.api_key))])? else {
         return Ok(None);
     };
     Ok(Some(Arc::new(LedgerV1 {

@@ -36,7 +36,7 @@ use serde_json::Value;
 
 use super::{
     auth::{Token, TokenCache},
-    contract::{CallContext, Client, Observed, Provider, Reply, Unit, Verdict},
+    contract::{CallContext, Client, Observed, Provider, Reply, Unit, Verdict, credentials},
     http::{self, Http, Response},
 };
 use crate::{
@@ -111,48 +111,32 @@ pub fn build(
         .as_deref()
         .map(str::trim)
         .filter(|w| !w.is_empty());
-    let credentials = [
-        ("workspace", workspace.is_some()),
-        ("api_key_id", present(&s.api_key_id).is_some()),
-        ("api_key_secret", present(&s.api_key_secret).is_some()),
-        ("signing_key", present(&s.signing_key).is_some()),
-    ];
-    let (Some(workspace), Some(api_key_id), Some(api_key_secret), Some(signing_key)) = (
-        workspace,
-        present(&s.api_key_id),
-        present(&s.api_key_secret),
-        present(&s.signing_key),
-    ) else {
-        // Contract: missing credentials disable the provider. A partial set
-        // is most likely a deployment slip, so say which keys are missing.
-        if credentials.iter().any(|(_, set)| *set) {
-            let missing: Vec<String> = credentials
-                .iter()
-                .filter(|(_, set)| !set)
-                .map(|(key, _)| env_key(&format!("providers.{NAME}.{key}")))
-                .collect();
-            tracing::warn!(
-                provider = NAME,
-                missing = %missing.join(", "),
-                "provider disabled: some of its credentials are not set"
-            );
-        }
+    let secret = |key| present(key).map(ExposeSecret::expose_secret);
+    let Some([workspace, api_key_id, api_key_secret, signing_key]) = credentials(
+        NAME,
+        [
+            ("workspace", workspace),
+            ("api_key_id", secret(&s.api_key_id)),
+            ("api_key_secret", secret(&s.api_key_secret)),
+            ("signing_key", secret(&s.signing_key)),
+        ],
+    )?
+    else {
         return Ok(None);
     };
     // Loaded now so a bad key stops start-up instead of failing every
     // decision. JwsError messages never quote the input.
-    let signing_key =
-        jws::load_signing_key(signing_key.expose_secret()).map_err(|e| SettingsError::Invalid {
-            key: env_key(&format!("providers.{NAME}.signing_key")),
-            problem: e.to_string(),
-        })?;
+    let signing_key = jws::load_signing_key(signing_key).map_err(|e| SettingsError::Invalid {
+        key: env_key(&format!("providers.{NAME}.signing_key")),
+        problem: e.to_string(),
+    })?;
     Ok(Some(Arc::new(LedgerV2 {
         http: http.clone(),
         base,
         challenge_path: s.challenge_path,
         workspace: workspace.to_owned(),
-        api_key_id: api_key_id.clone(),
-        api_key_secret: api_key_secret.clone(),
+        api_key_id: SecretString::from(api_key_id.to_owned()),
+        api_key_secret: SecretString::from(api_key_secret.to_owned()),
         signing_key,
         tokens: TokenCache::new(NAME, TOKEN_MARGIN),
     })))

@@ -600,12 +600,31 @@ fn a_bad_signing_key_is_a_settings_error_without_the_key() {
 }
 
 #[test]
-fn disabled_without_every_credential_and_checks_the_challenge_path() {
+fn partial_credentials_fail_naming_the_key_and_the_challenge_path_is_checked() {
     for missing in ["WORKSPACE", "API_KEY_ID", "API_KEY_SECRET", "SIGNING_KEY"] {
         let mut vars = env("http://127.0.0.1:9");
-        vars.retain(|(k, _)| !k.ends_with(&format!("V2__{missing}")));
-        assert!(build_with(vars).unwrap().is_none(), "{missing}");
+        let key = format!("APPROVAL_PROVIDERS__LEDGER_V2__{missing}");
+        vars.retain(|(k, _)| *k != key);
+        match build_with(vars) {
+            Err(SettingsError::Invalid {
+                key: named,
+                problem,
+            }) => {
+                assert_eq!(named, key);
+                assert!(problem.contains(&key), "{problem}");
+            }
+            other => panic!(
+                "{missing}: expected an error naming {key}, got {:?}",
+                other.map(|p| p.is_some())
+            ),
+        }
     }
+    let mut vars = env("http://127.0.0.1:9");
+    vars.retain(|(k, _)| k.ends_with("__BASE_URL"));
+    assert!(
+        build_with(vars).unwrap().is_none(),
+        "no credentials disable"
+    );
     let mut vars = env("http://127.0.0.1:9");
     vars.push((
         "APPROVAL_PROVIDERS__LEDGER_V2__CHALLENGE_PATH".into(),

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    contract::{CallContext, Client, Observed, Provider, Reply, Unit, Verdict},
+    contract::{CallContext, Client, Observed, Provider, Reply, Unit, Verdict, credentials},
     http::{self, Http, Response},
 };
 use crate::{
@@ -91,7 +91,7 @@ pub fn build(
     let s: MoneyPipeSettings = sections.section(NAME)?;
     let base = check_base_url(NAME, &s.base_url)?;
     check_path_template(NAME, "reject_path", &s.reject_path, "{operation_id}")?;
-    let Some(token) = present(&s.token) else {
+    let Some([token]) = credentials(NAME, [("token", present(&s.token))])? else {
         return Ok(None);
     };
     Ok(Some(Arc::new(MoneyPipe {

@@ -17,7 +17,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    contract::{CallContext, Client, ConfirmationState, Observed, Provider, Reply, Unit, Verdict},
+    contract::{
+        CallContext, Client, ConfirmationState, Observed, Provider, Reply, Unit, Verdict,
+        credentials,
+    },
     http::{self, Http, Response, SecretHeader},
 };
 use crate::{
@@ -79,24 +82,23 @@ pub fn build(
 ) -> Result<Option<Arc<dyn Client>>, SettingsError> {
     let s: QontoSettings = sections.section(NAME)?;
     let base = check_base_url(NAME, &s.base_url)?;
-    let auth = match (
-        present(&s.login),
-        present(&s.secret_key),
-        present(&s.access_token),
-    ) {
-        (Some(login), Some(secret), _) => Auth::ApiKey(SecretString::from(format!(
+    // Two credential sets: the API key (login and secret key together),
+    // else an OAuth access token; the API key wins when both are set.
+    let api_key = credentials(
+        NAME,
+        [
+            ("login", present(&s.login)),
+            ("secret_key", present(&s.secret_key)),
+        ],
+    )?;
+    let auth = match (api_key, present(&s.access_token)) {
+        (Some([login, secret]), _) => Auth::ApiKey(SecretString::from(format!(
             "{}:{}",
             login.expose_secret(),
             secret.expose_secret()
         ))),
-        (None, None, Some(token)) => Auth::Bearer(token.clone()),
-        (Some(_), None, _) | (None, Some(_), _) => {
-            return Err(SettingsError::Invalid {
-                key: "APPROVAL_PROVIDERS__QONTO__SECRET_KEY".into(),
-                problem: "API-key auth needs both APPROVAL_PROVIDERS__QONTO__LOGIN and APPROVAL_PROVIDERS__QONTO__SECRET_KEY".into(),
-            });
-        }
-        (None, None, None) => return Ok(None),
+        (None, Some(token)) => Auth::Bearer(token.clone()),
+        (None, None) => return Ok(None),
     };
     Ok(Some(Arc::new(Qonto {
         http: http.clone(),

@@ -1,7 +1,7 @@
 //! The client's contract tests (wiremock), then the simulator half's tests.
 
 use super::*;
-use crate::decision::parse;
+use crate::{decision::parse, settings::Settings};
 
 fn decision(target: &str, action: &str, reason: Option<&str>) -> Decision {
     let reason = reason
@@ -143,6 +143,38 @@ fn credential_headers_are_sensitive() {
         let p = qonto(auth);
         let req = p.request(Method::GET, p.base.clone());
         http::assert_sensitive(req, &["Authorization", "X-Qonto-Staging-Token"]);
+    }
+}
+
+#[test]
+fn credential_sets_and_partial_api_keys() {
+    let http = Http::new(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(1),
+    )
+    .unwrap();
+    let build_with = |vars: &[(&str, &str)]| {
+        let vars = vars
+            .iter()
+            .map(|(k, v)| (format!("APPROVAL_PROVIDERS__QONTO__{k}"), v.to_string()));
+        build(&Settings::load_from(None, vars).unwrap().providers, &http)
+    };
+    assert!(build_with(&[]).unwrap().is_none());
+    assert!(build_with(&[("ACCESS_TOKEN", "t")]).unwrap().is_some());
+    assert!(
+        build_with(&[("LOGIN", "l"), ("SECRET_KEY", "s")])
+            .unwrap()
+            .is_some()
+    );
+    for (set, missing) in [("LOGIN", "SECRET_KEY"), ("SECRET_KEY", "LOGIN")] {
+        // An access token does not excuse half an API key.
+        for extra in [None, Some(("ACCESS_TOKEN", "t"))] {
+            let vars: Vec<_> = [(set, "x")].into_iter().chain(extra).collect();
+            let Err(SettingsError::Invalid { key, .. }) = build_with(&vars) else {
+                panic!("{set} alone must stop start-up");
+            };
+            assert_eq!(key, format!("APPROVAL_PROVIDERS__QONTO__{missing}"));
+        }
     }
 }
 
