@@ -12,7 +12,6 @@ pub mod admin;
 pub mod broker;
 pub mod commands;
 pub mod decision;
-pub mod jws;
 pub mod locks;
 pub mod outcome;
 pub mod providers;

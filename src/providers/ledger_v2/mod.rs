@@ -6,7 +6,7 @@
 //!    `/rest/requests/{request_id}/challenge`) answers `{"challenge"}` (or
 //!    `{"data":{"challenge"}}`);
 //! 2. the decoded challenge bytes are signed as an ES256 compact JWS with
-//!    the API user's P-256 key ([`crate::jws`]);
+//!    the API user's P-256 key ([`jws`]);
 //! 3. `POST /rest/requests/{request_id}/approve` (or `/reject`) with
 //!    `{"data":{"signature":"<jws>","challengeType":"API"}}`.
 //!
@@ -22,6 +22,8 @@
 //! `PENDING_FIRST_APPROVAL`; approved `APPROVED`, `SIGNED`, `SUBMITTED`;
 //! rejected `REJECTED`, `ABORTED`; anything else is a conflict.
 
+pub(crate) mod demo_key;
+mod jws;
 pub mod sim;
 #[cfg(test)]
 mod tests;
@@ -41,7 +43,6 @@ use super::{
 };
 use crate::{
     decision::{Action, Decision, target_segment},
-    jws,
     retry::{CallError, ErrorClass},
     settings::{
         ProviderSections, SettingsError, check_base_url, check_path_template, env_key, present,

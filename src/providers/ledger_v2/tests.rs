@@ -25,7 +25,7 @@ fn env(base_url: &str) -> Vec<(String, String)> {
         ("APPROVAL_PROVIDERS__LEDGER_V2__API_KEY_SECRET", KEY_SECRET),
         (
             "APPROVAL_PROVIDERS__LEDGER_V2__SIGNING_KEY",
-            jws::DEMO_SIGNING_KEY_PEM,
+            demo_key::DEMO_SIGNING_KEY_PEM,
         ),
     ]
     .into_iter()
@@ -164,7 +164,7 @@ fn assert_decision_call(r: &wiremock::Request, id_path: &str, verb: &str, bearer
 /// The JWS verifies with the demo key's public half, has exactly
 /// PyJWT's header, and its payload is the challenge bytes unchanged.
 fn assert_signed_challenge(jws_text: &str) {
-    let key = jws::load_signing_key(jws::DEMO_SIGNING_KEY_PEM).unwrap();
+    let key = jws::load_signing_key(demo_key::DEMO_SIGNING_KEY_PEM).unwrap();
     let payload = jws::verify_jws(key.verifying_key(), jws_text).unwrap();
     assert_eq!(payload, CHALLENGE_JSON.as_bytes());
     let header = jws_text.split('.').next().unwrap();
@@ -684,7 +684,7 @@ fn the_bearer_header_is_sensitive() {
         workspace: "w".to_owned(),
         api_key_id: SecretString::from("i"),
         api_key_secret: SecretString::from("s"),
-        signing_key: jws::load_signing_key(jws::DEMO_SIGNING_KEY_PEM).unwrap(),
+        signing_key: jws::load_signing_key(demo_key::DEMO_SIGNING_KEY_PEM).unwrap(),
         tokens: TokenCache::new(NAME, TOKEN_MARGIN),
     };
     let req = p.request(Method::GET, p.url("/r"), &SecretString::from("t"));
@@ -700,7 +700,10 @@ mod simulator {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use serde_json::{Value, json};
 
-    use crate::jws::{DEMO_SIGNING_KEY_PEM, load_signing_key, sign_challenge};
+    use crate::providers::ledger_v2::{
+        demo_key::DEMO_SIGNING_KEY_PEM,
+        jws::{load_signing_key, sign_challenge},
+    };
     use crate::tools::sim::testkit::{client, new_id, parts, sim, sim_with};
     use crate::tools::sim::{SimConfig, SimHandle};
 
@@ -954,7 +957,7 @@ mod simulator {
             ),
             (
                 "APPROVAL_PROVIDERS__LEDGER_V2__SIGNING_KEY".to_owned(),
-                crate::jws::DEMO_SIGNING_KEY_PEM.to_owned(),
+                crate::providers::ledger_v2::demo_key::DEMO_SIGNING_KEY_PEM.to_owned(),
             ),
         ];
         expected.sort();
