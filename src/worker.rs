@@ -101,7 +101,7 @@ async fn handle(shared: &Shared, delivery: Delivery) {
         attempt = history.attempts,
     );
     async {
-        let settle = decide(shared, delivery.body(), &history).await;
+        let (Ok(settle) | Err(settle)) = decide(shared, delivery.body(), &history).await;
         let published = settle.publish(&delivery, &history, &shared.registry).await;
         delivery.acknowledge(published).await;
     }
@@ -109,19 +109,13 @@ async fn handle(shared: &Shared, delivery: Delivery) {
     .await
 }
 
-/// Validates the delivery and, when valid, runs it against its provider;
-/// every way it ends is something to publish.
-async fn decide(shared: &Shared, body: &[u8], history: &History) -> Settle {
-    let decision = match parse(body, history) {
-        Ok(decision) => decision,
-        Err(invalid) => return invalid,
-    };
-    let call = match validate(shared, &decision, body, history) {
-        Ok(call) => call,
-        Err(invalid) => return invalid,
-    };
+/// Validates the delivery and runs it against its provider; `Err` is how
+/// an invalid one is settled.
+async fn decide(shared: &Shared, body: &[u8], history: &History) -> Result<Settle, Settle> {
+    let decision = parse(body, history)?;
+    let call = validate(shared, &decision, body, history)?;
     let (dispatched, ending) = dispatch(shared, &decision, call.as_ref(), history).await;
-    dispatched.classify(ending)
+    Ok(dispatched.classify(ending))
 }
 
 fn parse(body: &[u8], history: &History) -> Result<Decision, Settle> {
@@ -201,7 +195,6 @@ async fn dispatch<'a>(
 /// One decision against its provider: calls, retries, reconciliation.
 struct Dispatch<'a> {
     shared: &'a Shared,
-    /// The decision bound to its provider: the only way to call it.
     call: &'a dyn Bound,
     decision: &'a Decision,
     history: &'a History,

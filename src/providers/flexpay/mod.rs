@@ -265,7 +265,6 @@ impl FlexPay {
         Err(http::error(class, &response, code, Some(message)))
     }
 
-    /// A request with the bearer token and JSON accepted.
     fn request(&self, method: Method, url: Url, token: &SecretString) -> RequestBuilder {
         self.http
             .client()

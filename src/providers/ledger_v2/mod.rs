@@ -389,7 +389,6 @@ impl Provider for LedgerV2 {
 
     type Target<'d> = &'d str;
 
-    /// The target is the request id.
     fn validate<'d>(&self, d: &'d Decision) -> Result<&'d str, String> {
         target_segment(d, "request_id")
     }
