@@ -15,7 +15,6 @@ pub(crate) mod admin;
 pub mod broker;
 pub mod commands;
 pub mod decision;
-pub(crate) mod jws;
 pub(crate) mod locks;
 pub(crate) mod outcome;
 pub mod providers;

@@ -26,7 +26,7 @@ use crate::{
     decision::{self, Decision},
     locks::TargetLocks,
     outcome::{ErrorKind, Resolution},
-    providers::{CallContext, ConfirmationState, Lookup, Provider, Registry, Reply},
+    providers::{Bound, CallContext, ConfirmationState, Lookup, Registry, Reply},
     readiness::Readiness,
     retry::{CallError, ErrorClass, RetryDelays},
     settings::Settings,
@@ -87,8 +87,8 @@ impl Worker {
     }
 }
 
-/// One delivery, one line per arrow: receive, validate, dispatch,
-/// classify, publish, acknowledge.
+/// One delivery: receive, decide (validate, dispatch, classify), publish,
+/// acknowledge.
 async fn handle(shared: &Shared, delivery: Delivery) {
     let history = delivery.history();
     let span = info_span!(
@@ -99,13 +99,7 @@ async fn handle(shared: &Shared, delivery: Delivery) {
         attempt = history.attempts,
     );
     async {
-        let settle = match validate(shared, delivery.body(), &history) {
-            Ok(valid) => {
-                let (dispatched, ending) = dispatch(shared, &valid, &history).await;
-                dispatched.classify(ending)
-            }
-            Err(invalid) => invalid,
-        };
+        let (Ok(settle) | Err(settle)) = decide(shared, delivery.body(), &history).await;
         let published = settle.publish(&delivery, &history, &shared.registry).await;
         delivery.acknowledge(published).await;
     }
@@ -113,75 +107,84 @@ async fn handle(shared: &Shared, delivery: Delivery) {
     .await
 }
 
-/// A decision its provider accepts.
-struct Valid {
-    decision: Decision,
-    provider: Arc<dyn Provider>,
+/// Validates the delivery and runs it against its provider; `Err` is how
+/// an invalid one is settled.
+async fn decide(shared: &Shared, body: &[u8], history: &History) -> Result<Settle, Settle> {
+    let decision = parse(body, history)?;
+    let call = validate(shared, &decision, body, history)?;
+    let (dispatched, ending) = dispatch(shared, &decision, call.as_ref(), history).await;
+    Ok(dispatched.classify(ending))
 }
 
-fn validate(shared: &Shared, body: &[u8], history: &History) -> Result<Valid, Settle> {
-    let invalid = |echo, kind, problem| settle::invalid(echo, kind, problem, history, body);
-    let decision =
-        decision::parse(body).map_err(|e| invalid(*e.echo, ErrorKind::Invalid, e.problem))?;
+fn parse(body: &[u8], history: &History) -> Result<Decision, Settle> {
+    let decision = decision::parse(body)
+        .map_err(|e| settle::invalid(*e.echo, ErrorKind::Invalid, e.problem, history, body))?;
     let span = Span::current();
     span.record("decision_id", decision.decision_id.as_str());
     span.record("provider", decision.provider.as_str());
     span.record("action", decision.action.as_str());
+    Ok(decision)
+}
 
-    let provider = match shared.registry.lookup(&decision.provider) {
-        Lookup::Enabled(p) => p.clone(),
+/// The decision bound to its provider with its target parsed, or why not.
+fn validate<'a>(
+    shared: &'a Shared,
+    decision: &'a Decision,
+    body: &[u8],
+    history: &History,
+) -> Result<Box<dyn Bound + 'a>, Settle> {
+    let invalid = |kind, problem| settle::invalid(decision.echo(), kind, problem, history, body);
+    let client = match shared.registry.lookup(&decision.provider) {
+        Lookup::Enabled(client) => client,
         Lookup::Disabled => {
             let problem = format!(
                 "provider {} is disabled: its credentials are not configured",
                 decision.provider
             );
-            return Err(invalid(
-                decision.echo(),
-                ErrorKind::ProviderDisabled,
-                problem,
-            ));
+            return Err(invalid(ErrorKind::ProviderDisabled, problem));
         }
         Lookup::Unknown => {
             let known: Vec<_> = shared.registry.names().map(|(n, _)| n).collect();
             let problem = format!("provider must be one of {}", known.join(", "));
-            return Err(invalid(decision.echo(), ErrorKind::Invalid, problem));
+            return Err(invalid(ErrorKind::Invalid, problem));
         }
     };
-    if let Err(problem) = provider.validate(&decision) {
-        return Err(invalid(decision.echo(), ErrorKind::Invalid, problem));
-    }
+    let call = client
+        .bind(decision)
+        .map_err(|problem| invalid(ErrorKind::Invalid, problem))?;
     // The broker's own delivery limit dead-letters without our headers; park
     // one delivery earlier, with the reason, so the parking lot explains it.
     if history.delivery_count + 1 >= i64::from(shared.settings.amqp.delivery_limit) {
-        return Err(settle::poison(&decision, history));
+        return Err(settle::poison(decision, history));
     }
-    Ok(Valid { decision, provider })
+    Ok(call)
 }
 
 /// Runs the decision against its provider, one decision per target at a
 /// time; returns how it ended, with the calls made in all.
 async fn dispatch<'a>(
     shared: &Shared,
-    valid: &'a Valid,
+    decision: &'a Decision,
+    call: &dyn Bound,
     history: &'a History,
 ) -> (Dispatched<'a>, Ending) {
-    let target = valid.provider.target_key(&valid.decision);
+    let target = call.target_key();
     let _guard = shared
         .locks
-        .lock(format!("{}/{target}", valid.decision.provider))
+        .lock(format!("{}/{target}", decision.provider))
         .await;
     let mut dispatch = Dispatch {
         shared,
-        provider: valid.provider.as_ref(),
-        decision: &valid.decision,
+        call,
+        decision,
         history,
         attempts: history.attempts,
     };
     let ending = dispatch.run().await;
     let dispatched = Dispatched {
-        decision: &valid.decision,
+        decision,
         history,
-        provider: valid.provider.name(),
+        provider: call.provider(),
         attempts: dispatch.attempts,
     };
     (dispatched, ending)
@@ -190,7 +193,7 @@ async fn dispatch<'a>(
 /// One decision against its provider: calls, retries, reconciliation.
 struct Dispatch<'a> {
     shared: &'a Shared,
-    provider: &'a dyn Provider,
+    call: &'a dyn Bound,
     decision: &'a Decision,
     history: &'a History,
     /// Provider calls made so far, across deliveries.
@@ -220,7 +223,7 @@ impl Dispatch<'_> {
         loop {
             // Without server-side idempotency a repeat call could apply the
             // decision twice: read the target first.
-            if (self.attempts > 0 || maybe_called) && !self.provider.idempotent() {
+            if (self.attempts > 0 || maybe_called) && !self.call.idempotent() {
                 maybe_called = false;
                 if let Some(ending) = self.reconcile_before_repeat().await {
                     return ending;
@@ -233,7 +236,7 @@ impl Dispatch<'_> {
             calls_here += 1;
             ctx.attempt = self.attempts;
             Span::current().record("attempt", self.attempts);
-            let error = match self.provider.apply(self.decision, &ctx).await {
+            let error = match self.call.apply(&ctx).await {
                 Ok(Reply::Done { state, response }) => {
                     info!(provider_state = state.as_deref().unwrap_or(""), "applied");
                     return Ending::Applied { state, response };
@@ -264,7 +267,7 @@ impl Dispatch<'_> {
                 ErrorClass::Auth => {
                     return refused(ErrorKind::Unauthorized, error, Resolution::Call);
                 }
-                ErrorClass::Ambiguous => match self.provider.read_state(self.decision).await {
+                ErrorClass::Ambiguous => match self.call.read_state().await {
                     Ok(observed) => match settle::reconciled(observed) {
                         Some(ending) => return ending,
                         // A 4xx on a still-pending target is a real refusal;
@@ -304,7 +307,7 @@ impl Dispatch<'_> {
             if !in_process {
                 return later;
             }
-            metrics::counter!("approval_retries_scheduled_total", "provider" => self.provider.name(), "level" => "in_process")
+            metrics::counter!("approval_retries_scheduled_total", "provider" => self.call.provider(), "level" => "in_process")
                 .increment(1);
             debug!(delay_ms = delay.as_millis() as u64, "retrying in process");
             tokio::select! {
@@ -318,7 +321,7 @@ impl Dispatch<'_> {
     /// Before a repeat call to a provider without idempotency; `None` when
     /// the target is still pending, so the call may be made.
     async fn reconcile_before_repeat(&self) -> Option<Ending> {
-        match self.provider.read_state(self.decision).await {
+        match self.call.read_state().await {
             Ok(observed) => settle::reconciled(observed),
             Err(e) if e.class == ErrorClass::Retryable || e.class == ErrorClass::Ambiguous => {
                 // Not knowing the state, do not call: try again later.
@@ -367,7 +370,7 @@ impl Dispatch<'_> {
                 confirmation,
             })
         };
-        match self.provider.poll_confirmation(&pending.token).await {
+        match self.call.poll_confirmation(&pending.token).await {
             Ok(ConfirmationState::Allowed) => None,
             Ok(ConfirmationState::Denied) => Some(Ending::Denied("the confirmation was denied")),
             Ok(ConfirmationState::Waiting) if expired || self.past_horizon() => {

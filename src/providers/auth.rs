@@ -10,9 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use reqwest::{RequestBuilder, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Mutex;
 
+use super::http::{Http, Response};
 use crate::retry::CallError;
 
 /// A token as issued, with its lifetimes.
@@ -76,6 +78,32 @@ impl TokenCache {
             refresh: token.refresh.map(|(t, ttl)| (t, now + ttl)),
         });
         Ok(access)
+    }
+
+    /// Sends `operation` with a live token. A 401 means the token died
+    /// early (revoked, clock skew): forget it, get another once and send
+    /// once more; a 401 answers nothing was applied, so the repeat is safe
+    /// without idempotency. The second answer is returned whatever it is,
+    /// for the provider's `classify` (a second 401 is Auth).
+    pub async fn send<F, Fut>(
+        &self,
+        http: &Http,
+        operation: &'static str,
+        fetch: F,
+        request: impl Fn(&SecretString) -> RequestBuilder,
+    ) -> Result<Response, CallError>
+    where
+        F: Fn(Option<SecretString>) -> Fut,
+        Fut: Future<Output = Result<Token, CallError>>,
+    {
+        let token = self.get(&fetch).await?;
+        let response = http.send(self.provider, operation, request(&token)).await?;
+        if response.status != StatusCode::UNAUTHORIZED {
+            return Ok(response);
+        }
+        self.invalidate(&token).await;
+        let token = self.get(&fetch).await?;
+        http.send(self.provider, operation, request(&token)).await
     }
 
     /// Forgets `stale` after the provider refused it; a newer token fetched
@@ -175,5 +203,68 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(t.expose_secret(), "t1");
+    }
+
+    async fn send_counting_fetches(
+        server: &wiremock::MockServer,
+        cache: &TokenCache,
+        fetches: &AtomicU32,
+    ) -> (StatusCode, Vec<String>) {
+        let http = Http::new(Duration::from_secs(5), Duration::from_secs(5)).unwrap();
+        let url = format!("{}/call", server.uri());
+        let fetch = |_| async {
+            let n = fetches.fetch_add(1, Ordering::SeqCst);
+            Ok(token(n, Duration::from_secs(300)))
+        };
+        let response = cache
+            .send(&http, "call", fetch, |t| {
+                http.client().get(&url).bearer_auth(t.expose_secret())
+            })
+            .await
+            .unwrap();
+        let sent = server
+            .received_requests()
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.headers["authorization"].to_str().unwrap().to_owned())
+            .collect();
+        (response.status, sent)
+    }
+
+    #[tokio::test]
+    async fn a_401_renews_the_token_once_and_sends_once_more() {
+        use wiremock::{Mock, MockServer, ResponseTemplate, matchers::header};
+        let server = MockServer::start().await;
+        Mock::given(header("authorization", "Bearer t0"))
+            .respond_with(ResponseTemplate::new(401))
+            .mount(&server)
+            .await;
+        Mock::given(header("authorization", "Bearer t1"))
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&server)
+            .await;
+        let cache = TokenCache::new("test", Duration::from_secs(1));
+        let fetches = AtomicU32::new(0);
+        let (status, sent) = send_counting_fetches(&server, &cache, &fetches).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(sent, ["Bearer t0", "Bearer t1"]);
+        assert_eq!(fetches.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_second_401_is_returned_without_a_third_call() {
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let server = MockServer::start().await;
+        Mock::given(wiremock::matchers::any())
+            .respond_with(ResponseTemplate::new(401))
+            .mount(&server)
+            .await;
+        let cache = TokenCache::new("test", Duration::from_secs(1));
+        let fetches = AtomicU32::new(0);
+        let (status, sent) = send_counting_fetches(&server, &cache, &fetches).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(sent, ["Bearer t0", "Bearer t1"]);
+        assert_eq!(fetches.load(Ordering::SeqCst), 2);
     }
 }

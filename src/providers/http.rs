@@ -8,7 +8,10 @@ use std::{
 };
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use reqwest::{RequestBuilder, StatusCode, Url, header::HeaderMap};
+use reqwest::{
+    RequestBuilder, StatusCode, Url,
+    header::{HeaderMap, HeaderValue},
+};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
@@ -198,6 +201,27 @@ fn client(
         .map_err(SettingsError::HttpClient)
 }
 
+/// Credential headers other than a bearer token (which goes through
+/// [`RequestBuilder::bearer_auth`]): marked sensitive, so reqwest's and
+/// hyper's debug output never prints them and HTTP/2 never indexes them.
+pub trait SecretHeader {
+    fn secret_header(self, name: &'static str, value: &str) -> Self;
+}
+
+impl SecretHeader for RequestBuilder {
+    fn secret_header(self, name: &'static str, value: &str) -> Self {
+        match HeaderValue::from_str(value) {
+            Ok(mut value) => {
+                value.set_sensitive(true);
+                self.header(name, value)
+            }
+            // Left to reqwest to refuse when sent, whose error never quotes
+            // the value.
+            Err(_) => self.header(name, value),
+        }
+    }
+}
+
 /// Percent-encodes one path segment (already checked by validation).
 pub fn segment(value: &str) -> String {
     utf8_percent_encode(value, SEGMENT).to_string()
@@ -212,13 +236,19 @@ pub fn join(base: &Url, path: &str) -> Url {
     url
 }
 
-/// The class most providers give an HTTP status; each provider module
-/// refines it in its own `classify`.
+/// The class an HTTP status gets at every provider; each provider's
+/// `classify` overrides only the statuses and codes its documentation
+/// gives another meaning.
 pub fn default_class(status: StatusCode) -> ErrorClass {
     match status.as_u16() {
-        429 | 500..=599 => ErrorClass::Retryable,
-        401 => ErrorClass::Auth,
-        409 | 422 => ErrorClass::Ambiguous,
+        // 420 is Ledger's rate-limit answer, kept wherever it is not overridden.
+        420 | 429 | 500..=599 => ErrorClass::Retryable,
+        // Refused credentials or rights: only an operator can fix them.
+        401 | 403 => ErrorClass::Auth,
+        // No provider documents an answer for "not pending any more"; it may
+        // come as any of these, so the worker reads the state.
+        400 | 409 | 422 => ErrorClass::Ambiguous,
+        // Not found, or a status we do not expect: the call cannot pass as sent.
         _ => ErrorClass::Permanent,
     }
 }
@@ -238,6 +268,45 @@ pub fn error(
         provider_code,
         retry_after: retry::retry_after(&response.headers),
         response: Some(response.body.clone()),
+    }
+}
+
+/// Every status a provider's table is checked at: each class boundary and
+/// the statuses some provider documents.
+#[cfg(test)]
+pub(crate) const CHECKED_STATUSES: &[u16] = &[
+    200, 204, 302, 400, 401, 403, 404, 405, 409, 410, 415, 418, 420, 422, 428, 429, 500, 501, 502,
+    503, 504, 599,
+];
+
+/// `classify`'s class for each of [`CHECKED_STATUSES`] on an empty body, so a
+/// provider's test can pin its whole table.
+#[cfg(test)]
+pub(crate) fn classes(classify: impl Fn(&Response) -> CallError) -> Vec<(u16, ErrorClass)> {
+    CHECKED_STATUSES
+        .iter()
+        .map(|&status| {
+            let response = Response {
+                status: StatusCode::from_u16(status).expect("a valid status"),
+                headers: HeaderMap::new(),
+                body: Value::Null,
+            };
+            (status, classify(&response).class)
+        })
+        .collect()
+}
+
+/// Builds `request` and checks that each named header is there and marked
+/// sensitive.
+#[cfg(test)]
+pub(crate) fn assert_sensitive(request: RequestBuilder, names: &[&str]) {
+    let request = request.build().expect("the request builds");
+    for name in names {
+        let value = request
+            .headers()
+            .get(*name)
+            .unwrap_or_else(|| panic!("no {name} header"));
+        assert!(value.is_sensitive(), "{name} is not marked sensitive");
     }
 }
 

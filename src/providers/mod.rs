@@ -21,7 +21,7 @@ pub mod moneypipe;
 pub mod qonto;
 
 pub use contract::{
-    Build, CallContext, ConfirmationState, Observed, Provider, Reply, Unit, Verdict,
+    Bound, Build, CallContext, Client, ConfirmationState, Observed, Provider, Reply, Unit, Verdict,
 };
 
 /// One line per provider, in the order demos and reports list them.
@@ -34,7 +34,7 @@ pub(crate) const REGISTRY: &[Unit] = &[
 ];
 
 pub enum Lookup<'a> {
-    Enabled(&'a Arc<dyn Provider>),
+    Enabled(&'a Arc<dyn Client>),
     Disabled,
     Unknown,
 }
@@ -42,7 +42,7 @@ pub enum Lookup<'a> {
 /// Every known provider, enabled or not.
 #[derive(Clone)]
 pub struct Registry {
-    providers: BTreeMap<&'static str, Option<Arc<dyn Provider>>>,
+    providers: BTreeMap<&'static str, Option<Arc<dyn Client>>>,
 }
 
 impl Registry {
@@ -60,7 +60,7 @@ impl Registry {
     }
 
     /// A registry of hand-built providers, for tests.
-    pub fn from_providers(list: Vec<(&'static str, Option<Arc<dyn Provider>>)>) -> Self {
+    pub fn from_providers(list: Vec<(&'static str, Option<Arc<dyn Client>>)>) -> Self {
         Self {
             providers: list.into_iter().collect(),
         }

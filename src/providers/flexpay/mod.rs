@@ -21,7 +21,6 @@ mod tests;
 
 use std::{sync::Arc, time::Duration};
 
-use async_trait::async_trait;
 use reqwest::{Method, RequestBuilder, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -29,7 +28,7 @@ use serde_json::Value;
 
 use super::{
     auth::{Token, TokenCache},
-    contract::{CallContext, Observed, Provider, Reply, Unit, Verdict},
+    contract::{CallContext, Client, Observed, Provider, Reply, Unit, Verdict, credentials},
     http::{self, Http, Response},
 };
 use crate::{
@@ -85,11 +84,17 @@ pub(crate) const UNIT: Unit = Unit {
 pub fn build(
     sections: &ProviderSections,
     http: &Http,
-) -> Result<Option<Arc<dyn Provider>>, SettingsError> {
+) -> Result<Option<Arc<dyn Client>>, SettingsError> {
     let s: FlexPaySettings = sections.section(NAME)?;
     let base = check_base_url(NAME, &s.base_url)?;
     check_path_template(NAME, "read_path", &s.read_path, "{reference}")?;
-    let (Some(client_id), Some(client_secret)) = (present(&s.client_id), present(&s.client_secret))
+    let Some([client_id, client_secret]) = credentials(
+        NAME,
+        [
+            ("client_id", present(&s.client_id)),
+            ("client_secret", present(&s.client_secret)),
+        ],
+    )?
     else {
         return Ok(None);
     };
@@ -108,6 +113,13 @@ pub fn build(
 struct TokenRequest<'a> {
     client_id: &'a str,
     client_secret: &'a str,
+}
+
+/// A decision's target as FlexPay's calls need it.
+pub struct Target<'d> {
+    reference: &'d str,
+    /// The reject call's body; an accept sends none.
+    reject: Option<RejectBody<'d>>,
 }
 
 #[derive(Serialize)]
@@ -189,13 +201,13 @@ impl FlexPay {
         });
         let status = response.status.as_u16();
         let class = match status {
-            429 | 500..=599 => ErrorClass::Retryable,
-            401 | 403 => ErrorClass::Auth,
-            404 => ErrorClass::Permanent,
             // No code for "not pending any more" is documented: unless the
             // code says the request itself is wrong, reconcile.
             200..=299 | 400 | 409 | 422 if permanent_code => ErrorClass::Permanent,
-            200..=299 | 400 | 409 | 422 => ErrorClass::Ambiguous,
+            // `success: false` on a 2xx is read like a 400 without a code.
+            200..=299 => ErrorClass::Ambiguous,
+            // FlexPay documents no 420: an unexpected status.
+            420 => ErrorClass::Permanent,
             _ => http::default_class(response.status),
         };
         let message = message.unwrap_or_else(|| match status {
@@ -253,36 +265,27 @@ impl FlexPay {
         Err(http::error(class, &response, code, Some(message)))
     }
 
-    async fn token(&self) -> Result<SecretString, CallError> {
-        self.tokens.get(|_| self.fetch_token()).await
-    }
-
-    /// A request with the bearer token and JSON accepted.
     fn request(&self, method: Method, url: Url, token: &SecretString) -> RequestBuilder {
         self.http
             .client()
             .request(method, url)
-            .header("Authorization", format!("Bearer {}", token.expose_secret()))
+            .bearer_auth(token.expose_secret())
             .header("Accept", "application/json")
     }
 
-    /// Sends with a cached token; a 401 means the JWT was revoked or expired
-    /// early, so exchange the credentials once and send once more. A second
-    /// 401 is an auth failure (a 401 means nothing was applied, so the
-    /// repeat is safe without idempotency).
+    /// Sends under the cached JWT, exchanging the credentials again once on
+    /// a 401 (FlexPay issues no refresh token). A 401 that survives the
+    /// exchange is an auth failure, named as such.
     async fn call(
         &self,
         operation: &'static str,
         build: impl Fn(&SecretString) -> RequestBuilder,
     ) -> Result<Response, CallError> {
-        let token = self.token().await?;
-        let response = self.http.send(NAME, operation, build(&token)).await?;
-        if response.status.as_u16() != 401 {
-            return Ok(response);
-        }
-        self.tokens.invalidate(&token).await;
-        let token = self.token().await?;
-        let response = self.http.send(NAME, operation, build(&token)).await?;
+        let fetch = |_| self.fetch_token();
+        let response = self
+            .tokens
+            .send(&self.http, operation, fetch, build)
+            .await?;
         if response.status.as_u16() == 401 {
             let mut e = Self::classify(&response);
             e.class = ErrorClass::Auth;
@@ -362,37 +365,36 @@ impl FlexPay {
     }
 }
 
-#[async_trait]
 impl Provider for FlexPay {
     fn name(&self) -> &'static str {
         NAME
     }
 
-    fn validate(&self, d: &Decision) -> Result<(), String> {
-        target_segment(d, "reference")?;
-        match d.action {
-            Action::Reject => required_reason(d, Some(MAX_REASON_CHARS)).map(|_| ()),
-            Action::Approve => Ok(()),
-        }
-    }
+    type Target<'d> = Target<'d>;
 
-    fn target_key(&self, d: &Decision) -> String {
-        d.target_str("reference").unwrap_or_default().to_owned()
-    }
-
-    async fn apply(&self, d: &Decision, ctx: &CallContext) -> Result<Reply, CallError> {
-        let reference =
-            target_segment(d, "reference").map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
-        let (verb, body) = match d.action {
-            Action::Reject => (
-                "reject",
-                Some(RejectBody {
-                    reason: required_reason(d, Some(MAX_REASON_CHARS))
-                        .map_err(|e| CallError::new(ErrorClass::Permanent, e))?,
-                }),
-            ),
-            Action::Approve => ("accept", None),
+    fn validate<'d>(&self, d: &'d Decision) -> Result<Target<'d>, String> {
+        let reference = target_segment(d, "reference")?;
+        let reject = match d.action {
+            Action::Reject => Some(RejectBody {
+                reason: required_reason(d, Some(MAX_REASON_CHARS))?,
+            }),
+            Action::Approve => None,
         };
+        Ok(Target { reference, reject })
+    }
+
+    fn target_key(&self, t: &Self::Target<'_>) -> String {
+        t.reference.to_owned()
+    }
+
+    async fn apply(
+        &self,
+        _: &Decision,
+        t: &Self::Target<'_>,
+        ctx: &CallContext,
+    ) -> Result<Reply, CallError> {
+        let (reference, body) = (t.reference, t.reject.as_ref());
+        let verb = if body.is_some() { "reject" } else { "accept" };
         let url = http::join(
             &self.base,
             &format!("/v1/transactions/{}/{verb}", http::segment(reference)),
@@ -402,7 +404,7 @@ impl Provider for FlexPay {
                 let req = self
                     .request(Method::POST, url.clone(), token)
                     .header("Idempotency-Key", &ctx.idempotency_key);
-                match &body {
+                match body {
                     Some(body) => req.json(body),
                     None => req,
                 }
@@ -417,9 +419,8 @@ impl Provider for FlexPay {
         })
     }
 
-    async fn read_state(&self, d: &Decision) -> Result<Observed, CallError> {
-        let reference =
-            target_segment(d, "reference").map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
+    async fn read_state(&self, d: &Decision, t: &Self::Target<'_>) -> Result<Observed, CallError> {
+        let reference = t.reference;
         let url = http::join(
             &self.base,
             &self

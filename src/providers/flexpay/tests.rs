@@ -36,7 +36,7 @@ fn settings(server: &MockServer) -> Settings {
     .unwrap()
 }
 
-fn provider(server: &MockServer) -> Arc<dyn Provider> {
+fn provider(server: &MockServer) -> Arc<dyn Client> {
     let http = Http::new(Duration::from_secs(5), Duration::from_secs(2)).unwrap();
     build(&settings(server).providers, &http)
         .unwrap()
@@ -626,7 +626,7 @@ async fn absence_from_the_pending_list_proves_nothing() {
 }
 
 #[test]
-fn missing_credentials_disable_and_a_bad_template_is_refused() {
+fn partial_credentials_fail_naming_the_key_and_a_bad_template_is_refused() {
     let http = Http::new(Duration::from_secs(1), Duration::from_secs(1)).unwrap();
     let load = |vars: &[(&str, &str)]| {
         Settings::load_from(
@@ -635,10 +635,17 @@ fn missing_credentials_disable_and_a_bad_template_is_refused() {
         )
         .unwrap()
     };
-    let s = load(&[("APPROVAL_PROVIDERS__FLEXPAY__CLIENT_ID", "id")]);
-    assert!(build(&s.providers, &http).unwrap().is_none());
-    let s = load(&[("APPROVAL_PROVIDERS__FLEXPAY__CLIENT_SECRET", "secret")]);
-    assert!(build(&s.providers, &http).unwrap().is_none());
+    assert!(build(&load(&[]).providers, &http).unwrap().is_none());
+    for (set, missing) in [
+        ("CLIENT_ID", "CLIENT_SECRET"),
+        ("CLIENT_SECRET", "CLIENT_ID"),
+    ] {
+        let s = load(&[(&format!("APPROVAL_PROVIDERS__FLEXPAY__{set}"), "x")]);
+        let Err(SettingsError::Invalid { key, .. }) = build(&s.providers, &http) else {
+            panic!("{set} alone must stop start-up");
+        };
+        assert_eq!(key, format!("APPROVAL_PROVIDERS__FLEXPAY__{missing}"));
+    }
     let s = load(&[
         ("APPROVAL_PROVIDERS__FLEXPAY__CLIENT_ID", "id"),
         ("APPROVAL_PROVIDERS__FLEXPAY__CLIENT_SECRET", "secret"),
@@ -646,6 +653,56 @@ fn missing_credentials_disable_and_a_bad_template_is_refused() {
     ]);
     let e = build(&s.providers, &http).err().unwrap().to_string();
     assert!(e.contains("APPROVAL_PROVIDERS__FLEXPAY__READ_PATH"), "{e}");
+}
+
+/// FlexPay's whole status table (empty bodies), so any drift from the
+/// shared table or its overrides fails here.
+#[test]
+fn status_table() {
+    use ErrorClass::{Ambiguous, Auth, Permanent, Retryable};
+    let expected = vec![
+        (200, Ambiguous),
+        (204, Ambiguous),
+        (302, Permanent),
+        (400, Ambiguous),
+        (401, Auth),
+        (403, Auth),
+        (404, Permanent),
+        (405, Permanent),
+        (409, Ambiguous),
+        (410, Permanent),
+        (415, Permanent),
+        (418, Permanent),
+        (420, Permanent),
+        (422, Ambiguous),
+        (428, Permanent),
+        (429, Retryable),
+        (500, Retryable),
+        (501, Retryable),
+        (502, Retryable),
+        (503, Retryable),
+        (504, Retryable),
+        (599, Retryable),
+    ];
+    assert_eq!(http::classes(FlexPay::classify), expected);
+}
+
+#[test]
+fn the_bearer_header_is_sensitive() {
+    let p = FlexPay {
+        http: Http::new(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap(),
+        base: Url::parse("http://x").unwrap(),
+        client_id: SecretString::from("i"),
+        client_secret: SecretString::from("s"),
+        read_path: "/r/{reference}".to_owned(),
+        tokens: TokenCache::new(NAME, TOKEN_MARGIN),
+    };
+    let req = p.request(Method::GET, p.base.clone(), &SecretString::from("t"));
+    http::assert_sensitive(req, &["Authorization"]);
 }
 
 /// The simulator half, driven over HTTP like the worker drives it.

@@ -18,15 +18,14 @@ mod tests;
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use reqwest::{Method, StatusCode, Url};
+use reqwest::{Method, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{
-    contract::{CallContext, Observed, Provider, Reply, Unit, Verdict},
-    http::{self, Http, Response},
+    contract::{CallContext, Client, Observed, Provider, Reply, Unit, Verdict, credentials},
+    http::{self, Http, Response, SecretHeader},
 };
 use crate::{
     decision::{Action, Decision},
@@ -81,10 +80,10 @@ pub(crate) const UNIT: Unit = Unit {
 pub fn build(
     sections: &ProviderSections,
     http: &Http,
-) -> Result<Option<Arc<dyn Provider>>, SettingsError> {
+) -> Result<Option<Arc<dyn Client>>, SettingsError> {
     let s: LedgerV1Settings = sections.section(NAME)?;
     let base = check_base_url(NAME, &s.base_url)?;
-    let Some(api_key) = present(&s.api_key) else {
+    let Some([api_key]) = credentials(NAME, [("api_key", present(&s.api_key))])? else {
         return Ok(None);
     };
     Ok(Some(Arc::new(LedgerV1 {
@@ -92,6 +91,13 @@ pub fn build(
         base,
         api_key: api_key.clone(),
     })))
+}
+
+/// A decision's target as Ledger v1's calls need it.
+pub struct Target<'d> {
+    id: u64,
+    /// The approve call's body; a reject sends none.
+    approve: Option<ApproveBody<'d>>,
 }
 
 /// The approve body, fields in the documented order. Nulls are sent, not
@@ -198,7 +204,7 @@ impl LedgerV1 {
         self.http
             .client()
             .request(method, url)
-            .header("X-Ledger-API-Key", self.api_key.expose_secret())
+            .secret_header("X-Ledger-API-Key", self.api_key.expose_secret())
             .header("Accept", "application/json")
     }
 
@@ -210,51 +216,49 @@ impl LedgerV1 {
     /// Ledger v1's error classes, in one place.
     fn classify(response: &Response) -> CallError {
         let (code, message) = error_fields(&response.body);
-        let class = match response.status.as_u16() {
-            // Ledger's rate-limit answer; `http::error` reads Retry-After or
-            // X-RateLimit-Reset into the delay.
-            420 | 429 | 500..=599 => ErrorClass::Retryable,
-            // A static API key that is refused stays refused.
-            401 | 403 => ErrorClass::Auth,
-            404 => ErrorClass::Permanent,
-            // No conflict answer is documented (PROVIDERS.md 2.3): "not
-            // pending" may come as any of these, so read the state.
-            400 | 409 | 422 => ErrorClass::Ambiguous,
-            s => http::default_class(StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY)),
-        };
+        // The shared table as it stands: 420 is Ledger's rate-limit answer
+        // (`http::error` reads Retry-After or X-RateLimit-Reset into the
+        // delay), and no conflict answer is documented (PROVIDERS.md 2.3).
+        let class = http::default_class(response.status);
         http::error(class, response, code, message)
     }
 }
 
-#[async_trait]
 impl Provider for LedgerV1 {
     fn name(&self) -> &'static str {
         NAME
     }
 
-    fn validate(&self, d: &Decision) -> Result<(), String> {
-        transaction_id(d)?;
-        match d.action {
-            Action::Reject => Ok(()),
-            Action::Approve => approve_body(d).map(|_| ()),
-        }
+    type Target<'d> = Target<'d>;
+
+    fn validate<'d>(&self, d: &'d Decision) -> Result<Target<'d>, String> {
+        let id = transaction_id(d)?;
+        let approve = match d.action {
+            Action::Reject => None,
+            Action::Approve => Some(approve_body(d)?),
+        };
+        Ok(Target { id, approve })
     }
 
-    fn target_key(&self, d: &Decision) -> String {
-        transaction_id(d)
-            .map(|id| id.to_string())
-            .unwrap_or_default()
+    fn target_key(&self, t: &Self::Target<'_>) -> String {
+        t.id.to_string()
     }
 
-    async fn apply(&self, d: &Decision, ctx: &CallContext) -> Result<Reply, CallError> {
-        let id = transaction_id(d).map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
+    async fn apply(
+        &self,
+        d: &Decision,
+        t: &Self::Target<'_>,
+        ctx: &CallContext,
+    ) -> Result<Reply, CallError> {
         let verb = d.action.as_str();
         let mut req = self
-            .request(Method::POST, self.transaction_url(id, &format!("/{verb}")))
+            .request(
+                Method::POST,
+                self.transaction_url(t.id, &format!("/{verb}")),
+            )
             .header("Idempotency-Key", &ctx.idempotency_key);
-        if d.action == Action::Approve {
-            let body = approve_body(d).map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
-            req = req.json(&body);
+        if let Some(body) = &t.approve {
+            req = req.json(body);
         }
         let response = self.http.send(NAME, verb, req).await?;
         if !response.status.is_success() {
@@ -269,8 +273,8 @@ impl Provider for LedgerV1 {
         })
     }
 
-    async fn read_state(&self, d: &Decision) -> Result<Observed, CallError> {
-        let id = transaction_id(d).map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
+    async fn read_state(&self, d: &Decision, t: &Self::Target<'_>) -> Result<Observed, CallError> {
+        let id = t.id;
         let response = self
             .http
             .send(

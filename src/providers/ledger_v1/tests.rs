@@ -8,6 +8,8 @@ use wiremock::{
     matchers::{method, path},
 };
 
+use reqwest::StatusCode;
+
 use super::*;
 use crate::{decision::parse, settings::Settings};
 
@@ -35,7 +37,7 @@ fn ctx() -> CallContext {
     }
 }
 
-fn provider(base_url: &str) -> Arc<dyn Provider> {
+fn provider(base_url: &str) -> Arc<dyn Client> {
     let settings = Settings::load_from(
         None,
         vec![
@@ -339,6 +341,53 @@ fn verdicts() {
         assert_eq!(verdict(Approve, s), Verdict::Conflict, "{s}");
         assert_eq!(verdict(Reject, s), Verdict::Conflict, "{s}");
     }
+}
+
+/// Ledger v1's whole status table (empty bodies), so any drift from the
+/// shared table or its overrides fails here.
+#[test]
+fn status_table() {
+    use ErrorClass::{Ambiguous, Auth, Permanent, Retryable};
+    let expected = vec![
+        (200, Permanent),
+        (204, Permanent),
+        (302, Permanent),
+        (400, Ambiguous),
+        (401, Auth),
+        (403, Auth),
+        (404, Permanent),
+        (405, Permanent),
+        (409, Ambiguous),
+        (410, Permanent),
+        (415, Permanent),
+        (418, Permanent),
+        (420, Retryable),
+        (422, Ambiguous),
+        (428, Permanent),
+        (429, Retryable),
+        (500, Retryable),
+        (501, Retryable),
+        (502, Retryable),
+        (503, Retryable),
+        (504, Retryable),
+        (599, Retryable),
+    ];
+    assert_eq!(http::classes(LedgerV1::classify), expected);
+}
+
+#[test]
+fn the_api_key_header_is_sensitive() {
+    let p = LedgerV1 {
+        http: Http::new(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap(),
+        base: Url::parse("http://x").unwrap(),
+        api_key: SecretString::from("k"),
+    };
+    let req = p.request(Method::GET, p.transaction_url(1, ""));
+    http::assert_sensitive(req, &["X-Ledger-API-Key"]);
 }
 
 /// The simulator half, driven over HTTP like the worker drives it.

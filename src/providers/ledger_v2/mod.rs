@@ -6,7 +6,7 @@
 //!    `/rest/requests/{request_id}/challenge`) answers `{"challenge"}` (or
 //!    `{"data":{"challenge"}}`);
 //! 2. the decoded challenge bytes are signed as an ES256 compact JWS with
-//!    the API user's P-256 key ([`crate::jws`]);
+//!    the API user's P-256 key ([`jws`]);
 //! 3. `POST /rest/requests/{request_id}/approve` (or `/reject`) with
 //!    `{"data":{"signature":"<jws>","challengeType":"API"}}`.
 //!
@@ -22,27 +22,27 @@
 //! `PENDING_FIRST_APPROVAL`; approved `APPROVED`, `SIGNED`, `SUBMITTED`;
 //! rejected `REJECTED`, `ABORTED`; anything else is a conflict.
 
+pub(crate) mod demo_key;
+mod jws;
 pub mod sim;
 #[cfg(test)]
 mod tests;
 
 use std::{sync::Arc, time::Duration};
 
-use async_trait::async_trait;
 use p256::ecdsa::SigningKey;
-use reqwest::{Method, RequestBuilder, StatusCode, Url};
+use reqwest::{Method, RequestBuilder, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
     auth::{Token, TokenCache},
-    contract::{CallContext, Observed, Provider, Reply, Unit, Verdict},
+    contract::{CallContext, Client, Observed, Provider, Reply, Unit, Verdict, credentials},
     http::{self, Http, Response},
 };
 use crate::{
     decision::{Action, Decision, target_segment},
-    jws,
     retry::{CallError, ErrorClass},
     settings::{
         ProviderSections, SettingsError, check_base_url, check_path_template, env_key, present,
@@ -103,7 +103,7 @@ pub(crate) const UNIT: Unit = Unit {
 pub fn build(
     sections: &ProviderSections,
     http: &Http,
-) -> Result<Option<Arc<dyn Provider>>, SettingsError> {
+) -> Result<Option<Arc<dyn Client>>, SettingsError> {
     let s: LedgerV2Settings = sections.section(NAME)?;
     let base = check_base_url(NAME, &s.base_url)?;
     check_path_template(NAME, "challenge_path", &s.challenge_path, "{request_id}")?;
@@ -112,48 +112,32 @@ pub fn build(
         .as_deref()
         .map(str::trim)
         .filter(|w| !w.is_empty());
-    let credentials = [
-        ("workspace", workspace.is_some()),
-        ("api_key_id", present(&s.api_key_id).is_some()),
-        ("api_key_secret", present(&s.api_key_secret).is_some()),
-        ("signing_key", present(&s.signing_key).is_some()),
-    ];
-    let (Some(workspace), Some(api_key_id), Some(api_key_secret), Some(signing_key)) = (
-        workspace,
-        present(&s.api_key_id),
-        present(&s.api_key_secret),
-        present(&s.signing_key),
-    ) else {
-        // Contract: missing credentials disable the provider. A partial set
-        // is most likely a deployment slip, so say which keys are missing.
-        if credentials.iter().any(|(_, set)| *set) {
-            let missing: Vec<String> = credentials
-                .iter()
-                .filter(|(_, set)| !set)
-                .map(|(key, _)| env_key(&format!("providers.{NAME}.{key}")))
-                .collect();
-            tracing::warn!(
-                provider = NAME,
-                missing = %missing.join(", "),
-                "provider disabled: some of its credentials are not set"
-            );
-        }
+    let secret = |key| present(key).map(ExposeSecret::expose_secret);
+    let Some([workspace, api_key_id, api_key_secret, signing_key]) = credentials(
+        NAME,
+        [
+            ("workspace", workspace),
+            ("api_key_id", secret(&s.api_key_id)),
+            ("api_key_secret", secret(&s.api_key_secret)),
+            ("signing_key", secret(&s.signing_key)),
+        ],
+    )?
+    else {
         return Ok(None);
     };
     // Loaded now so a bad key stops start-up instead of failing every
     // decision. JwsError messages never quote the input.
-    let signing_key =
-        jws::load_signing_key(signing_key.expose_secret()).map_err(|e| SettingsError::Invalid {
-            key: env_key(&format!("providers.{NAME}.signing_key")),
-            problem: e.to_string(),
-        })?;
+    let signing_key = jws::load_signing_key(signing_key).map_err(|e| SettingsError::Invalid {
+        key: env_key(&format!("providers.{NAME}.signing_key")),
+        problem: e.to_string(),
+    })?;
     Ok(Some(Arc::new(LedgerV2 {
         http: http.clone(),
         base,
         challenge_path: s.challenge_path,
         workspace: workspace.to_owned(),
-        api_key_id: api_key_id.clone(),
-        api_key_secret: api_key_secret.clone(),
+        api_key_id: SecretString::from(api_key_id.to_owned()),
+        api_key_secret: SecretString::from(api_key_secret.to_owned()),
         signing_key,
         tokens: TokenCache::new(NAME, TOKEN_MARGIN),
     })))
@@ -195,10 +179,6 @@ struct TokenAnswer {
     expires_in_seconds: Option<u64>,
     refresh_token: Option<String>,
     refresh_expires_in_seconds: Option<u64>,
-}
-
-fn request_id(d: &Decision) -> Result<&str, String> {
-    target_segment(d, "request_id")
 }
 
 fn verdict(action: Action, state: &str) -> Verdict {
@@ -250,33 +230,18 @@ impl LedgerV2 {
         self.http
             .client()
             .request(method, url)
-            .header(
-                "Authorization",
-                format!("Bearer {}", bearer.expose_secret()),
-            )
+            .bearer_auth(bearer.expose_secret())
             .header("Accept", "application/json")
     }
 
     /// Ledger v2's error classes for every call but the token ones.
     fn classify(response: &Response) -> CallError {
         let (code, message) = error_fields(&response.body);
-        let class = match response.status.as_u16() {
-            // 420 is v1's rate-limit answer; v2's is undocumented, so both.
-            420 | 429 | 500..=599 => ErrorClass::Retryable,
-            // A 401 here already survived one token renewal.
-            401 | 403 => ErrorClass::Auth,
-            404 => ErrorClass::Permanent,
-            // No conflict answer is documented (PROVIDERS.md 3.1): "not
-            // pending" may come as any of these, so read the state.
-            400 | 409 | 422 => ErrorClass::Ambiguous,
-            s => http::default_class(StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY)),
-        };
+        // The shared table as it stands: v2's rate-limit answer is
+        // undocumented, so v1's 420 counts too; a 401 here already survived
+        // one token renewal; no conflict answer is documented (PROVIDERS.md 3.1).
+        let class = http::default_class(response.status);
         http::error(class, response, code, message)
-    }
-
-    /// A live access token; one token call at a time for all callers.
-    async fn token(&self) -> Result<SecretString, CallError> {
-        self.tokens.get(|refresh| self.fetch_token(refresh)).await
     }
 
     async fn fetch_token(&self, refresh: Option<SecretString>) -> Result<Token, CallError> {
@@ -370,22 +335,14 @@ impl LedgerV2 {
         })
     }
 
-    /// Sends a call with the cached token. A 401 means the token died
-    /// early (revoked, clock skew): forget it, get another once, and repeat
-    /// the call once. A second 401 is returned for `classify` (Auth).
+    /// Sends a call under the cached token, renewed once on a 401.
     async fn send_authed(
         &self,
         operation: &'static str,
         make: impl Fn(&SecretString) -> RequestBuilder,
     ) -> Result<Response, CallError> {
-        let token = self.token().await?;
-        let response = self.http.send(NAME, operation, make(&token)).await?;
-        if response.status != StatusCode::UNAUTHORIZED {
-            return Ok(response);
-        }
-        self.tokens.invalidate(&token).await;
-        let token = self.token().await?;
-        self.http.send(NAME, operation, make(&token)).await
+        let fetch = |refresh| self.fetch_token(refresh);
+        self.tokens.send(&self.http, operation, fetch, make).await
     }
 
     async fn challenge(&self, id: &str, ctx: &CallContext) -> Result<String, CallError> {
@@ -425,22 +382,28 @@ impl LedgerV2 {
     }
 }
 
-#[async_trait]
 impl Provider for LedgerV2 {
     fn name(&self) -> &'static str {
         NAME
     }
 
-    fn validate(&self, d: &Decision) -> Result<(), String> {
-        request_id(d).map(|_| ())
+    type Target<'d> = &'d str;
+
+    fn validate<'d>(&self, d: &'d Decision) -> Result<&'d str, String> {
+        target_segment(d, "request_id")
     }
 
-    fn target_key(&self, d: &Decision) -> String {
-        d.target_str("request_id").unwrap_or_default().to_owned()
+    fn target_key(&self, id: &Self::Target<'_>) -> String {
+        (*id).to_owned()
     }
 
-    async fn apply(&self, d: &Decision, ctx: &CallContext) -> Result<Reply, CallError> {
-        let id = request_id(d).map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
+    async fn apply(
+        &self,
+        d: &Decision,
+        id: &Self::Target<'_>,
+        ctx: &CallContext,
+    ) -> Result<Reply, CallError> {
+        let id = *id;
         let challenge = self.challenge(id, ctx).await?;
         // The challenge is signed as received; its content (what the HSM
         // will act on) is not checked against the decision, as its v2
@@ -477,8 +440,8 @@ impl Provider for LedgerV2 {
         })
     }
 
-    async fn read_state(&self, d: &Decision) -> Result<Observed, CallError> {
-        let id = request_id(d).map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
+    async fn read_state(&self, d: &Decision, id: &Self::Target<'_>) -> Result<Observed, CallError> {
+        let id = *id;
         let url = self.url(&format!("/rest/requests/{}", http::segment(id)));
         let response = self
             .send_authed("read", |token| {

@@ -69,7 +69,7 @@ impl Default for Options {
             workspace: "sim-workspace".into(),
             api_key_id: "sim-key-id".into(),
             api_key_secret: "sim-key-secret".into(),
-            signing_key_pem: crate::jws::DEMO_SIGNING_KEY_PEM.into(),
+            signing_key_pem: super::demo_key::DEMO_SIGNING_KEY_PEM.into(),
             access_ttl: Duration::from_secs(300),
             refresh_ttl: Duration::from_secs(1800),
             verify_signatures: true,
@@ -87,7 +87,7 @@ impl SimHalf for Half {
 
     fn start(&self, options: &UnitOptions) -> Result<Arc<dyn SimUnit>, String> {
         let options: Options = options.get();
-        let signing_key = crate::jws::load_signing_key(&options.signing_key_pem)
+        let signing_key = super::jws::load_signing_key(&options.signing_key_pem)
             .map_err(|e| format!("signing key: {e}"))?;
         Ok(Arc::new(Sim {
             verifying_key: *signing_key.verifying_key(),
@@ -437,7 +437,7 @@ async fn decide(
     }
     // Verify outside the lock: ECDSA verification is the costliest step here.
     let payload = if sim.options.verify_signatures {
-        crate::jws::verify_jws(&sim.verifying_key, signature).ok()
+        super::jws::verify_jws(&sim.verifying_key, signature).ok()
     } else {
         unverified_payload(signature)
     };

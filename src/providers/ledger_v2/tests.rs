@@ -7,6 +7,8 @@ use wiremock::{
     matchers::{method, path},
 };
 
+use reqwest::StatusCode;
+
 use super::*;
 use crate::{decision::parse, settings::Settings};
 
@@ -23,7 +25,7 @@ fn env(base_url: &str) -> Vec<(String, String)> {
         ("APPROVAL_PROVIDERS__LEDGER_V2__API_KEY_SECRET", KEY_SECRET),
         (
             "APPROVAL_PROVIDERS__LEDGER_V2__SIGNING_KEY",
-            jws::DEMO_SIGNING_KEY_PEM,
+            demo_key::DEMO_SIGNING_KEY_PEM,
         ),
     ]
     .into_iter()
@@ -35,12 +37,12 @@ fn http() -> Http {
     Http::new(Duration::from_secs(5), Duration::from_secs(5)).unwrap()
 }
 
-fn build_with(vars: Vec<(String, String)>) -> Result<Option<Arc<dyn Provider>>, SettingsError> {
+fn build_with(vars: Vec<(String, String)>) -> Result<Option<Arc<dyn Client>>, SettingsError> {
     let settings = Settings::load_from(None, vars)?;
     build(&settings.providers, &http())
 }
 
-fn provider(base_url: &str) -> Arc<dyn Provider> {
+fn provider(base_url: &str) -> Arc<dyn Client> {
     build_with(env(base_url)).unwrap().expect("enabled")
 }
 
@@ -162,7 +164,7 @@ fn assert_decision_call(r: &wiremock::Request, id_path: &str, verb: &str, bearer
 /// The JWS verifies with the demo key's public half, has exactly
 /// PyJWT's header, and its payload is the challenge bytes unchanged.
 fn assert_signed_challenge(jws_text: &str) {
-    let key = jws::load_signing_key(jws::DEMO_SIGNING_KEY_PEM).unwrap();
+    let key = jws::load_signing_key(demo_key::DEMO_SIGNING_KEY_PEM).unwrap();
     let payload = jws::verify_jws(key.verifying_key(), jws_text).unwrap();
     assert_eq!(payload, CHALLENGE_JSON.as_bytes());
     let header = jws_text.split('.').next().unwrap();
@@ -598,12 +600,31 @@ fn a_bad_signing_key_is_a_settings_error_without_the_key() {
 }
 
 #[test]
-fn disabled_without_every_credential_and_checks_the_challenge_path() {
+fn partial_credentials_fail_naming_the_key_and_the_challenge_path_is_checked() {
     for missing in ["WORKSPACE", "API_KEY_ID", "API_KEY_SECRET", "SIGNING_KEY"] {
         let mut vars = env("http://127.0.0.1:9");
-        vars.retain(|(k, _)| !k.ends_with(&format!("V2__{missing}")));
-        assert!(build_with(vars).unwrap().is_none(), "{missing}");
+        let key = format!("APPROVAL_PROVIDERS__LEDGER_V2__{missing}");
+        vars.retain(|(k, _)| *k != key);
+        match build_with(vars) {
+            Err(SettingsError::Invalid {
+                key: named,
+                problem,
+            }) => {
+                assert_eq!(named, key);
+                assert!(problem.contains(&key), "{problem}");
+            }
+            other => panic!(
+                "{missing}: expected an error naming {key}, got {:?}",
+                other.map(|p| p.is_some())
+            ),
+        }
     }
+    let mut vars = env("http://127.0.0.1:9");
+    vars.retain(|(k, _)| k.ends_with("__BASE_URL"));
+    assert!(
+        build_with(vars).unwrap().is_none(),
+        "no credentials disable"
+    );
     let mut vars = env("http://127.0.0.1:9");
     vars.push((
         "APPROVAL_PROVIDERS__LEDGER_V2__CHALLENGE_PATH".into(),
@@ -618,6 +639,58 @@ fn disabled_without_every_credential_and_checks_the_challenge_path() {
     );
 }
 
+/// Ledger v2's whole status table (empty bodies), so any drift from the
+/// shared table or its overrides fails here.
+#[test]
+fn status_table() {
+    use ErrorClass::{Ambiguous, Auth, Permanent, Retryable};
+    let expected = vec![
+        (200, Permanent),
+        (204, Permanent),
+        (302, Permanent),
+        (400, Ambiguous),
+        (401, Auth),
+        (403, Auth),
+        (404, Permanent),
+        (405, Permanent),
+        (409, Ambiguous),
+        (410, Permanent),
+        (415, Permanent),
+        (418, Permanent),
+        (420, Retryable),
+        (422, Ambiguous),
+        (428, Permanent),
+        (429, Retryable),
+        (500, Retryable),
+        (501, Retryable),
+        (502, Retryable),
+        (503, Retryable),
+        (504, Retryable),
+        (599, Retryable),
+    ];
+    assert_eq!(http::classes(LedgerV2::classify), expected);
+}
+
+#[test]
+fn the_bearer_header_is_sensitive() {
+    let p = LedgerV2 {
+        http: Http::new(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap(),
+        base: Url::parse("http://x").unwrap(),
+        challenge_path: "/c/{request_id}".to_owned(),
+        workspace: "w".to_owned(),
+        api_key_id: SecretString::from("i"),
+        api_key_secret: SecretString::from("s"),
+        signing_key: jws::load_signing_key(demo_key::DEMO_SIGNING_KEY_PEM).unwrap(),
+        tokens: TokenCache::new(NAME, TOKEN_MARGIN),
+    };
+    let req = p.request(Method::GET, p.url("/r"), &SecretString::from("t"));
+    http::assert_sensitive(req, &["Authorization"]);
+}
+
 /// The simulator half, driven over HTTP like the worker drives it.
 mod simulator {
     use super::super::sim;
@@ -627,7 +700,10 @@ mod simulator {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use serde_json::{Value, json};
 
-    use crate::jws::{DEMO_SIGNING_KEY_PEM, load_signing_key, sign_challenge};
+    use crate::providers::ledger_v2::{
+        demo_key::DEMO_SIGNING_KEY_PEM,
+        jws::{load_signing_key, sign_challenge},
+    };
     use crate::tools::sim::testkit::{client, new_id, parts, sim, sim_with};
     use crate::tools::sim::{SimConfig, SimHandle};
 
@@ -881,7 +957,7 @@ mod simulator {
             ),
             (
                 "APPROVAL_PROVIDERS__LEDGER_V2__SIGNING_KEY".to_owned(),
-                crate::jws::DEMO_SIGNING_KEY_PEM.to_owned(),
+                crate::providers::ledger_v2::demo_key::DEMO_SIGNING_KEY_PEM.to_owned(),
             ),
         ];
         expected.sort();

@@ -19,7 +19,6 @@ mod tests;
 
 use std::{collections::HashSet, sync::Arc};
 
-use async_trait::async_trait;
 use futures_util::{StreamExt as _, TryStreamExt as _, stream};
 use reqwest::{Method, Url};
 use secrecy::{ExposeSecret, SecretString};
@@ -27,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    contract::{CallContext, Observed, Provider, Reply, Unit, Verdict},
+    contract::{CallContext, Client, Observed, Provider, Reply, Unit, Verdict, credentials},
     http::{self, Http, Response},
 };
 use crate::{
@@ -88,11 +87,11 @@ pub(crate) const UNIT: Unit = Unit {
 pub fn build(
     sections: &ProviderSections,
     http: &Http,
-) -> Result<Option<Arc<dyn Provider>>, SettingsError> {
+) -> Result<Option<Arc<dyn Client>>, SettingsError> {
     let s: MoneyPipeSettings = sections.section(NAME)?;
     let base = check_base_url(NAME, &s.base_url)?;
     check_path_template(NAME, "reject_path", &s.reject_path, "{operation_id}")?;
-    let Some(token) = present(&s.token) else {
+    let Some([token]) = credentials(NAME, [("token", present(&s.token))])? else {
         return Ok(None);
     };
     Ok(Some(Arc::new(MoneyPipe {
@@ -103,7 +102,16 @@ pub fn build(
     })))
 }
 
-/// The validated target: the operation id and its transaction ids, in order.
+/// A decision's target as MoneyPipe's calls need it.
+pub struct Target<'d> {
+    operation_id: &'d str,
+    /// In the decision's order, without repeats.
+    tx_ids: Vec<&'d str>,
+    /// Required to reject; an approve (link) sends none.
+    reason: Option<&'d str>,
+}
+
+/// The operation id and its transaction ids, in order.
 fn target(d: &Decision) -> Result<(&str, Vec<&str>), String> {
     let operation_id = target_segment(d, "operation_id")?;
     let list = match d.target.get("tx_ids") {
@@ -303,10 +311,7 @@ impl MoneyPipe {
             .http
             .client()
             .request(method, url)
-            .header(
-                "Authorization",
-                format!("Bearer {}", self.token.expose_secret()),
-            )
+            .bearer_auth(self.token.expose_secret())
             .header("Accept", "application/json");
         if let Some(ctx) = ctx {
             req = req.header("Idempotency-Key", &ctx.idempotency_key);
@@ -327,10 +332,12 @@ impl MoneyPipe {
             // to look like these, so the worker reads the state.
             (_, Some(0 | 9)) => ErrorClass::Ambiguous,
             (_, Some(1 | 3 | 4 | 5 | 6 | 10)) => ErrorClass::Permanent,
-            (400 | 409 | 422, _) => ErrorClass::Ambiguous,
             // A 2xx that is not an operation: we cannot tell what happened.
             (200..=299, _) => ErrorClass::Ambiguous,
-            _ => ErrorClass::Permanent,
+            // A 403 is a banned application or company (codes 3 and 4), not
+            // a refused token; MoneyPipe documents no 420.
+            (403 | 420, _) => ErrorClass::Permanent,
+            _ => http::default_class(response.status),
         };
         let what = match (code, status) {
             (Some(c), _) => match code_name(c) {
@@ -367,47 +374,49 @@ impl MoneyPipe {
     }
 }
 
-#[async_trait]
 impl Provider for MoneyPipe {
     fn name(&self) -> &'static str {
         NAME
     }
 
-    fn validate(&self, d: &Decision) -> Result<(), String> {
-        target(d)?;
-        match d.action {
-            Action::Reject => required_reason(d, None).map(|_| ()),
-            Action::Approve => Ok(()),
-        }
+    type Target<'d> = Target<'d>;
+
+    fn validate<'d>(&self, d: &'d Decision) -> Result<Target<'d>, String> {
+        let (operation_id, tx_ids) = target(d)?;
+        let reason = match d.action {
+            Action::Reject => Some(required_reason(d, None)?),
+            Action::Approve => None,
+        };
+        Ok(Target {
+            operation_id,
+            tx_ids,
+            reason,
+        })
     }
 
     /// The operation: decisions on overlapping transaction sets of one
     /// operation must not run at once.
-    fn target_key(&self, d: &Decision) -> String {
-        d.target_str("operation_id").unwrap_or_default().to_owned()
+    fn target_key(&self, t: &Self::Target<'_>) -> String {
+        t.operation_id.to_owned()
     }
 
-    async fn apply(&self, d: &Decision, ctx: &CallContext) -> Result<Reply, CallError> {
-        let (operation_id, tx_ids) =
-            target(d).map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
-        let operation = http::segment(operation_id);
-        let (path, reason, operation_name) = match d.action {
+    async fn apply(
+        &self,
+        d: &Decision,
+        t: &Self::Target<'_>,
+        ctx: &CallContext,
+    ) -> Result<Reply, CallError> {
+        let (tx_ids, reason) = (&t.tx_ids, t.reason);
+        let operation = http::segment(t.operation_id);
+        let (path, operation_name) = match d.action {
             Action::Reject => (
                 self.reject_path.replace("{operation_id}", &operation),
-                Some(
-                    required_reason(d, None)
-                        .map_err(|e| CallError::new(ErrorClass::Permanent, e))?,
-                ),
                 "reject",
             ),
-            Action::Approve => (
-                format!("/operations/{operation}/link-transactions"),
-                None,
-                "link",
-            ),
+            Action::Approve => (format!("/operations/{operation}/link-transactions"), "link"),
         };
         let body = Body {
-            tx_id: &tx_ids,
+            tx_id: tx_ids,
             reason,
         };
         let req = self
@@ -462,8 +471,8 @@ impl Provider for MoneyPipe {
         ))
     }
 
-    async fn read_state(&self, d: &Decision) -> Result<Observed, CallError> {
-        let (_, tx_ids) = target(d).map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
+    async fn read_state(&self, d: &Decision, t: &Self::Target<'_>) -> Result<Observed, CallError> {
+        let tx_ids = &t.tx_ids;
         // Collected first: a closure held across the await would make this
         // future's `Send` bound unprovable for `async_trait`.
         let reads: Vec<_> = tx_ids.iter().map(|id| self.read_tx(id)).collect();

@@ -13,7 +13,7 @@ use crate::{decision::parse, settings::Settings};
 
 const TOKEN: &str = "mp-static-token-5e1";
 
-async fn provider(server: &MockServer) -> Arc<dyn Provider> {
+async fn provider(server: &MockServer) -> Arc<dyn Client> {
     let settings = Settings::load_from(
         None,
         vec![
@@ -533,6 +533,56 @@ fn missing_token_disables_and_a_bad_template_is_refused() {
     assert!(
         e.contains("APPROVAL_PROVIDERS__MONEYPIPE__REJECT_PATH"),
         "{e}"
+    );
+}
+
+/// MoneyPipe's whole status table (empty bodies), so any drift from the
+/// shared table or its overrides fails here.
+#[test]
+fn status_table() {
+    use ErrorClass::{Ambiguous, Auth, Permanent, Retryable};
+    let expected = vec![
+        (200, Ambiguous),
+        (204, Ambiguous),
+        (302, Permanent),
+        (400, Ambiguous),
+        (401, Auth),
+        (403, Permanent),
+        (404, Permanent),
+        (405, Permanent),
+        (409, Ambiguous),
+        (410, Permanent),
+        (415, Permanent),
+        (418, Permanent),
+        (420, Permanent),
+        (422, Ambiguous),
+        (428, Permanent),
+        (429, Retryable),
+        (500, Retryable),
+        (501, Retryable),
+        (502, Retryable),
+        (503, Retryable),
+        (504, Retryable),
+        (599, Retryable),
+    ];
+    assert_eq!(http::classes(MoneyPipe::classify), expected);
+}
+
+#[test]
+fn the_bearer_header_is_sensitive() {
+    let p = MoneyPipe {
+        http: Http::new(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap(),
+        base: Url::parse("http://x").unwrap(),
+        token: SecretString::from("t"),
+        reject_path: "/o/{operation_id}".to_owned(),
+    };
+    http::assert_sensitive(
+        p.request(Method::GET, p.base.clone(), None),
+        &["Authorization"],
     );
 }
 

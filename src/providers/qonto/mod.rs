@@ -11,15 +11,17 @@ mod tests;
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use reqwest::{Method, StatusCode, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    contract::{CallContext, ConfirmationState, Observed, Provider, Reply, Unit, Verdict},
-    http::{self, Http, Response},
+    contract::{
+        CallContext, Client, ConfirmationState, Observed, Provider, Reply, Unit, Verdict,
+        credentials,
+    },
+    http::{self, Http, Response, SecretHeader},
 };
 use crate::{
     decision::{Action, Decision, required_reason},
@@ -77,27 +79,26 @@ pub(crate) const UNIT: Unit = Unit {
 pub fn build(
     sections: &ProviderSections,
     http: &Http,
-) -> Result<Option<Arc<dyn Provider>>, SettingsError> {
+) -> Result<Option<Arc<dyn Client>>, SettingsError> {
     let s: QontoSettings = sections.section(NAME)?;
     let base = check_base_url(NAME, &s.base_url)?;
-    let auth = match (
-        present(&s.login),
-        present(&s.secret_key),
-        present(&s.access_token),
-    ) {
-        (Some(login), Some(secret), _) => Auth::ApiKey(SecretString::from(format!(
+    // Two credential sets: the API key (login and secret key together),
+    // else an OAuth access token; the API key wins when both are set.
+    let api_key = credentials(
+        NAME,
+        [
+            ("login", present(&s.login)),
+            ("secret_key", present(&s.secret_key)),
+        ],
+    )?;
+    let auth = match (api_key, present(&s.access_token)) {
+        (Some([login, secret]), _) => Auth::ApiKey(SecretString::from(format!(
             "{}:{}",
             login.expose_secret(),
             secret.expose_secret()
         ))),
-        (None, None, Some(token)) => Auth::Bearer(token.clone()),
-        (Some(_), None, _) | (None, Some(_), _) => {
-            return Err(SettingsError::Invalid {
-                key: "APPROVAL_PROVIDERS__QONTO__SECRET_KEY".into(),
-                problem: "API-key auth needs both APPROVAL_PROVIDERS__QONTO__LOGIN and APPROVAL_PROVIDERS__QONTO__SECRET_KEY".into(),
-            });
-        }
-        (None, None, None) => return Ok(None),
+        (None, Some(token)) => Auth::Bearer(token.clone()),
+        (None, None) => return Ok(None),
     };
     Ok(Some(Arc::new(Qonto {
         http: http.clone(),
@@ -107,8 +108,23 @@ pub fn build(
     })))
 }
 
-/// The validated target: (plural path type, singular resource type, id).
-fn target(d: &Decision) -> Result<(&'static str, &'static str, &str), String> {
+/// A decision's target as Qonto's calls need it.
+pub struct Target<'d> {
+    /// The request type as the decision path spells it (`transfers`).
+    plural: &'static str,
+    /// The same type as the request list filters on (`transfer`).
+    singular: &'static str,
+    id: &'d str,
+    /// What the decision call carries beyond the path.
+    body: Body<'d>,
+}
+
+enum Body<'d> {
+    Decline { note: &'d str },
+    Approve { debit_iban: Option<&'d str> },
+}
+
+fn target(d: &Decision) -> Result<Target<'_>, String> {
     let raw_type = d
         .target_str("request_type")
         .ok_or("missing required field target.request_type (a string)")?;
@@ -129,7 +145,20 @@ fn target(d: &Decision) -> Result<(&'static str, &'static str, &str), String> {
     if id.len() != 36 || uuid::Uuid::try_parse(id).is_err() {
         return Err("target.request_id must be a UUID (8-4-4-4-12 hex digits)".to_owned());
     }
-    Ok((plural, singular, id))
+    let body = match d.action {
+        Action::Reject => Body::Decline {
+            note: required_reason(d, None)?,
+        },
+        Action::Approve => Body::Approve {
+            debit_iban: debit_iban(d)?,
+        },
+    };
+    Ok(Target {
+        plural,
+        singular,
+        id,
+        body,
+    })
 }
 
 fn debit_iban(d: &Decision) -> Result<Option<&str>, String> {
@@ -151,18 +180,17 @@ fn debit_iban(d: &Decision) -> Result<Option<&str>, String> {
 
 impl Qonto {
     fn request(&self, method: Method, url: Url) -> reqwest::RequestBuilder {
-        let auth = match &self.auth {
-            Auth::ApiKey(v) => v.expose_secret().to_owned(),
-            Auth::Bearer(t) => format!("Bearer {}", t.expose_secret()),
-        };
-        let mut req = self
+        let req = self
             .http
             .client()
             .request(method, url)
-            .header("Authorization", auth)
             .header("Accept", "application/json");
+        let mut req = match &self.auth {
+            Auth::ApiKey(v) => req.secret_header("Authorization", v.expose_secret()),
+            Auth::Bearer(t) => req.bearer_auth(t.expose_secret()),
+        };
         if let Some(staging) = &self.staging_token {
-            req = req.header("X-Qonto-Staging-Token", staging.expose_secret());
+            req = req.secret_header("X-Qonto-Staging-Token", staging.expose_secret());
         }
         req
     }
@@ -177,10 +205,14 @@ impl Qonto {
             {
                 ErrorClass::Permanent
             }
-            // Unauthorized with a static credential cannot be fixed by a
-            // retry; Qonto also throttles after 200 401s an hour.
-            401 => ErrorClass::Auth,
-            s => http::default_class(StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY)),
+            // A 403 is a membership without the right to decide this request
+            // (the credential itself was accepted) and a 400 a call Qonto
+            // cannot parse: a read explains neither and a retry fixes neither.
+            // Qonto documents no 420.
+            400 | 403 | 420 => ErrorClass::Permanent,
+            // A 401 (the shared table's Auth) is a static credential that a
+            // retry cannot fix; Qonto also throttles after 200 401s an hour.
+            _ => http::default_class(response.status),
         };
         http::error(class, response, code, detail)
     }
@@ -219,7 +251,6 @@ fn verdict(action: Action, status: &str) -> Verdict {
     }
 }
 
-#[async_trait]
 impl Provider for Qonto {
     fn name(&self) -> &'static str {
         NAME
@@ -229,27 +260,29 @@ impl Provider for Qonto {
         true
     }
 
-    fn validate(&self, d: &Decision) -> Result<(), String> {
-        target(d)?;
-        match d.action {
-            Action::Reject => required_reason(d, None).map(|_| ()),
-            Action::Approve => debit_iban(d).map(|_| ()),
-        }
+    type Target<'d> = Target<'d>;
+
+    fn validate<'d>(&self, d: &'d Decision) -> Result<Target<'d>, String> {
+        target(d)
     }
 
-    fn target_key(&self, d: &Decision) -> String {
-        d.target_str("request_id").unwrap_or_default().to_owned()
+    fn target_key(&self, t: &Self::Target<'_>) -> String {
+        t.id.to_owned()
     }
 
-    async fn apply(&self, d: &Decision, ctx: &CallContext) -> Result<Reply, CallError> {
-        let (plural, _, id) = target(d).map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
+    async fn apply(
+        &self,
+        d: &Decision,
+        t: &Self::Target<'_>,
+        ctx: &CallContext,
+    ) -> Result<Reply, CallError> {
         let verb = match d.action {
             Action::Approve => "approve",
             Action::Reject => "decline",
         };
         let url = http::join(
             &self.base,
-            &format!("/v2/requests/{plural}/{}/{verb}", http::segment(id)),
+            &format!("/v2/requests/{}/{}/{verb}", t.plural, http::segment(t.id)),
         );
         let mut req = self
             .request(Method::POST, url)
@@ -257,13 +290,9 @@ impl Provider for Qonto {
         if let Some(token) = &ctx.confirmation_token {
             req = req.header("X-Qonto-Sca-Session-Token", token);
         }
-        let body = match d.action {
-            Action::Reject => {
-                Some(json!({ "declined_note": d.reason.as_deref().unwrap_or_default() }))
-            }
-            Action::Approve => debit_iban(d)
-                .map_err(|e| CallError::new(ErrorClass::Permanent, e))?
-                .map(|iban| json!({ "debit_iban": iban })),
+        let body = match t.body {
+            Body::Decline { note } => Some(json!({ "declined_note": note })),
+            Body::Approve { debit_iban } => debit_iban.map(|iban| json!({ "debit_iban": iban })),
         };
         if let Some(body) = body {
             req = req.json(&body);
@@ -297,8 +326,8 @@ impl Provider for Qonto {
         Err(Self::classify(&response))
     }
 
-    async fn read_state(&self, d: &Decision) -> Result<Observed, CallError> {
-        let (_, singular, id) = target(d).map_err(|e| CallError::new(ErrorClass::Permanent, e))?;
+    async fn read_state(&self, d: &Decision, t: &Self::Target<'_>) -> Result<Observed, CallError> {
+        let (singular, id) = (t.singular, t.id);
         for page in 1..=MAX_LIST_PAGES {
             let mut url = http::join(&self.base, "/v2/requests");
             url.query_pairs_mut()

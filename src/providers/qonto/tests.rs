@@ -1,7 +1,7 @@
 //! The client's contract tests (wiremock), then the simulator half's tests.
 
 use super::*;
-use crate::decision::parse;
+use crate::{decision::parse, settings::Settings};
 
 fn decision(target: &str, action: &str, reason: Option<&str>) -> Decision {
     let reason = reason
@@ -21,7 +21,7 @@ fn singular_types_map_to_plural_paths() {
         "approve",
         None,
     );
-    assert_eq!(target(&d).unwrap().0, "virtual_cards");
+    assert_eq!(target(&d).unwrap().plural, "virtual_cards");
 }
 
 #[test]
@@ -38,7 +38,7 @@ fn target_rules() {
             auth: Auth::Bearer(SecretString::from("t")),
             staging_token: None,
         };
-        provider.validate(&d)
+        provider.validate(&d).map(drop)
     };
     let id = "7b6f4c1e-3c55-4a56-9f5e-0d6a1c1f2a3b";
     assert!(
@@ -90,6 +90,92 @@ fn parses_error_bodies() {
             Some("Approver kyc is not accepted".into())
         )
     );
+}
+
+/// Qonto's whole status table (empty bodies), so any drift from the
+/// shared table or its overrides fails here.
+#[test]
+fn status_table() {
+    use ErrorClass::{Ambiguous, Auth, Permanent, Retryable};
+    let expected = vec![
+        (200, Permanent),
+        (204, Permanent),
+        (302, Permanent),
+        (400, Permanent),
+        (401, Auth),
+        (403, Permanent),
+        (404, Permanent),
+        (405, Permanent),
+        (409, Ambiguous),
+        (410, Permanent),
+        (415, Permanent),
+        (418, Permanent),
+        (420, Permanent),
+        (422, Ambiguous),
+        (428, Permanent),
+        (429, Retryable),
+        (500, Retryable),
+        (501, Retryable),
+        (502, Retryable),
+        (503, Retryable),
+        (504, Retryable),
+        (599, Retryable),
+    ];
+    assert_eq!(http::classes(Qonto::classify), expected);
+}
+
+#[test]
+fn credential_headers_are_sensitive() {
+    let qonto = |auth| Qonto {
+        http: Http::new(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap(),
+        base: Url::parse("http://x").unwrap(),
+        auth,
+        staging_token: Some(SecretString::from("s")),
+    };
+    for auth in [
+        Auth::ApiKey(SecretString::from("login:secret")),
+        Auth::Bearer(SecretString::from("t")),
+    ] {
+        let p = qonto(auth);
+        let req = p.request(Method::GET, p.base.clone());
+        http::assert_sensitive(req, &["Authorization", "X-Qonto-Staging-Token"]);
+    }
+}
+
+#[test]
+fn credential_sets_and_partial_api_keys() {
+    let http = Http::new(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(1),
+    )
+    .unwrap();
+    let build_with = |vars: &[(&str, &str)]| {
+        let vars = vars
+            .iter()
+            .map(|(k, v)| (format!("APPROVAL_PROVIDERS__QONTO__{k}"), v.to_string()));
+        build(&Settings::load_from(None, vars).unwrap().providers, &http)
+    };
+    assert!(build_with(&[]).unwrap().is_none());
+    assert!(build_with(&[("ACCESS_TOKEN", "t")]).unwrap().is_some());
+    assert!(
+        build_with(&[("LOGIN", "l"), ("SECRET_KEY", "s")])
+            .unwrap()
+            .is_some()
+    );
+    for (set, missing) in [("LOGIN", "SECRET_KEY"), ("SECRET_KEY", "LOGIN")] {
+        // An access token does not excuse half an API key.
+        for extra in [None, Some(("ACCESS_TOKEN", "t"))] {
+            let vars: Vec<_> = [(set, "x")].into_iter().chain(extra).collect();
+            let Err(SettingsError::Invalid { key, .. }) = build_with(&vars) else {
+                panic!("{set} alone must stop start-up");
+            };
+            assert_eq!(key, format!("APPROVAL_PROVIDERS__QONTO__{missing}"));
+        }
+    }
 }
 
 /// The simulator half, driven over HTTP like the worker drives it.

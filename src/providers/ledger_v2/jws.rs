@@ -14,18 +14,6 @@ use p256::ecdsa::signature::{Signer as _, Verifier as _};
 use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
 use p256::pkcs8::DecodePrivateKey as _;
 
-/// Throwaway P-256 key for the simulator and the `demo` command only.
-///
-/// It is public, so it protects nothing: never register its public key with a
-/// real Ledger workspace. The simulator verifies Ledger v2 signatures with its
-/// public half, and `SimHandle::worker_env` hands this PEM to the worker.
-pub const DEMO_SIGNING_KEY_PEM: &str = "-----BEGIN EC PRIVATE KEY-----
-MHcCAQEEIFsg5itIFqngrRsCZPJprXcfAvii0RCu8RFgS3UZZYDnoAoGCCqGSM49
-AwEHoUQDQgAE8u2GmfKd7mISYOrvmx4I2BHCcvNFNIeJQOGoxFmFjN4W0/chcYbf
-VH41Aga7/MJLRX/ALF4ujNHwWzIPJXor4Q==
------END EC PRIVATE KEY-----
-";
-
 /// The protected header PyJWT emits, which Ledger's reference code uses.
 /// Kept as fixed bytes so every signature carries exactly this header.
 const HEADER: &[u8] = br#"{"alg":"ES256","typ":"JWT"}"#;
@@ -171,6 +159,7 @@ pub fn verify_jws(key: &VerifyingKey, jws: &str) -> Result<Vec<u8>, JwsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::ledger_v2::demo_key::DEMO_SIGNING_KEY_PEM;
 
     const CHALLENGE_JSON: &str =
         r#"{"antireplay":"00ff","data":{"request_id":"r1"},"type":"APPROVE_REQUEST"}"#;
