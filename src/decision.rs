@@ -30,7 +30,7 @@ impl Action {
 }
 
 #[derive(Debug, Clone)]
-pub struct Decision {
+pub(crate) struct Decision {
     pub(crate) decision_id: String,
     pub(crate) provider: String,
     pub(crate) action: Action,

@@ -78,7 +78,7 @@ pub(crate) struct AmqpSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct WorkerSettings {
+pub(crate) struct WorkerSettings {
     #[serde(rename = "drain_timeout_ms", deserialize_with = "millis")]
     pub(crate) drain_timeout: Duration,
     pub(crate) max_calls_per_provider: NonZeroUsize,
@@ -130,7 +130,7 @@ pub struct LogSettings {
 /// touch this file. `Debug` lists names only: sections hold secrets.
 #[derive(Clone, Deserialize, Default)]
 #[serde(transparent)]
-pub struct ProviderSections(pub(crate) std::collections::BTreeMap<String, config::Value>);
+pub(crate) struct ProviderSections(pub(crate) std::collections::BTreeMap<String, config::Value>);
 
 impl std::fmt::Debug for ProviderSections {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

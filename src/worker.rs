@@ -72,7 +72,7 @@ impl Worker {
         }
     }
 
-    pub fn health(&self) -> Arc<Readiness> {
+    pub(crate) fn health(&self) -> Arc<Readiness> {
         self.readiness.clone()
     }
 

@@ -175,8 +175,6 @@ pub trait Provider: Send + Sync + 'static {
 
 /// A provider as the registry stores it: the type of its target erased.
 pub trait Client: Send + Sync + 'static {
-    fn name(&self) -> &'static str;
-
     /// Validates `decision` for this provider; the result carries the parsed
     /// target with it, so it is the only way to make a call.
     fn bind<'a>(&'a self, decision: &'a Decision) -> Result<Box<dyn Bound + 'a>, String>;
@@ -205,10 +203,6 @@ impl fmt::Debug for dyn Bound + '_ {
 }
 
 impl<P: Provider> Client for P {
-    fn name(&self) -> &'static str {
-        Provider::name(self)
-    }
-
     fn bind<'a>(&'a self, decision: &'a Decision) -> Result<Box<dyn Bound + 'a>, String> {
         let target = self.validate(decision)?;
         Ok(Box::new(Binding {

@@ -46,7 +46,8 @@ pub struct Response {
 }
 
 impl Http {
-    /// A client without a call limit (tests, one-off tools).
+    /// A client without a call limit, for tests.
+    #[cfg(test)]
     pub fn new(timeout: Duration, connect_timeout: Duration) -> Result<Self, SettingsError> {
         Ok(Self {
             client: client(timeout, connect_timeout, 1024, false)?,

@@ -10,18 +10,18 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use crate::settings::{ProviderSections, Settings, SettingsError};
 
-pub mod auth;
+pub(crate) mod auth;
 mod contract;
-pub mod http;
+pub(crate) mod http;
 
-pub mod flexpay;
-pub mod ledger_v1;
-pub mod ledger_v2;
-pub mod moneypipe;
-pub mod qonto;
+pub(crate) mod flexpay;
+pub(crate) mod ledger_v1;
+pub(crate) mod ledger_v2;
+pub(crate) mod moneypipe;
+pub(crate) mod qonto;
 
-pub use contract::{
-    Bound, Build, CallContext, Client, ConfirmationState, Observed, Provider, Reply, Unit, Verdict,
+pub(crate) use contract::{
+    Bound, CallContext, Client, ConfirmationState, Observed, Reply, Unit, Verdict,
 };
 
 /// One line per provider, in the order demos and reports list them.
@@ -33,7 +33,7 @@ pub(crate) const REGISTRY: &[Unit] = &[
     flexpay::UNIT,
 ];
 
-pub enum Lookup<'a> {
+pub(crate) enum Lookup<'a> {
     Enabled(&'a Arc<dyn Client>),
     Disabled,
     Unknown,
@@ -51,7 +51,10 @@ impl Registry {
         Self::build(&settings.providers, &http)
     }
 
-    pub fn build(sections: &ProviderSections, http: &http::Http) -> Result<Self, SettingsError> {
+    pub(crate) fn build(
+        sections: &ProviderSections,
+        http: &http::Http,
+    ) -> Result<Self, SettingsError> {
         let mut providers = BTreeMap::new();
         for unit in REGISTRY {
             providers.insert(unit.name, (unit.build)(sections, http)?);
@@ -59,14 +62,7 @@ impl Registry {
         Ok(Self { providers })
     }
 
-    /// A registry of hand-built providers, for tests.
-    pub fn from_providers(list: Vec<(&'static str, Option<Arc<dyn Client>>)>) -> Self {
-        Self {
-            providers: list.into_iter().collect(),
-        }
-    }
-
-    pub fn lookup(&self, name: &str) -> Lookup<'_> {
+    pub(crate) fn lookup(&self, name: &str) -> Lookup<'_> {
         match self.providers.get(name) {
             Some(Some(p)) => Lookup::Enabled(p),
             Some(None) => Lookup::Disabled,
@@ -74,7 +70,7 @@ impl Registry {
         }
     }
 
-    pub fn names(&self) -> impl Iterator<Item = (&'static str, bool)> + '_ {
+    pub(crate) fn names(&self) -> impl Iterator<Item = (&'static str, bool)> + '_ {
         self.providers.iter().map(|(n, p)| (*n, p.is_some()))
     }
 }
