@@ -28,10 +28,11 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use p256::ecdsa::signature::Verifier as _;
+use p256::ecdsa::{Signature, VerifyingKey};
+use p256::pkcs8::DecodePrivateKey as _;
 use serde::Serialize;
 use serde_json::{Value, json};
-
-use p256::ecdsa::VerifyingKey;
 
 use crate::tools::sim::kit::{
     KeyLog, TargetInfo, TokenStore, applied, bearer, idempotency_key, json, lock, now_rfc3339,
@@ -44,6 +45,18 @@ use crate::tools::sim::unit::{CallKind, SimHalf, SimUnit, UnitOptions};
 /// that fetches challenges in a loop cannot grow memory.
 const MAX_OPEN_CHALLENGES: usize = 16;
 
+/// The API user's key the fake trusts by default, and that `worker_env`
+/// hands to the worker for the simulator and the `demo` command.
+///
+/// It is public, so it protects nothing: never register its public key with
+/// a real Ledger workspace.
+pub const DEMO_SIGNING_KEY_PEM: &str = "-----BEGIN EC PRIVATE KEY-----
+MHcCAQEEIFsg5itIFqngrRsCZPJprXcfAvii0RCu8RFgS3UZZYDnoAoGCCqGSM49
+AwEHoUQDQgAE8u2GmfKd7mISYOrvmx4I2BHCcvNFNIeJQOGoxFmFjN4W0/chcYbf
+VH41Aga7/MJLRX/ALF4ujNHwWzIPJXor4Q==
+-----END EC PRIVATE KEY-----
+";
+
 /// What the fake accepts and how it behaves; set through
 /// `SimConfig::with(Options { .. })`.
 #[derive(Clone, Debug)]
@@ -51,9 +64,9 @@ pub struct Options {
     pub workspace: String,
     pub api_key_id: String,
     pub api_key_secret: String,
-    /// PEM of the API user's key. The fake keeps only its public half to
-    /// verify signatures; the PEM itself is handed to the worker by
-    /// `worker_env`.
+    /// PEM (SEC1 or PKCS#8) of the API user's key. The fake keeps only its
+    /// public half to verify signatures; the PEM itself is handed to the
+    /// worker by `worker_env`.
     pub signing_key_pem: String,
     pub access_ttl: Duration,
     pub refresh_ttl: Duration,
@@ -69,7 +82,7 @@ impl Default for Options {
             workspace: "sim-workspace".into(),
             api_key_id: "sim-key-id".into(),
             api_key_secret: "sim-key-secret".into(),
-            signing_key_pem: crate::jws::DEMO_SIGNING_KEY_PEM.into(),
+            signing_key_pem: DEMO_SIGNING_KEY_PEM.into(),
             access_ttl: Duration::from_secs(300),
             refresh_ttl: Duration::from_secs(1800),
             verify_signatures: true,
@@ -87,10 +100,9 @@ impl SimHalf for Half {
 
     fn start(&self, options: &UnitOptions) -> Result<Arc<dyn SimUnit>, String> {
         let options: Options = options.get();
-        let signing_key = crate::jws::load_signing_key(&options.signing_key_pem)
-            .map_err(|e| format!("signing key: {e}"))?;
+        let verifying_key = public_key(&options.signing_key_pem)?;
         Ok(Arc::new(Sim {
-            verifying_key: *signing_key.verifying_key(),
+            verifying_key,
             options,
             store: Mutex::default(),
             tokens: Mutex::default(),
@@ -436,12 +448,8 @@ async fn decide(
         _ => return invalid_input("data.challengeType must be \"API\""),
     }
     // Verify outside the lock: ECDSA verification is the costliest step here.
-    let payload = if sim.options.verify_signatures {
-        crate::jws::verify_jws(&sim.verifying_key, signature).ok()
-    } else {
-        unverified_payload(signature)
-    };
-    let Some(payload) = payload else {
+    let key = sim.options.verify_signatures.then_some(&sim.verifying_key);
+    let Some(payload) = signed_payload(key, signature) else {
         return error(
             StatusCode::FORBIDDEN,
             "INVALID_SIGNATURE",
@@ -483,17 +491,42 @@ async fn decide(
     applied(json(StatusCode::OK, &*request))
 }
 
-/// The payload of a compact JWS without checking its signature, for
-/// benchmarks that turn verification off.
-fn unverified_payload(jws: &str) -> Option<Vec<u8>> {
+/// The public half of the API user's key, from its PEM.
+pub(super) fn public_key(pem: &str) -> Result<VerifyingKey, String> {
+    let secret = if pem.contains("-----BEGIN PRIVATE KEY-----") {
+        p256::SecretKey::from_pkcs8_pem(pem).map_err(|_| "signing key: not a P-256 PKCS#8 key")?
+    } else {
+        p256::SecretKey::from_sec1_pem(pem).map_err(|_| "signing key: not a P-256 EC key PEM")?
+    };
+    Ok(VerifyingKey::from(secret.public_key()))
+}
+
+/// The payload of a compact JWS as Ledger documents it (PROVIDERS.md
+/// section 4): `base64url(header).base64url(payload).base64url(r||s)`, an
+/// ES256 signature over the ASCII of the first two segments as received.
+/// Written from that format rather than taken from the client, so a
+/// misreading of it in the client cannot pass the fake. Without `key` the
+/// signature is not checked (benchmarks); the shape still is.
+pub(super) fn signed_payload(key: Option<&VerifyingKey>, jws: &str) -> Option<Vec<u8>> {
     let mut segments = jws.split('.');
-    let (_, payload, _, None) = (
-        segments.next()?,
-        segments.next()?,
-        segments.next()?,
+    let (Some(header), Some(payload), Some(signature), None) = (
+        segments.next(),
+        segments.next(),
+        segments.next(),
         segments.next(),
     ) else {
         return None;
     };
-    URL_SAFE_NO_PAD.decode(payload).ok()
+    let payload_bytes = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let Some(key) = key else {
+        return Some(payload_bytes);
+    };
+    let protected: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).ok()?).ok()?;
+    if protected["alg"] != "ES256" {
+        return None;
+    }
+    let signature = Signature::from_slice(&URL_SAFE_NO_PAD.decode(signature).ok()?).ok()?;
+    let signing_input = &jws[..header.len() + 1 + payload.len()];
+    key.verify(signing_input.as_bytes(), &signature).ok()?;
+    Some(payload_bytes)
 }

@@ -627,7 +627,9 @@ mod simulator {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use serde_json::{Value, json};
 
-    use crate::jws::{DEMO_SIGNING_KEY_PEM, load_signing_key, sign_challenge};
+    use super::super::sim::DEMO_SIGNING_KEY_PEM;
+    // The client's signer, only to produce signatures for the fake to check.
+    use crate::jws::{load_signing_key, sign_challenge};
     use crate::tools::sim::testkit::{client, new_id, parts, sim, sim_with};
     use crate::tools::sim::{SimConfig, SimHandle};
 
@@ -666,6 +668,47 @@ mod simulator {
             .header("Idempotency-Key", format!("{action}-{id}"))
             .json(&body);
         parts(request.send().await.unwrap()).await
+    }
+
+    /// The fake's own reading of the JWS format, against signatures made by
+    /// the client's signer.
+    #[test]
+    fn the_fake_checks_es256_compact_jws_on_its_own() {
+        let key = load_signing_key(DEMO_SIGNING_KEY_PEM).unwrap();
+        let trusted = sim::public_key(DEMO_SIGNING_KEY_PEM).unwrap();
+        assert_eq!(&trusted, key.verifying_key());
+        let challenge = br#"{"antireplay":"00ff","type":"APPROVE_REQUEST"}"#;
+        let jws = sign_challenge(&key, &URL_SAFE_NO_PAD.encode(challenge)).unwrap();
+        assert_eq!(
+            sim::signed_payload(Some(&trusted), &jws).as_deref(),
+            Some(&challenge[..])
+        );
+
+        let segments: Vec<&str> = jws.split('.').collect();
+        let mut tampered = challenge.to_vec();
+        tampered[3] ^= 0x01;
+        let forged = [segments[0], &URL_SAFE_NO_PAD.encode(&tampered), segments[2]].join(".");
+        assert_eq!(sim::signed_payload(Some(&trusted), &forged), None);
+        let hs256 = URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256"}"#);
+        let other_alg = [hs256.as_str(), segments[1], segments[2]].join(".");
+        assert_eq!(sim::signed_payload(Some(&trusted), &other_alg), None);
+        let other_key = p256::ecdsa::SigningKey::from_slice(&[7u8; 32]).expect("a valid scalar");
+        let foreign = sign_challenge(&other_key, &URL_SAFE_NO_PAD.encode(challenge)).unwrap();
+        assert_eq!(sim::signed_payload(Some(&trusted), &foreign), None);
+        assert_eq!(sim::signed_payload(Some(&trusted), "a.b"), None);
+        assert_eq!(sim::signed_payload(Some(&trusted), &format!("{jws}.x")), None);
+
+        // Unchecked, any signature passes but the shape is still read.
+        assert_eq!(
+            sim::signed_payload(None, &foreign).as_deref(),
+            Some(&challenge[..])
+        );
+        assert_eq!(sim::signed_payload(None, "a.b"), None);
+
+        use p256::pkcs8::EncodePrivateKey as _;
+        let pkcs8 = key.to_pkcs8_pem(p256::pkcs8::LineEnding::LF).unwrap();
+        assert_eq!(sim::public_key(&pkcs8).unwrap(), trusted);
+        assert!(sim::public_key("not a key").is_err());
     }
 
     async fn signed(sim: &SimHandle, bearer: &str, id: &str) -> String {
@@ -881,7 +924,7 @@ mod simulator {
             ),
             (
                 "APPROVAL_PROVIDERS__LEDGER_V2__SIGNING_KEY".to_owned(),
-                crate::jws::DEMO_SIGNING_KEY_PEM.to_owned(),
+                DEMO_SIGNING_KEY_PEM.to_owned(),
             ),
         ];
         expected.sort();
