@@ -696,7 +696,10 @@ mod simulator {
         let foreign = sign_challenge(&other_key, &URL_SAFE_NO_PAD.encode(challenge)).unwrap();
         assert_eq!(sim::signed_payload(Some(&trusted), &foreign), None);
         assert_eq!(sim::signed_payload(Some(&trusted), "a.b"), None);
-        assert_eq!(sim::signed_payload(Some(&trusted), &format!("{jws}.x")), None);
+        assert_eq!(
+            sim::signed_payload(Some(&trusted), &format!("{jws}.x")),
+            None
+        );
 
         // Unchecked, any signature passes but the shape is still read.
         assert_eq!(
@@ -894,6 +897,32 @@ mod simulator {
             decide(&sim, &bearer, &id, "approve", &unchecked).await.0,
             200
         );
+    }
+
+    #[tokio::test]
+    async fn faults_answer_in_ledger_v2s_error_shape() {
+        let sim = sim().await;
+        let bearer = access_token(&sim).await;
+        sim.set_faults(
+            "ledger_v2",
+            crate::tools::sim::Faults {
+                rate_limit_ratio: 1.0,
+                retry_after_secs: 3,
+                ..Default::default()
+            },
+        );
+        let url = format!(
+            "{}/rest/requests/{}/challenge",
+            sim.base_url("ledger_v2"),
+            new_id()
+        );
+        let response = client().get(url).bearer_auth(&bearer).send().await.unwrap();
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()["retry-after"], "3");
+        let (_, body) = parts(response).await;
+        assert_eq!(body["code"], "RATE_LIMITED");
+        assert_eq!(body["issues"], json!([]));
+        assert!(body["message"].is_string());
     }
 
     #[tokio::test]
