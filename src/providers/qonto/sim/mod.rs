@@ -30,16 +30,16 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+mod sca;
+
 use crate::tools::sim::kit::{
-    KeyLog, ScaAuto, TargetInfo, applied, header_str, json, lock, now_rfc3339, random_hex, rfc3339,
+    KeyLog, ScaAuto, TargetInfo, applied, header_str, json, lock, now_rfc3339, rfc3339,
 };
 use crate::tools::sim::stats::Counters;
 use crate::tools::sim::unit::{CallKind, SimHalf, SimUnit, UnitOptions};
 
 const IDEMPOTENCY_HEADER: &str = "x-qonto-idempotency-key";
 const SCA_HEADER: &str = "x-qonto-sca-session-token";
-/// Qonto SCA sessions last 15 minutes, then read as `deny`.
-const SCA_LIFETIME: Duration = Duration::from_secs(15 * 60);
 const MAX_PER_PAGE: usize = 100;
 
 /// What the fake accepts and how it behaves; set through
@@ -162,7 +162,7 @@ impl SimUnit for Sim {
     }
 
     fn require_confirmation(&self, key: &str, auto: ScaAuto) -> bool {
-        lock(&self.store).require_sca(key, auto);
+        lock(&self.store).sca.require(key, auto);
         true
     }
 }
@@ -202,48 +202,16 @@ struct Cached {
     request_id: String,
 }
 
-struct ScaSession {
-    request_id: String,
-    started: Instant,
-    auto: ScaAuto,
-    /// Set by the sandbox mock endpoint; wins over the auto rule.
-    decided: Option<&'static str>,
-}
-
-impl ScaSession {
-    fn result(&self) -> &'static str {
-        if let Some(result) = self.decided {
-            return result;
-        }
-        let elapsed = self.started.elapsed();
-        match self.auto {
-            ScaAuto::Allow { after } if elapsed >= after => return "allow",
-            ScaAuto::Deny { after } if elapsed >= after => return "deny",
-            _ => {}
-        }
-        if elapsed >= SCA_LIFETIME {
-            "deny"
-        } else {
-            "waiting"
-        }
-    }
-}
-
 #[derive(Default)]
 struct Store {
     requests: HashMap<String, Request>,
     /// Creation order, so the list can answer newest first without sorting.
     order: Vec<String>,
     idempotency: HashMap<String, Cached>,
-    sca_rules: HashMap<String, ScaAuto>,
-    sca_sessions: HashMap<String, ScaSession>,
+    sca: sca::Sca,
 }
 
 impl Store {
-    fn require_sca(&mut self, request_id: &str, auto: ScaAuto) {
-        self.sca_rules.insert(request_id.to_owned(), auto);
-    }
-
     fn target(&self, id: &str) -> Option<TargetInfo> {
         self.requests.get(id).map(|r| r.keys.info(r.status))
     }
@@ -431,11 +399,7 @@ async fn decide(
         Ok(action) => action,
         Err(response) => return response,
     };
-    let sca_rule = store
-        .sca_rules
-        .get(&id)
-        .copied()
-        .or(sim.options.sca_for_all_approvals);
+    let sca_rule = store.sca.rule(&id, sim.options.sca_for_all_approvals);
     let request = store.request(&id, request_type);
     if request.request_type != request_type {
         return not_found();
@@ -451,9 +415,9 @@ async fn decide(
         );
     }
     if let (Action::Approve { .. }, Some(auto)) = (&action, sca_rule)
-        && let Err(response) = check_sca(&mut store, &id, auto, header_str(&headers, SCA_HEADER))
+        && let Err(refusal) = store.sca.check(&id, auto, header_str(&headers, SCA_HEADER))
     {
-        return response;
+        return sca_refused(refusal);
     }
 
     let request = store.request(&id, request_type);
@@ -479,46 +443,26 @@ async fn decide(
     applied(response)
 }
 
-/// `Ok` when the approve may proceed; otherwise the 428 that opens a session
-/// or the 412 for a token that is not (or no longer) allowed.
-fn check_sca(
-    store: &mut Store,
-    id: &str,
-    auto: ScaAuto,
-    token: Option<&str>,
-) -> Result<(), Response> {
-    let Some(token) = token else {
-        let token = random_hex(16);
-        let expires_at = rfc3339(time::OffsetDateTime::now_utc() + SCA_LIFETIME);
-        store.sca_sessions.insert(
-            token.clone(),
-            ScaSession {
-                request_id: id.to_owned(),
-                started: Instant::now(),
-                auto,
-                decided: None,
-            },
-        );
-        let body = json!({
-            "errors": [{"code": "sca_required", "detail": "SCA required"}],
-            "sca_session_token": token,
-            "sca_session_expires_at": expires_at,
-        });
-        return Err(json(StatusCode::PRECONDITION_REQUIRED, &body));
-    };
-    let result = match store.sca_sessions.get(token) {
-        Some(session) if session.request_id == id => session.result(),
-        _ => "unknown",
-    };
-    if result == "allow" {
-        return Ok(());
+/// The 428 that opened a session, or the 412 for a token that is not (or no
+/// longer) allowed.
+fn sca_refused(refusal: sca::Refusal) -> Response {
+    match refusal {
+        sca::Refusal::Required { token } => {
+            let expires_at = rfc3339(time::OffsetDateTime::now_utc() + sca::LIFETIME);
+            let body = json!({
+                "errors": [{"code": "sca_required", "detail": "SCA required"}],
+                "sca_session_token": token,
+                "sca_session_expires_at": expires_at,
+            });
+            json(StatusCode::PRECONDITION_REQUIRED, &body)
+        }
+        // UNCONFIRMED: Qonto documents only the 412 status; the code is ours.
+        sca::Refusal::NotAllowed(result) => error(
+            StatusCode::PRECONDITION_FAILED,
+            "sca_session_invalid",
+            &format!("SCA session is not allowed (result: {result})"),
+        ),
     }
-    // UNCONFIRMED: Qonto documents only the 412 status; the code is ours.
-    Err(error(
-        StatusCode::PRECONDITION_FAILED,
-        "sca_session_invalid",
-        &format!("SCA session is not allowed (result: {result})"),
-    ))
 }
 
 async fn sca_session(
@@ -529,11 +473,10 @@ async fn sca_session(
     if let Err(response) = authorize(&sim, &headers) {
         return response;
     }
-    let store = lock(&sim.store);
-    match store.sca_sessions.get(&token) {
-        Some(session) => json(
+    match lock(&sim.store).sca.result(&token) {
+        Some(result) => json(
             StatusCode::OK,
-            &json!({"result": session.result(), "canceled_at": null}),
+            &json!({"result": result, "canceled_at": null}),
         ),
         None => error(StatusCode::NOT_FOUND, "not_found", "SCA session not found"),
     }
@@ -553,16 +496,13 @@ async fn mock_sca(
         "deny" => "deny",
         _ => return error(StatusCode::NOT_FOUND, "not_found", "Not found"),
     };
-    let mut store = lock(&sim.store);
-    match store.sca_sessions.get_mut(&token) {
-        Some(session) => {
-            session.decided = Some(result);
-            json(
-                StatusCode::OK,
-                &json!({"result": result, "canceled_at": null}),
-            )
-        }
-        None => error(StatusCode::NOT_FOUND, "not_found", "SCA session not found"),
+    if lock(&sim.store).sca.decide(&token, result) {
+        json(
+            StatusCode::OK,
+            &json!({"result": result, "canceled_at": null}),
+        )
+    } else {
+        error(StatusCode::NOT_FOUND, "not_found", "SCA session not found")
     }
 }
 
