@@ -17,7 +17,7 @@
 )]
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -35,8 +35,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::tools::sim::kit::{
-    KeyLog, TargetInfo, TokenStore, applied, bearer, idempotency_key, json, lock, now_rfc3339,
-    random_hex, rfc3339,
+    Fake, KeyLog, TargetInfo, Targets, applied, idempotency_key, json, now_rfc3339, random_hex,
+    rfc3339,
 };
 use crate::tools::sim::stats::Counters;
 use crate::tools::sim::unit::{CallKind, SimHalf, SimUnit, UnitOptions};
@@ -101,13 +101,10 @@ impl SimHalf for Half {
     fn start(&self, options: &UnitOptions) -> Result<Arc<dyn SimUnit>, String> {
         let options: Options = options.get();
         let verifying_key = public_key(&options.signing_key_pem)?;
-        Ok(Arc::new(Sim {
-            verifying_key,
+        Ok(Arc::new(Sim::new(Config {
+            verifying_key: options.verify_signatures.then_some(verifying_key),
             options,
-            store: Mutex::default(),
-            tokens: Mutex::default(),
-            counters: Counters::default(),
-        }))
+        })))
     }
 
     fn sample_target(&self, _action: &str) -> Value {
@@ -134,22 +131,25 @@ impl SimHalf for Half {
     }
 }
 
-/// One running fake: its options, its stores and its counters.
-struct Sim {
+/// One running fake of this provider.
+type Sim = Fake<Config, Store>;
+
+/// The options, with the key that checks signatures parsed once at start;
+/// `None` when signatures go unchecked.
+struct Config {
     options: Options,
-    verifying_key: VerifyingKey,
-    store: Mutex<Store>,
-    tokens: Mutex<Tokens>,
-    counters: Counters,
+    verifying_key: Option<VerifyingKey>,
 }
 
 impl SimUnit for Sim {
     fn routes(self: Arc<Self>) -> Router {
-        routes().with_state(self)
-    }
-
-    fn counters(&self) -> &Counters {
-        &self.counters
+        Router::new()
+            .route("/rest/auth/token", post(token))
+            .route("/rest/auth/token/refresh", post(refresh))
+            .route("/rest/requests/{id}", get(read))
+            .route("/rest/requests/{id}/challenge", get(challenge))
+            .route("/rest/requests/{id}/{action}", post(decide))
+            .with_state(self)
     }
 
     fn error(&self, status: StatusCode, code: &str, message: &str) -> Response {
@@ -157,23 +157,11 @@ impl SimUnit for Sim {
     }
 
     fn call_kind(&self, method: &Method, path: &str) -> CallKind {
-        if path.contains("/auth/token") {
-            CallKind::Auth
-        } else {
-            CallKind::by_method(method)
-        }
-    }
-
-    fn target(&self, key: &str) -> Option<TargetInfo> {
-        lock(&self.store).target(key)
-    }
-
-    fn reset(&self) {
-        *lock(&self.store) = Store::default();
+        CallKind::with_auth_under("/auth/token", method, path)
     }
 
     fn worker_env(&self) -> Vec<(&'static str, String)> {
-        let o = &self.options;
+        let o = &self.config.options;
         vec![
             ("WORKSPACE", o.workspace.clone()),
             ("API_KEY_ID", o.api_key_id.clone()),
@@ -181,21 +169,6 @@ impl SimUnit for Sim {
             ("SIGNING_KEY", o.signing_key_pem.clone()),
         ]
     }
-}
-
-fn routes() -> Router<Arc<Sim>> {
-    Router::new()
-        .route("/rest/auth/token", post(token))
-        .route("/rest/auth/token/refresh", post(refresh))
-        .route("/rest/requests/{id}", get(read))
-        .route("/rest/requests/{id}/challenge", get(challenge))
-        .route("/rest/requests/{id}/{action}", post(decide))
-}
-
-#[derive(Default)]
-struct Tokens {
-    access: TokenStore,
-    refresh: TokenStore,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -244,11 +217,13 @@ struct Store {
     next_legacy_id: u64,
 }
 
-impl Store {
+impl Targets for Store {
     fn target(&self, id: &str) -> Option<TargetInfo> {
         self.requests.get(id).map(|r| r.keys.info(r.state))
     }
+}
 
+impl Store {
     fn request(&mut self, id: &str) -> &mut VaultRequest {
         if !self.requests.contains_key(id) {
             self.next_legacy_id += 1;
@@ -305,8 +280,11 @@ fn unauthorized() -> Response {
 }
 
 fn authorize(sim: &Sim, headers: &HeaderMap) -> Result<(), Response> {
-    let valid = bearer(headers).is_some_and(|token| lock(&sim.tokens).access.is_valid(token));
-    if valid { Ok(()) } else { Err(unauthorized()) }
+    if sim.bearer_valid(headers) {
+        Ok(())
+    } else {
+        Err(unauthorized())
+    }
 }
 
 fn string_field<'v>(value: &'v Value, name: &str) -> Result<&'v str, Response> {
@@ -319,21 +297,15 @@ fn string_field<'v>(value: &'v Value, name: &str) -> Result<&'v str, Response> {
 /// Issues an access/refresh pair; both the exchange and the refresh answer
 /// this same shape.
 fn issue(sim: &Sim) -> Response {
-    let (access, refresh) = {
-        let mut tokens = lock(&sim.tokens);
-        (
-            tokens.access.issue(sim.options.access_ttl),
-            tokens.refresh.issue(sim.options.refresh_ttl),
-        )
-    };
-    Counters::bump(&sim.counters.token_issued);
+    let o = &sim.config.options;
+    let (access, refresh) = sim.issue_tokens(o.access_ttl, Some(o.refresh_ttl));
     json(
         StatusCode::OK,
         &json!({
             "accessToken": access,
-            "expiresInSeconds": sim.options.access_ttl.as_secs(),
+            "expiresInSeconds": o.access_ttl.as_secs(),
             "refreshToken": refresh,
-            "refreshExpiresInSeconds": sim.options.refresh_ttl.as_secs(),
+            "refreshExpiresInSeconds": o.refresh_ttl.as_secs(),
         }),
     )
 }
@@ -351,7 +323,7 @@ async fn token(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
         (Ok(w), Ok(k), Ok(s)) => (w, k, s),
         (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return e,
     };
-    let c = &sim.options;
+    let c = &sim.config.options;
     if workspace != c.workspace || key_id != c.api_key_id || secret != c.api_key_secret {
         return error(
             StatusCode::UNAUTHORIZED,
@@ -373,8 +345,7 @@ async fn refresh(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
         (Ok(w), Ok(r)) => (w, r),
         (Err(e), _) | (_, Err(e)) => return e,
     };
-    let valid =
-        workspace == sim.options.workspace && lock(&sim.tokens).refresh.is_valid(refresh_token);
+    let valid = workspace == sim.config.options.workspace && sim.refresh_valid(refresh_token);
     if !valid {
         return error(
             StatusCode::UNAUTHORIZED,
@@ -389,7 +360,7 @@ async fn read(State(sim): State<Arc<Sim>>, Path(id): Path<String>, headers: Head
     if let Err(response) = authorize(&sim, &headers) {
         return response;
     }
-    let mut store = lock(&sim.store);
+    let mut store = sim.store();
     json(StatusCode::OK, &*store.request(&id))
 }
 
@@ -410,7 +381,7 @@ async fn challenge(
     });
     let bytes = serde_json::to_vec(&payload).unwrap_or_default();
     let encoded = URL_SAFE_NO_PAD.encode(&bytes);
-    let mut store = lock(&sim.store);
+    let mut store = sim.store();
     let challenges = &mut store.request(&id).challenges;
     if challenges.len() >= MAX_OPEN_CHALLENGES {
         challenges.pop_front();
@@ -448,8 +419,7 @@ async fn decide(
         _ => return invalid_input("data.challengeType must be \"API\""),
     }
     // Verify outside the lock: ECDSA verification is the costliest step here.
-    let key = sim.options.verify_signatures.then_some(&sim.verifying_key);
-    let Some(payload) = signed_payload(key, signature) else {
+    let Some(payload) = signed_payload(sim.config.verifying_key.as_ref(), signature) else {
         return error(
             StatusCode::FORBIDDEN,
             "INVALID_SIGNATURE",
@@ -458,7 +428,7 @@ async fn decide(
     };
 
     let counters = &sim.counters;
-    let mut store = lock(&sim.store);
+    let mut store = sim.store();
     let request = store.request(&id);
     let Some(position) = request.challenges.iter().position(|c| *c == payload) else {
         return error(
@@ -481,7 +451,7 @@ async fn decide(
     request.state = decided_state;
     request.reviews.push(Review {
         step_index: 0,
-        user_id: sim.options.api_key_id.clone(),
+        user_id: sim.config.options.api_key_id.clone(),
         status: decided_state,
         created_at: now.clone(),
         updated_at: now.clone(),

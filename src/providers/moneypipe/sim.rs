@@ -17,7 +17,7 @@
 )]
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -29,8 +29,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::tools::sim::kit::{
-    KeyLog, TargetInfo, applied, bearer, idempotency_key, is_json, json, lock, now_rfc3339,
-    random_hex,
+    Fake, KeyLog, TargetInfo, Targets, applied, bearer, idempotency_key, is_json, json,
+    now_rfc3339, random_hex,
 };
 use crate::tools::sim::stats::Counters;
 use crate::tools::sim::unit::{SimHalf, SimUnit, UnitOptions};
@@ -62,11 +62,7 @@ impl SimHalf for Half {
     }
 
     fn start(&self, options: &UnitOptions) -> Result<Arc<dyn SimUnit>, String> {
-        Ok(Arc::new(Sim {
-            options: options.get(),
-            store: Mutex::default(),
-            counters: Counters::default(),
-        }))
+        Ok(Arc::new(Sim::new(options.get())))
     }
 
     fn sample_target(&self, _action: &str) -> Value {
@@ -80,20 +76,16 @@ impl SimHalf for Half {
     }
 }
 
-/// One running fake: its options, its store and its counters.
-struct Sim {
-    options: Options,
-    store: Mutex<Store>,
-    counters: Counters,
-}
+/// One running fake of this provider.
+type Sim = Fake<Options, Store>;
 
 impl SimUnit for Sim {
     fn routes(self: Arc<Self>) -> Router {
-        routes().with_state(self)
-    }
-
-    fn counters(&self) -> &Counters {
-        &self.counters
+        Router::new()
+            .route("/operations/{operation_id}", get(read_operation))
+            .route("/operations/{operation_id}/{action}", put(decide))
+            .route("/transactions/{id}", get(read_transaction))
+            .with_state(self)
     }
 
     /// MoneyPipe codes are integers (PROVIDERS.md section 5).
@@ -105,24 +97,9 @@ impl SimUnit for Sim {
         "0"
     }
 
-    fn target(&self, key: &str) -> Option<TargetInfo> {
-        lock(&self.store).target(key)
-    }
-
-    fn reset(&self) {
-        *lock(&self.store) = Store::default();
-    }
-
     fn worker_env(&self) -> Vec<(&'static str, String)> {
-        vec![("TOKEN", self.options.token.clone())]
+        vec![("TOKEN", self.config.token.clone())]
     }
-}
-
-fn routes() -> Router<Arc<Sim>> {
-    Router::new()
-        .route("/operations/{operation_id}", get(read_operation))
-        .route("/operations/{operation_id}/{action}", put(decide))
-        .route("/transactions/{id}", get(read_transaction))
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -166,11 +143,13 @@ struct Store {
     operations: HashMap<String, Operation>,
 }
 
-impl Store {
+impl Targets for Store {
     fn target(&self, id: &str) -> Option<TargetInfo> {
         self.transactions.get(id).map(|tx| tx.keys.info(tx.status))
     }
+}
 
+impl Store {
     fn operation(&mut self, id: &str) -> &mut Operation {
         self.operations.entry(id.to_owned()).or_insert_with(|| {
             let now = now_rfc3339();
@@ -231,7 +210,7 @@ fn validation(field: &str, messages: Vec<String>) -> Response {
 }
 
 fn authorize(sim: &Sim, headers: &HeaderMap) -> Result<(), Response> {
-    if bearer(headers) == Some(sim.options.token.as_str()) {
+    if bearer(headers) == Some(sim.config.token.as_str()) {
         Ok(())
     } else {
         Err(error(StatusCode::UNAUTHORIZED, 2, "Unauthenticated"))
@@ -246,7 +225,7 @@ async fn read_transaction(
     if let Err(response) = authorize(&sim, &headers) {
         return response;
     }
-    let mut store = lock(&sim.store);
+    let mut store = sim.store();
     json(StatusCode::OK, &json!({"data": store.transaction(&id)}))
 }
 
@@ -258,7 +237,7 @@ async fn read_operation(
     if let Err(response) = authorize(&sim, &headers) {
         return response;
     }
-    let mut store = lock(&sim.store);
+    let mut store = sim.store();
     store.operation(&id);
     json(StatusCode::OK, &json!({"data": store.view(&id)}))
 }
@@ -345,7 +324,7 @@ async fn decide(
 
     let counters = &sim.counters;
     let key = idempotency_key(&headers);
-    let mut store = lock(&sim.store);
+    let mut store = sim.store();
     // A transaction belongs to the operation that first named it; checked
     // before anything is touched so a refused call leaves no trace.
     let foreign = ids.iter().any(|id| {

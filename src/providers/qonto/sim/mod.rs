@@ -17,7 +17,7 @@
 )]
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 mod sca;
 
 use crate::tools::sim::kit::{
-    KeyLog, ScaAuto, TargetInfo, applied, header_str, json, lock, now_rfc3339, rfc3339,
+    Fake, KeyLog, ScaAuto, TargetInfo, Targets, applied, header_str, json, now_rfc3339, rfc3339,
 };
 use crate::tools::sim::stats::Counters;
 use crate::tools::sim::unit::{CallKind, SimHalf, SimUnit, UnitOptions};
@@ -77,11 +77,7 @@ impl SimHalf for Half {
     }
 
     fn start(&self, options: &UnitOptions) -> Result<Arc<dyn SimUnit>, String> {
-        Ok(Arc::new(Sim {
-            options: options.get(),
-            store: Mutex::default(),
-            counters: Counters::default(),
-        }))
+        Ok(Arc::new(Sim::new(options.get())))
     }
 
     fn sample_target(&self, _action: &str) -> Value {
@@ -109,20 +105,17 @@ impl SimHalf for Half {
     }
 }
 
-/// One running fake: its options, its store and its counters.
-struct Sim {
-    options: Options,
-    store: Mutex<Store>,
-    counters: Counters,
-}
+/// One running fake of this provider.
+type Sim = Fake<Options, Store>;
 
 impl SimUnit for Sim {
     fn routes(self: Arc<Self>) -> Router {
-        routes().with_state(self)
-    }
-
-    fn counters(&self) -> &Counters {
-        &self.counters
+        Router::new()
+            .route("/v2/requests", get(list))
+            .route("/v2/requests/{request_type}/{id}/{action}", post(decide))
+            .route("/v2/sca_sessions/{token}", get(sca_session))
+            .route("/v2/mocked_sca_sessions/{token}/{result}", post(mock_sca))
+            .with_state(self)
     }
 
     fn error(&self, status: StatusCode, code: &str, message: &str) -> Response {
@@ -146,33 +139,17 @@ impl SimUnit for Sim {
         }
     }
 
-    fn target(&self, key: &str) -> Option<TargetInfo> {
-        lock(&self.store).target(key)
-    }
-
-    fn reset(&self) {
-        *lock(&self.store) = Store::default();
-    }
-
     fn worker_env(&self) -> Vec<(&'static str, String)> {
         vec![
-            ("LOGIN", self.options.login.clone()),
-            ("SECRET_KEY", self.options.secret_key.clone()),
+            ("LOGIN", self.config.login.clone()),
+            ("SECRET_KEY", self.config.secret_key.clone()),
         ]
     }
 
     fn require_confirmation(&self, key: &str, auto: ScaAuto) -> bool {
-        lock(&self.store).sca.require(key, auto);
+        self.store().sca.require(key, auto);
         true
     }
-}
-
-fn routes() -> Router<Arc<Sim>> {
-    Router::new()
-        .route("/v2/requests", get(list))
-        .route("/v2/requests/{request_type}/{id}/{action}", post(decide))
-        .route("/v2/sca_sessions/{token}", get(sca_session))
-        .route("/v2/mocked_sca_sessions/{token}/{result}", post(mock_sca))
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -211,11 +188,13 @@ struct Store {
     sca: sca::Sca,
 }
 
-impl Store {
+impl Targets for Store {
     fn target(&self, id: &str) -> Option<TargetInfo> {
         self.requests.get(id).map(|r| r.keys.info(r.status))
     }
+}
 
+impl Store {
     fn request(&mut self, id: &str, request_type: &'static str) -> &mut Request {
         if !self.requests.contains_key(id) {
             self.order.push(id.to_owned());
@@ -290,7 +269,7 @@ fn authorize(sim: &Sim, headers: &HeaderMap) -> Result<(), Response> {
             "Authorization header is missing",
         ));
     };
-    let c = &sim.options;
+    let c = &sim.config;
     let api_key_ok = value.split_once(':') == Some((&c.login, &c.secret_key));
     let bearer_ok = value.strip_prefix("Bearer ") == Some(c.access_token.as_str());
     if api_key_ok || bearer_ok {
@@ -387,10 +366,10 @@ async fn decide(
             "/headers/X-Qonto-Idempotency-Key",
         );
     };
-    let ttl = sim.options.idempotency_ttl;
+    let ttl = sim.config.idempotency_ttl;
     let counters = &sim.counters;
 
-    let mut store = lock(&sim.store);
+    let mut store = sim.store();
     // A cached success is replayed whatever the body or path says, like Qonto.
     if let Some(replay) = store.cached(key, ttl) {
         return replay;
@@ -399,7 +378,7 @@ async fn decide(
         Ok(action) => action,
         Err(response) => return response,
     };
-    let sca_rule = store.sca.rule(&id, sim.options.sca_for_all_approvals);
+    let sca_rule = store.sca.rule(&id, sim.config.sca_for_all_approvals);
     let request = store.request(&id, request_type);
     if request.request_type != request_type {
         return not_found();
@@ -473,7 +452,7 @@ async fn sca_session(
     if let Err(response) = authorize(&sim, &headers) {
         return response;
     }
-    match lock(&sim.store).sca.result(&token) {
+    match sim.store().sca.result(&token) {
         Some(result) => json(
             StatusCode::OK,
             &json!({"result": result, "canceled_at": null}),
@@ -496,7 +475,7 @@ async fn mock_sca(
         "deny" => "deny",
         _ => return error(StatusCode::NOT_FOUND, "not_found", "Not found"),
     };
-    if lock(&sim.store).sca.decide(&token, result) {
+    if sim.store().sca.decide(&token, result) {
         json(
             StatusCode::OK,
             &json!({"result": result, "canceled_at": null}),
@@ -552,7 +531,7 @@ async fn list(
         );
     }
 
-    let store = lock(&sim.store);
+    let store = sim.store();
     let matching: Vec<&Request> = store
         .order
         .iter()
