@@ -419,9 +419,10 @@ async fn decide(
     let counters = &sim.counters;
     let mut store = sim.store();
     let tx = store.transaction(&reference);
-    tx.keys.record(idempotency_key(&headers), counters);
-    if tx.status != PENDING {
-        Counters::bump(&counters.double_state_changes);
+    if !tx
+        .keys
+        .admit(idempotency_key(&headers), tx.status == PENDING, counters)
+    {
         let detail = format!("Transaction {reference} is {}", tx.status);
         return error(
             StatusCode::BAD_REQUEST,

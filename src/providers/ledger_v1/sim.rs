@@ -293,9 +293,8 @@ async fn decide(
     let counters = &sim.counters;
     let mut store = sim.store();
     let tx = store.transaction(id);
-    tx.keys.record(idempotency_key(&headers), counters);
-    if tx.status != "PENDING_APPROVAL" {
-        Counters::bump(&counters.double_state_changes);
+    let pending = tx.status == "PENDING_APPROVAL";
+    if !tx.keys.admit(idempotency_key(&headers), pending, counters) {
         return error(
             StatusCode::BAD_REQUEST,
             "InvalidTransactionStatus",

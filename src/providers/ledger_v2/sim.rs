@@ -438,9 +438,11 @@ async fn decide(
         );
     };
     request.challenges.remove(position);
-    request.keys.record(idempotency_key(&headers), counters);
-    if request.state != "PENDING_APPROVAL" {
-        Counters::bump(&counters.double_state_changes);
+    let pending = request.state == "PENDING_APPROVAL";
+    if !request
+        .keys
+        .admit(idempotency_key(&headers), pending, counters)
+    {
         return error(
             StatusCode::BAD_REQUEST,
             "REQUEST_NOT_PENDING",

@@ -342,8 +342,8 @@ async fn decide(
     for id in &ids {
         let tx = store.transaction(id);
         tx.operation_id = Some(operation_id.clone());
-        tx.keys.record(key, counters);
-        if tx.status != PENDING {
+        let pending = tx.status == PENDING;
+        if !tx.keys.admit(key, pending, counters) {
             not_pending.push(format!("transaction {id} is not pending"));
         }
         let op = store.operation(&operation_id);
@@ -353,7 +353,6 @@ async fn decide(
     }
     if !not_pending.is_empty() {
         // All or nothing: no transaction of the call changes.
-        Counters::add(&counters.double_state_changes, not_pending.len() as u64);
         return validation("tx_id", not_pending);
     }
     let now = now_rfc3339();

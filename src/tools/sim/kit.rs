@@ -111,7 +111,7 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct KeyLog(Vec<String>);
 
 impl KeyLog {
-    pub fn record(&mut self, key: Option<&str>, counters: &Counters) {
+    fn record(&mut self, key: Option<&str>, counters: &Counters) {
         let Some(key) = key else { return };
         if self.0.iter().any(|seen| seen == key) {
             return;
@@ -120,6 +120,17 @@ impl KeyLog {
         if self.0.len() == 2 {
             Counters::bump(&counters.conflicting_keys);
         }
+    }
+
+    /// Logs a decision call on this target and applies the rule every fake
+    /// enforces: a target is decided once. `false` when it is no longer
+    /// pending; the call then counts as a double state change.
+    pub fn admit(&mut self, key: Option<&str>, pending: bool, counters: &Counters) -> bool {
+        self.record(key, counters);
+        if !pending {
+            Counters::bump(&counters.double_state_changes);
+        }
+        pending
     }
 
     pub fn info(&self, state: &str) -> TargetInfo {

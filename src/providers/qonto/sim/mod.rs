@@ -383,9 +383,8 @@ async fn decide(
     if request.request_type != request_type {
         return not_found();
     }
-    request.keys.record(Some(key), counters);
-    if request.status != "pending" {
-        Counters::bump(&counters.double_state_changes);
+    let pending = request.status == "pending";
+    if !request.keys.admit(Some(key), pending, counters) {
         return error_at(
             StatusCode::UNPROCESSABLE_ENTITY,
             "request_not_pending",
