@@ -1,7 +1,8 @@
 //! The two faces of a provider's simulator half, as the simulator core sees
 //! them: [`SimHalf`], what a registry line carries (start it, sample it), and
-//! [`SimUnit`], one running fake with its own state behind its own mutexes.
-//! A leaf: the core reads these traits, provider folders implement them.
+//! [`SimUnit`], one running fake: its provider's wire behaviour on top of
+//! [`Held`], the state every fake keeps the same way. The core reads these
+//! traits, provider folders implement them; below it only `kit` and `stats`.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -29,7 +30,7 @@ pub trait SimHalf: Sync {
     /// new at every call so it meets a pending target.
     fn sample_target(&self, action: &str) -> Value;
 
-    /// The key the fake files a sample target under (see [`SimUnit::target`]).
+    /// The key the fake files a sample target under (see [`Held::target`]).
     fn sample_key(&self, target: &Value) -> Option<String>;
 
     /// A target the worker must refuse before any call, with the action it
