@@ -31,8 +31,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::tools::sim::kit::{
-    Fake, KeyLog, TargetInfo, Targets, applied, header_str, idempotency_key, json, now_rfc3339,
-    rfc3339,
+    Fake, KeyLog, Reply, TargetInfo, Targets, applied, header_str, idempotency_key, json,
+    now_rfc3339, rfc3339,
 };
 use crate::tools::sim::stats::Counters;
 use crate::tools::sim::unit::{CallKind, SimHalf, SimUnit, UnitOptions};
@@ -295,16 +295,14 @@ async fn read(
     State(sim): State<Arc<Sim>>,
     Path(reference): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+) -> Reply {
+    authorize(&sim, &headers)?;
     let mut store = sim.store();
-    envelope(
+    Ok(envelope(
         StatusCode::OK,
         "Transaction retrieved",
         &*store.transaction(&reference),
-    )
+    ))
 }
 
 #[derive(Deserialize)]
@@ -318,17 +316,15 @@ async fn pending(
     State(sim): State<Arc<Sim>>,
     paging: Result<Query<Paging>, QueryRejection>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+) -> Reply {
+    authorize(&sim, &headers)?;
     let Ok(Query(paging)) = paging else {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             "VALIDATION_ERROR",
             "Invalid paging",
             vec!["page and size must be non-negative integers".into()],
-        );
+        ));
     };
     let page = paging.page.unwrap_or(0);
     let size = paging.size.unwrap_or(20).clamp(1, MAX_PAGE_SIZE);
@@ -368,7 +364,11 @@ async fn pending(
         "sort": sort,
         "empty": content.is_empty(),
     });
-    envelope(StatusCode::OK, "Pending transactions retrieved", data)
+    Ok(envelope(
+        StatusCode::OK,
+        "Pending transactions retrieved",
+        data,
+    ))
 }
 
 async fn decide(
@@ -376,27 +376,32 @@ async fn decide(
     Path((reference, action)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Reply {
     let accept = match action.as_str() {
         "accept" => true,
         "reject" => false,
-        _ => return error(StatusCode::NOT_FOUND, "NOT_FOUND", "Not found", Vec::new()),
+        _ => {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                "NOT_FOUND",
+                "Not found",
+                Vec::new(),
+            ));
+        }
     };
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+    authorize(&sim, &headers)?;
     // Reject's reason is optional (UNCONFIRMED whether FlexPay requires it) but
     // bounded; accept ignores any body.
     let reason = if accept || body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
         let Ok(value) = serde_json::from_slice::<Value>(&body) else {
-            return error(
+            return Err(error(
                 StatusCode::BAD_REQUEST,
                 "VALIDATION_ERROR",
                 "Malformed JSON body",
                 Vec::new(),
-            );
+            ));
         };
         match value.get("reason") {
             None | Some(Value::Null) => None,
@@ -404,14 +409,14 @@ async fn decide(
                 Some(reason.clone())
             }
             Some(_) => {
-                return error(
+                return Err(error(
                     StatusCode::BAD_REQUEST,
                     "VALIDATION_ERROR",
                     "Validation failed",
                     vec![format!(
                         "reason: must be a string of at most {MAX_REASON_CHARS} characters"
                     )],
-                );
+                ));
             }
         }
     };
@@ -424,12 +429,12 @@ async fn decide(
         .admit(idempotency_key(&headers), tx.status == PENDING, counters)
     {
         let detail = format!("Transaction {reference} is {}", tx.status);
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             "TRANSACTION_NOT_PENDING",
             "Transaction is not awaiting acceptance",
             vec![detail],
-        );
+        ));
     }
     let now = now_rfc3339();
     if accept {
@@ -447,5 +452,5 @@ async fn decide(
     } else {
         "Transaction rejected"
     };
-    applied(envelope(StatusCode::OK, message, &*tx))
+    Ok(applied(envelope(StatusCode::OK, message, &*tx)))
 }

@@ -26,7 +26,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::tools::sim::kit::{
-    Fake, KeyLog, TargetInfo, Targets, applied, header_str, idempotency_key, json, now_rfc3339,
+    Fake, KeyLog, Reply, TargetInfo, Targets, applied, header_str, idempotency_key, json,
+    now_rfc3339,
 };
 use crate::tools::sim::stats::Counters;
 use crate::tools::sim::unit::{SimHalf, SimUnit, UnitOptions};
@@ -208,15 +209,13 @@ fn authorize(sim: &Sim, headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
-async fn read(State(sim): State<Arc<Sim>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+async fn read(State(sim): State<Arc<Sim>>, Path(id): Path<String>, headers: HeaderMap) -> Reply {
+    authorize(&sim, &headers)?;
     let Ok(id) = id.parse::<u64>() else {
-        return not_found();
+        return Err(not_found());
     };
     let mut store = sim.store();
-    json(StatusCode::OK, &*store.transaction(id))
+    Ok(json(StatusCode::OK, &*store.transaction(id)))
 }
 
 /// The creation fields an approve must repeat. The sim cannot know what was
@@ -270,22 +269,17 @@ async fn decide(
     Path((id, action)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Reply {
     if action != "approve" && action != "reject" {
-        return error(StatusCode::NOT_FOUND, "NotFound", "Not found");
+        return Err(error(StatusCode::NOT_FOUND, "NotFound", "Not found"));
     }
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+    authorize(&sim, &headers)?;
     let Ok(id) = id.parse::<u64>() else {
-        return not_found();
+        return Err(not_found());
     };
     // Reject takes no body; approve must carry the creation fields.
     let approve = if action == "approve" {
-        match parse_approve(&body) {
-            Ok(fields) => Some(fields),
-            Err(response) => return response,
-        }
+        Some(parse_approve(&body)?)
     } else {
         None
     };
@@ -295,11 +289,11 @@ async fn decide(
     let tx = store.transaction(id);
     let pending = tx.status == "PENDING_APPROVAL";
     if !tx.keys.admit(idempotency_key(&headers), pending, counters) {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             "InvalidTransactionStatus",
             "Transaction is not pending approval",
-        );
+        ));
     }
     match approve {
         Some(fields) => {
@@ -316,5 +310,5 @@ async fn decide(
     }
     tx.updated_on = now_rfc3339();
     Counters::bump(&counters.state_changes);
-    applied(json(StatusCode::OK, &*tx))
+    Ok(applied(json(StatusCode::OK, &*tx)))
 }

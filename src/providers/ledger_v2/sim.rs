@@ -35,8 +35,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::tools::sim::kit::{
-    Fake, KeyLog, TargetInfo, Targets, applied, idempotency_key, json, now_rfc3339, random_hex,
-    rfc3339,
+    Fake, KeyLog, Reply, TargetInfo, Targets, applied, idempotency_key, json, now_rfc3339,
+    random_hex, rfc3339,
 };
 use crate::tools::sim::stats::Counters;
 use crate::tools::sim::unit::{CallKind, SimHalf, SimUnit, UnitOptions};
@@ -310,58 +310,44 @@ fn issue(sim: &Sim) -> Response {
     )
 }
 
-async fn token(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
-    let Ok(value) = serde_json::from_slice::<Value>(&body) else {
-        return invalid_input("body must be a JSON object");
-    };
-    let fields = (
-        string_field(&value, "workspace"),
-        string_field(&value, "apiKeyId"),
-        string_field(&value, "apiKeySecret"),
-    );
-    let (workspace, key_id, secret) = match fields {
-        (Ok(w), Ok(k), Ok(s)) => (w, k, s),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return e,
-    };
+fn object(body: &[u8]) -> Result<Value, Response> {
+    serde_json::from_slice(body).map_err(|_| invalid_input("body must be a JSON object"))
+}
+
+async fn token(State(sim): State<Arc<Sim>>, body: Bytes) -> Reply {
+    let value = object(&body)?;
+    let workspace = string_field(&value, "workspace")?;
+    let key_id = string_field(&value, "apiKeyId")?;
+    let secret = string_field(&value, "apiKeySecret")?;
     let c = &sim.config.options;
     if workspace != c.workspace || key_id != c.api_key_id || secret != c.api_key_secret {
-        return error(
+        return Err(error(
             StatusCode::UNAUTHORIZED,
             "UNAUTHORIZED",
             "Invalid credentials",
-        );
+        ));
     }
-    issue(&sim)
+    Ok(issue(&sim))
 }
 
-async fn refresh(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
-    let Ok(value) = serde_json::from_slice::<Value>(&body) else {
-        return invalid_input("body must be a JSON object");
-    };
-    let (workspace, refresh_token) = match (
-        string_field(&value, "workspace"),
-        string_field(&value, "refreshToken"),
-    ) {
-        (Ok(w), Ok(r)) => (w, r),
-        (Err(e), _) | (_, Err(e)) => return e,
-    };
-    let valid = workspace == sim.config.options.workspace && sim.refresh_valid(refresh_token);
-    if !valid {
-        return error(
+async fn refresh(State(sim): State<Arc<Sim>>, body: Bytes) -> Reply {
+    let value = object(&body)?;
+    let workspace = string_field(&value, "workspace")?;
+    let refresh_token = string_field(&value, "refreshToken")?;
+    if workspace != sim.config.options.workspace || !sim.refresh_valid(refresh_token) {
+        return Err(error(
             StatusCode::UNAUTHORIZED,
             "UNAUTHORIZED",
             "Invalid or expired refresh token",
-        );
+        ));
     }
-    issue(&sim)
+    Ok(issue(&sim))
 }
 
-async fn read(State(sim): State<Arc<Sim>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+async fn read(State(sim): State<Arc<Sim>>, Path(id): Path<String>, headers: HeaderMap) -> Reply {
+    authorize(&sim, &headers)?;
     let mut store = sim.store();
-    json(StatusCode::OK, &*store.request(&id))
+    Ok(json(StatusCode::OK, &*store.request(&id)))
 }
 
 /// Issues a fresh challenge for the request and remembers its bytes, which
@@ -370,10 +356,8 @@ async fn challenge(
     State(sim): State<Arc<Sim>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+) -> Reply {
+    authorize(&sim, &headers)?;
     let payload = json!({
         "antireplay": random_hex(32),
         "data": {"request_id": id, "action": "REVIEW"},
@@ -387,7 +371,7 @@ async fn challenge(
         challenges.pop_front();
     }
     challenges.push_back(bytes);
-    json(StatusCode::OK, &json!({"challenge": encoded}))
+    Ok(json(StatusCode::OK, &json!({"challenge": encoded})))
 }
 
 async fn decide(
@@ -395,47 +379,40 @@ async fn decide(
     Path((id, action)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Reply {
     let decided_state = match action.as_str() {
         "approve" => "APPROVED",
         "reject" => "REJECTED",
-        _ => return error(StatusCode::NOT_FOUND, "NOT_FOUND", "Not found"),
+        _ => return Err(error(StatusCode::NOT_FOUND, "NOT_FOUND", "Not found")),
     };
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
-    let Ok(value) = serde_json::from_slice::<Value>(&body) else {
-        return invalid_input("body must be a JSON object");
-    };
+    authorize(&sim, &headers)?;
+    let value = object(&body)?;
     let Some(data) = value.get("data").filter(|d| d.is_object()) else {
-        return invalid_input("data is required");
+        return Err(invalid_input("data is required"));
     };
-    let signature = match string_field(data, "signature") {
-        Ok(signature) => signature,
-        Err(response) => return response,
-    };
+    let signature = string_field(data, "signature")?;
     match data.get("challengeType").and_then(Value::as_str) {
         Some("API") => {}
-        _ => return invalid_input("data.challengeType must be \"API\""),
+        _ => return Err(invalid_input("data.challengeType must be \"API\"")),
     }
     // Verify outside the lock: ECDSA verification is the costliest step here.
     let Some(payload) = signed_payload(sim.config.verifying_key.as_ref(), signature) else {
-        return error(
+        return Err(error(
             StatusCode::FORBIDDEN,
             "INVALID_SIGNATURE",
             "Signature verification failed",
-        );
+        ));
     };
 
     let counters = &sim.counters;
     let mut store = sim.store();
     let request = store.request(&id);
     let Some(position) = request.challenges.iter().position(|c| *c == payload) else {
-        return error(
+        return Err(error(
             StatusCode::FORBIDDEN,
             "INVALID_CHALLENGE",
             "Signed payload is not an open challenge of this request",
-        );
+        ));
     };
     request.challenges.remove(position);
     let pending = request.state == "PENDING_APPROVAL";
@@ -443,11 +420,11 @@ async fn decide(
         .keys
         .admit(idempotency_key(&headers), pending, counters)
     {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             "REQUEST_NOT_PENDING",
             "Request is not pending approval",
-        );
+        ));
     }
     let now = now_rfc3339();
     request.state = decided_state;
@@ -460,7 +437,7 @@ async fn decide(
     });
     request.updated_at = now;
     Counters::bump(&counters.state_changes);
-    applied(json(StatusCode::OK, &*request))
+    Ok(applied(json(StatusCode::OK, &*request)))
 }
 
 /// The public half of the API user's key, from its PEM.

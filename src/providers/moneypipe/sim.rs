@@ -29,7 +29,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::tools::sim::kit::{
-    Fake, KeyLog, TargetInfo, Targets, applied, bearer, idempotency_key, is_json, json,
+    Fake, KeyLog, Reply, TargetInfo, Targets, applied, bearer, idempotency_key, is_json, json,
     now_rfc3339, random_hex,
 };
 use crate::tools::sim::stats::Counters;
@@ -221,25 +221,24 @@ async fn read_transaction(
     State(sim): State<Arc<Sim>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+) -> Reply {
+    authorize(&sim, &headers)?;
     let mut store = sim.store();
-    json(StatusCode::OK, &json!({"data": store.transaction(&id)}))
+    Ok(json(
+        StatusCode::OK,
+        &json!({"data": store.transaction(&id)}),
+    ))
 }
 
 async fn read_operation(
     State(sim): State<Arc<Sim>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+) -> Reply {
+    authorize(&sim, &headers)?;
     let mut store = sim.store();
     store.operation(&id);
-    json(StatusCode::OK, &json!({"data": store.view(&id)}))
+    Ok(json(StatusCode::OK, &json!({"data": store.view(&id)})))
 }
 
 enum Action {
@@ -301,26 +300,21 @@ async fn decide(
     Path((operation_id, action)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Reply {
     let link = match action.as_str() {
         "link-transactions" => true,
         "reject-transactions" => false,
-        _ => return error(StatusCode::NOT_FOUND, 0, "Not found"),
+        _ => return Err(error(StatusCode::NOT_FOUND, 0, "Not found")),
     };
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+    authorize(&sim, &headers)?;
     if !is_json(&headers) {
-        return error(
+        return Err(error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             10,
             "Unsupported Content Type",
-        );
+        ));
     }
-    let (ids, action) = match parse_body(link, &body) {
-        Ok(parsed) => parsed,
-        Err(response) => return response,
-    };
+    let (ids, action) = parse_body(link, &body)?;
 
     let counters = &sim.counters;
     let key = idempotency_key(&headers);
@@ -335,7 +329,7 @@ async fn decide(
         owner.is_some_and(|owner| owner != operation_id)
     });
     if foreign {
-        return error(StatusCode::NOT_FOUND, 6, "Transaction not found");
+        return Err(error(StatusCode::NOT_FOUND, 6, "Transaction not found"));
     }
     store.operation(&operation_id);
     let mut not_pending = Vec::new();
@@ -353,7 +347,7 @@ async fn decide(
     }
     if !not_pending.is_empty() {
         // All or nothing: no transaction of the call changes.
-        return validation("tx_id", not_pending);
+        return Err(validation("tx_id", not_pending));
     }
     let now = now_rfc3339();
     for id in &ids {
@@ -372,8 +366,8 @@ async fn decide(
     }
     store.operation(&operation_id).updated_at = now;
     Counters::add(&counters.state_changes, ids.len() as u64);
-    applied(json(
+    Ok(applied(json(
         StatusCode::OK,
         &json!({"data": store.view(&operation_id)}),
-    ))
+    )))
 }

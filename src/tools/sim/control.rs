@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::faults::Faults;
-use super::kit::{ScaAuto, json};
+use super::kit::{Reply, ScaAuto, json};
 use super::state::Sim;
 
 pub(crate) fn routes() -> Router<Arc<Sim>> {
@@ -33,9 +33,6 @@ pub(crate) fn routes() -> Router<Arc<Sim>> {
         .route("/targets/{provider}/{key}", get(target))
         .route("/{provider}/sca", post(require_sca))
 }
-
-/// Both arms are complete answers: a refusal is as much a reply as success.
-type Reply = Result<Response, Response>;
 
 fn problem(status: StatusCode, message: impl Into<String>) -> Response {
     json(status, &json!({"error": message.into()}))

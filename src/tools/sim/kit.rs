@@ -174,6 +174,10 @@ pub(crate) fn applied(mut response: Response) -> Response {
     response
 }
 
+/// What a fake's handler answers. Both arms are complete answers in the
+/// provider's wire format: the error arm lets a refusal leave early with `?`.
+pub(crate) type Reply = Result<Response, Response>;
+
 pub(crate) fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
     (status, Json(body)).into_response()
 }

@@ -33,7 +33,8 @@ use serde_json::{Value, json};
 mod sca;
 
 use crate::tools::sim::kit::{
-    Fake, KeyLog, ScaAuto, TargetInfo, Targets, applied, header_str, json, now_rfc3339, rfc3339,
+    Fake, KeyLog, Reply, ScaAuto, TargetInfo, Targets, applied, header_str, json, now_rfc3339,
+    rfc3339,
 };
 use crate::tools::sim::stats::Counters;
 use crate::tools::sim::unit::{CallKind, SimHalf, SimUnit, UnitOptions};
@@ -349,22 +350,20 @@ async fn decide(
     Path((plural, id, action)): Path<(String, String, String)>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Reply {
     let not_found = || error(StatusCode::NOT_FOUND, "not_found", "Not found");
     let (Some(request_type), Some(parsed)) = (singular(&plural), parse_action(&action, &body))
     else {
-        return not_found();
+        return Err(not_found());
     };
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+    authorize(&sim, &headers)?;
     let Some(key) = header_str(&headers, IDEMPOTENCY_HEADER).filter(|k| !k.is_empty()) else {
-        return error_at(
+        return Err(error_at(
             StatusCode::BAD_REQUEST,
             "missing_idempotency_key",
             "X-Qonto-Idempotency-Key header is required",
             "/headers/X-Qonto-Idempotency-Key",
-        );
+        ));
     };
     let ttl = sim.config.idempotency_ttl;
     let counters = &sim.counters;
@@ -372,30 +371,27 @@ async fn decide(
     let mut store = sim.store();
     // A cached success is replayed whatever the body or path says, like Qonto.
     if let Some(replay) = store.cached(key, ttl) {
-        return replay;
+        return Err(replay);
     }
-    let action = match parsed {
-        Ok(action) => action,
-        Err(response) => return response,
-    };
+    let action = parsed?;
     let sca_rule = store.sca.rule(&id, sim.config.sca_for_all_approvals);
     let request = store.request(&id, request_type);
     if request.request_type != request_type {
-        return not_found();
+        return Err(not_found());
     }
     let pending = request.status == "pending";
     if !request.keys.admit(Some(key), pending, counters) {
-        return error_at(
+        return Err(error_at(
             StatusCode::UNPROCESSABLE_ENTITY,
             "request_not_pending",
             "Request is not pending",
             "/status",
-        );
+        ));
     }
     if let (Action::Approve { .. }, Some(auto)) = (&action, sca_rule)
         && let Err(refusal) = store.sca.check(&id, auto, header_str(&headers, SCA_HEADER))
     {
-        return sca_refused(refusal);
+        return Err(sca_refused(refusal));
     }
 
     let request = store.request(&id, request_type);
@@ -418,7 +414,7 @@ async fn decide(
 
     let response = wrapped(request);
     store.cache(key, &id, ttl);
-    applied(response)
+    Ok(applied(response))
 }
 
 /// The 428 that opened a session, or the 412 for a token that is not (or no
@@ -447,17 +443,17 @@ async fn sca_session(
     State(sim): State<Arc<Sim>>,
     Path(token): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
-    match sim.store().sca.result(&token) {
-        Some(result) => json(
-            StatusCode::OK,
-            &json!({"result": result, "canceled_at": null}),
-        ),
-        None => error(StatusCode::NOT_FOUND, "not_found", "SCA session not found"),
-    }
+) -> Reply {
+    authorize(&sim, &headers)?;
+    let result = sim
+        .store()
+        .sca
+        .result(&token)
+        .ok_or_else(session_not_found)?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"result": result, "canceled_at": null}),
+    ))
 }
 
 /// Qonto sandbox's "simulate user decision" endpoint.
@@ -465,23 +461,24 @@ async fn mock_sca(
     State(sim): State<Arc<Sim>>,
     Path((token, result)): Path<(String, String)>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+) -> Reply {
+    authorize(&sim, &headers)?;
     let result = match result.as_str() {
         "allow" => "allow",
         "deny" => "deny",
-        _ => return error(StatusCode::NOT_FOUND, "not_found", "Not found"),
+        _ => return Err(error(StatusCode::NOT_FOUND, "not_found", "Not found")),
     };
-    if sim.store().sca.decide(&token, result) {
-        json(
-            StatusCode::OK,
-            &json!({"result": result, "canceled_at": null}),
-        )
-    } else {
-        error(StatusCode::NOT_FOUND, "not_found", "SCA session not found")
+    if !sim.store().sca.decide(&token, result) {
+        return Err(session_not_found());
     }
+    Ok(json(
+        StatusCode::OK,
+        &json!({"result": result, "canceled_at": null}),
+    ))
+}
+
+fn session_not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", "SCA session not found")
 }
 
 #[derive(Deserialize)]
@@ -497,10 +494,8 @@ async fn list(
     paging: Result<Query<Paging>, QueryRejection>,
     Query(pairs): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+) -> Reply {
+    authorize(&sim, &headers)?;
     let values = |name: &str| -> Vec<&str> {
         let bracketed = format!("{name}[]");
         pairs
@@ -512,22 +507,22 @@ async fn list(
     let statuses = values("status");
     let types = values("request_type");
     let Ok(Query(paging)) = paging else {
-        return error_at(
+        return Err(error_at(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_parameter",
             "page and per_page must be non-negative integers",
             "/page",
-        );
+        ));
     };
     let page = paging.page.unwrap_or(1).max(1);
     let per_page = paging.per_page.unwrap_or(MAX_PER_PAGE);
     if per_page == 0 || per_page > MAX_PER_PAGE {
-        return error_at(
+        return Err(error_at(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_parameter",
             "per_page must be between 1 and 100",
             "/per_page",
-        );
+        ));
     }
 
     let store = sim.store();
@@ -557,5 +552,5 @@ async fn list(
             "per_page": per_page,
         }
     });
-    json(StatusCode::OK, &body)
+    Ok(json(StatusCode::OK, &body))
 }
