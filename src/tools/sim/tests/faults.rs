@@ -5,9 +5,24 @@
 
 use std::time::{Duration, Instant};
 
-use crate::providers::Reply;
+use crate::providers::{Registry, Reply};
+use crate::retry::CallError;
 use crate::tools::sim::testkit::{apply, clients, new_id, read_state, sample, sim, sim_with};
-use crate::tools::sim::{Faults, SimConfig, providers};
+use crate::tools::sim::{Faults, SimConfig, SimHandle, providers};
+
+/// Gives `unit` these faults, then one decision on a new target by the
+/// worker's client, which must fail: the error and the target's key.
+async fn refused(
+    sim: &SimHandle,
+    clients: &Registry,
+    unit: &str,
+    faults: Faults,
+) -> (CallError, String) {
+    sim.set_faults(unit, faults);
+    let (decision, target) = sample(unit, "reject");
+    let err = apply(clients, &decision, "k").await.unwrap_err();
+    (err, target)
+}
 
 #[tokio::test]
 async fn error_rate_one_answers_before_any_state_change() {
@@ -137,9 +152,7 @@ async fn rate_limits_answer_the_units_status_with_retry_after() {
         ..Faults::default()
     };
     for &unit in providers() {
-        sim.set_faults(unit, limited);
-        let (decision, target) = sample(unit, "reject");
-        let err = apply(&clients, &decision, "k").await.unwrap_err();
+        let (err, target) = refused(&sim, &clients, unit, limited).await;
         assert!(
             matches!(err.http_status, Some(429 | 420)),
             "{unit}: {err:?}"
@@ -153,16 +166,12 @@ async fn rate_limits_answer_the_units_status_with_retry_after() {
 async fn reset_drops_the_connection_without_an_answer() {
     let sim = sim().await;
     let clients = clients(&sim, &[]);
+    let reset = Faults {
+        reset_ratio: 1.0,
+        ..Faults::default()
+    };
     for &unit in providers() {
-        sim.set_faults(
-            unit,
-            Faults {
-                reset_ratio: 1.0,
-                ..Faults::default()
-            },
-        );
-        let (decision, target) = sample(unit, "reject");
-        let err = apply(&clients, &decision, "k").await.unwrap_err();
+        let (err, target) = refused(&sim, &clients, unit, reset).await;
         assert_eq!(err.http_status, None, "{unit}: {err:?}");
         assert_eq!(sim.target_state(unit, &target), None, "{unit}");
         let stats = sim.stats().provider(unit).unwrap().clone();
@@ -198,17 +207,12 @@ async fn timeout_holds_the_call_without_answering() {
     assert!(err.message.ends_with("timed out"), "{err:?}");
 
     // With a short hold the connection is dropped once the hold ends.
-    sim.set_faults(
-        unit,
-        Faults {
-            timeout_ratio: 1.0,
-            timeout_hold_ms: 50,
-            ..Faults::default()
-        },
-    );
-    let err = apply(&clients(&sim, &[]), &sample(unit, "reject").0, "k")
-        .await
-        .unwrap_err();
+    let short_hold = Faults {
+        timeout_ratio: 1.0,
+        timeout_hold_ms: 50,
+        ..Faults::default()
+    };
+    let (err, _) = refused(&sim, &clients(&sim, &[]), unit, short_hold).await;
     assert!(
         err.http_status.is_none() && !err.message.ends_with("timed out"),
         "{err:?}"
@@ -219,16 +223,12 @@ async fn timeout_holds_the_call_without_answering() {
 async fn apply_then_fail_changes_state_then_fails() {
     let sim = sim().await;
     let clients = clients(&sim, &[]);
+    let apply_then_fail = Faults {
+        apply_then_fail_ratio: 1.0,
+        ..Faults::default()
+    };
     for &unit in providers() {
-        sim.set_faults(
-            unit,
-            Faults {
-                apply_then_fail_ratio: 1.0,
-                ..Faults::default()
-            },
-        );
-        let (decision, target) = sample(unit, "reject");
-        let err = apply(&clients, &decision, "k").await.unwrap_err();
+        let (err, target) = refused(&sim, &clients, unit, apply_then_fail).await;
         assert!(
             matches!(err.http_status, None | Some(503)),
             "{unit}: {err:?}"
