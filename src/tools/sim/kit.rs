@@ -50,7 +50,7 @@ pub(crate) trait Targets: Default + Send + 'static {
 /// through re-authentication.
 pub(crate) struct Fake<C, S> {
     pub config: C,
-    pub store: Mutex<S>,
+    store: Mutex<S>,
     tokens: Mutex<Tokens>,
     pub counters: Counters,
 }
