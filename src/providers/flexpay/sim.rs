@@ -17,7 +17,7 @@
 )]
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::tools::sim::kit::{
-    KeyLog, TargetInfo, TokenStore, applied, bearer, header_str, idempotency_key, json, lock,
+    Fake, KeyLog, Reply, TargetInfo, Targets, applied, header_str, idempotency_key, json,
     now_rfc3339, rfc3339,
 };
 use crate::tools::sim::stats::Counters;
@@ -73,12 +73,7 @@ impl SimHalf for Half {
     }
 
     fn start(&self, options: &UnitOptions) -> Result<Arc<dyn SimUnit>, String> {
-        Ok(Arc::new(Sim {
-            options: options.get(),
-            store: Mutex::default(),
-            tokens: Mutex::default(),
-            counters: Counters::default(),
-        }))
+        Ok(Arc::new(Sim::new(options.get())))
     }
 
     fn sample_target(&self, _action: &str) -> Value {
@@ -95,21 +90,17 @@ impl SimHalf for Half {
     }
 }
 
-/// One running fake: its options, its stores and its counters.
-struct Sim {
-    options: Options,
-    store: Mutex<Store>,
-    tokens: Mutex<TokenStore>,
-    counters: Counters,
-}
+/// One running fake of this provider.
+type Sim = Fake<Options, Store>;
 
 impl SimUnit for Sim {
     fn routes(self: Arc<Self>) -> Router {
-        routes().with_state(self)
-    }
-
-    fn counters(&self) -> &Counters {
-        &self.counters
+        Router::new()
+            .route("/v1/auth/token", post(token))
+            .route("/v1/transactions/pending", get(pending))
+            .route("/v1/transactions/{reference}", get(read))
+            .route("/v1/transactions/{reference}/{action}", post(decide))
+            .with_state(self)
     }
 
     fn error(&self, status: StatusCode, code: &str, message: &str) -> Response {
@@ -117,35 +108,15 @@ impl SimUnit for Sim {
     }
 
     fn call_kind(&self, method: &Method, path: &str) -> CallKind {
-        if path.contains("/auth/token") {
-            CallKind::Auth
-        } else {
-            CallKind::by_method(method)
-        }
-    }
-
-    fn target(&self, key: &str) -> Option<TargetInfo> {
-        lock(&self.store).target(key)
-    }
-
-    fn reset(&self) {
-        *lock(&self.store) = Store::default();
+        CallKind::with_auth_under("/auth/token", method, path)
     }
 
     fn worker_env(&self) -> Vec<(&'static str, String)> {
         vec![
-            ("CLIENT_ID", self.options.client_id.clone()),
-            ("CLIENT_SECRET", self.options.client_secret.clone()),
+            ("CLIENT_ID", self.config.client_id.clone()),
+            ("CLIENT_SECRET", self.config.client_secret.clone()),
         ]
     }
-}
-
-fn routes() -> Router<Arc<Sim>> {
-    Router::new()
-        .route("/v1/auth/token", post(token))
-        .route("/v1/transactions/pending", get(pending))
-        .route("/v1/transactions/{reference}", get(read))
-        .route("/v1/transactions/{reference}/{action}", post(decide))
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -181,13 +152,15 @@ struct Store {
     order: Vec<String>,
 }
 
-impl Store {
+impl Targets for Store {
     fn target(&self, reference: &str) -> Option<TargetInfo> {
         self.transactions
             .get(reference)
             .map(|tx| tx.keys.info(tx.status))
     }
+}
 
+impl Store {
     fn transaction(&mut self, reference: &str) -> &mut Transaction {
         if !self.transactions.contains_key(reference) {
             self.order.push(reference.to_owned());
@@ -252,8 +225,7 @@ fn error(status: StatusCode, code: &str, message: &str, errors: Vec<String>) -> 
 }
 
 fn authorize(sim: &Sim, headers: &HeaderMap) -> Result<(), Response> {
-    let valid = bearer(headers).is_some_and(|token| lock(&sim.tokens).is_valid(token));
-    if valid {
+    if sim.bearer_valid(headers) {
         Ok(())
     } else {
         Err(error(
@@ -283,8 +255,8 @@ fn credentials(headers: &HeaderMap, body: &[u8]) -> Option<Credentials> {
 }
 
 async fn token(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> Response {
-    let oauth = sim.options.oauth_token_shape;
-    let c = &sim.options;
+    let oauth = sim.config.oauth_token_shape;
+    let c = &sim.config;
     let valid = credentials(&headers, &body).is_some_and(|given| {
         given.client_id == c.client_id && given.client_secret == c.client_secret
     });
@@ -303,9 +275,8 @@ async fn token(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> 
             )
         };
     }
-    let ttl = sim.options.token_ttl;
-    let token = lock(&sim.tokens).issue(ttl);
-    Counters::bump(&sim.counters.token_issued);
+    let ttl = sim.config.token_ttl;
+    let (token, _) = sim.issue_tokens(ttl, None);
     if oauth {
         json(
             StatusCode::OK,
@@ -324,16 +295,14 @@ async fn read(
     State(sim): State<Arc<Sim>>,
     Path(reference): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
-    let mut store = lock(&sim.store);
-    envelope(
+) -> Reply {
+    authorize(&sim, &headers)?;
+    let mut store = sim.store();
+    Ok(envelope(
         StatusCode::OK,
         "Transaction retrieved",
         &*store.transaction(&reference),
-    )
+    ))
 }
 
 #[derive(Deserialize)]
@@ -347,21 +316,19 @@ async fn pending(
     State(sim): State<Arc<Sim>>,
     paging: Result<Query<Paging>, QueryRejection>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+) -> Reply {
+    authorize(&sim, &headers)?;
     let Ok(Query(paging)) = paging else {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             "VALIDATION_ERROR",
             "Invalid paging",
             vec!["page and size must be non-negative integers".into()],
-        );
+        ));
     };
     let page = paging.page.unwrap_or(0);
     let size = paging.size.unwrap_or(20).clamp(1, MAX_PAGE_SIZE);
-    let store = lock(&sim.store);
+    let store = sim.store();
     let matching: Vec<&Transaction> = store
         .order
         .iter()
@@ -397,7 +364,11 @@ async fn pending(
         "sort": sort,
         "empty": content.is_empty(),
     });
-    envelope(StatusCode::OK, "Pending transactions retrieved", data)
+    Ok(envelope(
+        StatusCode::OK,
+        "Pending transactions retrieved",
+        data,
+    ))
 }
 
 async fn decide(
@@ -405,27 +376,32 @@ async fn decide(
     Path((reference, action)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Reply {
     let accept = match action.as_str() {
         "accept" => true,
         "reject" => false,
-        _ => return error(StatusCode::NOT_FOUND, "NOT_FOUND", "Not found", Vec::new()),
+        _ => {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                "NOT_FOUND",
+                "Not found",
+                Vec::new(),
+            ));
+        }
     };
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+    authorize(&sim, &headers)?;
     // Reject's reason is optional (UNCONFIRMED whether FlexPay requires it) but
     // bounded; accept ignores any body.
     let reason = if accept || body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
         let Ok(value) = serde_json::from_slice::<Value>(&body) else {
-            return error(
+            return Err(error(
                 StatusCode::BAD_REQUEST,
                 "VALIDATION_ERROR",
                 "Malformed JSON body",
                 Vec::new(),
-            );
+            ));
         };
         match value.get("reason") {
             None | Some(Value::Null) => None,
@@ -433,31 +409,32 @@ async fn decide(
                 Some(reason.clone())
             }
             Some(_) => {
-                return error(
+                return Err(error(
                     StatusCode::BAD_REQUEST,
                     "VALIDATION_ERROR",
                     "Validation failed",
                     vec![format!(
                         "reason: must be a string of at most {MAX_REASON_CHARS} characters"
                     )],
-                );
+                ));
             }
         }
     };
 
     let counters = &sim.counters;
-    let mut store = lock(&sim.store);
+    let mut store = sim.store();
     let tx = store.transaction(&reference);
-    tx.keys.record(idempotency_key(&headers), counters);
-    if tx.status != PENDING {
-        Counters::bump(&counters.double_state_changes);
+    if !tx
+        .keys
+        .admit(idempotency_key(&headers), tx.status == PENDING, counters)
+    {
         let detail = format!("Transaction {reference} is {}", tx.status);
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             "TRANSACTION_NOT_PENDING",
             "Transaction is not awaiting acceptance",
             vec![detail],
-        );
+        ));
     }
     let now = now_rfc3339();
     if accept {
@@ -475,5 +452,5 @@ async fn decide(
     } else {
         "Transaction rejected"
     };
-    applied(envelope(StatusCode::OK, message, &*tx))
+    Ok(applied(envelope(StatusCode::OK, message, &*tx)))
 }

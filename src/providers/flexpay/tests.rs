@@ -711,7 +711,7 @@ mod simulator {
     use serde_json::{Value, json};
 
     use crate::tools::sim::testkit::{client, new_id, parts, sim, sim_with};
-    use crate::tools::sim::{SimConfig, SimHandle};
+    use crate::tools::sim::{Faults, SimConfig, SimHandle};
 
     async fn token(sim: &SimHandle) -> String {
         let url = format!("{}/v1/auth/token", sim.base_url("flexpay"));
@@ -882,6 +882,37 @@ mod simulator {
             parts(client().get(url).bearer_auth(&bearer).send().await.unwrap()).await;
         assert_eq!(status, 400, "{body}");
         assert_eq!(body["errorCode"], "VALIDATION_ERROR");
+    }
+
+    /// Down answers in FlexPay's envelope; the token endpoint keeps
+    /// answering unless the faults include auth.
+    #[tokio::test]
+    async fn down_answers_in_the_envelope_and_spares_the_token_endpoint() {
+        let down = Faults {
+            down: true,
+            ..Faults::default()
+        };
+        let mut config = SimConfig::default();
+        config.faults.insert("flexpay".into(), down);
+        let sim = sim_with(config).await;
+
+        let bearer = token(&sim).await;
+        let (status, body) = decide(&sim, &bearer, &reference(), "accept", None).await;
+        assert_eq!((status, body["success"].clone()), (503, json!(false)));
+        assert_eq!(body["errorCode"], "SERVICE_UNAVAILABLE");
+
+        sim.set_faults(
+            "flexpay",
+            Faults {
+                include_auth: true,
+                ..down
+            },
+        );
+        let url = format!("{}/v1/auth/token", sim.base_url("flexpay"));
+        let credentials =
+            json!({"client_id": "sim-flexpay-client", "client_secret": "sim-flexpay-secret"});
+        let response = client().post(url).json(&credentials).send().await.unwrap();
+        assert_eq!(response.status(), 503);
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@
 )]
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -26,7 +26,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::tools::sim::kit::{
-    KeyLog, TargetInfo, applied, header_str, idempotency_key, json, lock, now_rfc3339,
+    Fake, KeyLog, Reply, TargetInfo, Targets, applied, header_str, idempotency_key, json,
+    now_rfc3339,
 };
 use crate::tools::sim::stats::Counters;
 use crate::tools::sim::unit::{SimHalf, SimUnit, UnitOptions};
@@ -54,11 +55,7 @@ impl SimHalf for Half {
     }
 
     fn start(&self, options: &UnitOptions) -> Result<Arc<dyn SimUnit>, String> {
-        Ok(Arc::new(Sim {
-            options: options.get(),
-            store: Mutex::default(),
-            counters: Counters::default(),
-        }))
+        Ok(Arc::new(Sim::new(options.get())))
     }
 
     fn sample_target(&self, action: &str) -> Value {
@@ -82,20 +79,15 @@ impl SimHalf for Half {
     }
 }
 
-/// One running fake: its options, its store and its counters.
-struct Sim {
-    options: Options,
-    store: Mutex<Store>,
-    counters: Counters,
-}
+/// One running fake of this provider.
+type Sim = Fake<Options, Store>;
 
 impl SimUnit for Sim {
     fn routes(self: Arc<Self>) -> Router {
-        routes().with_state(self)
-    }
-
-    fn counters(&self) -> &Counters {
-        &self.counters
+        Router::new()
+            .route("/transactions/{id}", get(read))
+            .route("/transactions/{id}/{action}", post(decide))
+            .with_state(self)
     }
 
     fn error(&self, status: StatusCode, name: &str, message: &str) -> Response {
@@ -131,23 +123,9 @@ impl SimUnit for Sim {
         response
     }
 
-    fn target(&self, key: &str) -> Option<TargetInfo> {
-        lock(&self.store).target(key)
-    }
-
-    fn reset(&self) {
-        *lock(&self.store) = Store::default();
-    }
-
     fn worker_env(&self) -> Vec<(&'static str, String)> {
-        vec![("API_KEY", self.options.api_key.clone())]
+        vec![("API_KEY", self.config.api_key.clone())]
     }
-}
-
-fn routes() -> Router<Arc<Sim>> {
-    Router::new()
-        .route("/transactions/{id}", get(read))
-        .route("/transactions/{id}/{action}", post(decide))
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -176,12 +154,14 @@ struct Store {
     transactions: HashMap<u64, Transaction>,
 }
 
-impl Store {
+impl Targets for Store {
     fn target(&self, key: &str) -> Option<TargetInfo> {
         let tx = self.transactions.get(&key.parse().ok()?)?;
         Some(tx.keys.info(tx.status))
     }
+}
 
+impl Store {
     fn transaction(&mut self, id: u64) -> &mut Transaction {
         self.transactions.entry(id).or_insert_with(|| {
             let now = now_rfc3339();
@@ -218,7 +198,7 @@ fn not_found() -> Response {
 }
 
 fn authorize(sim: &Sim, headers: &HeaderMap) -> Result<(), Response> {
-    if header_str(headers, "x-ledger-api-key") == Some(sim.options.api_key.as_str()) {
+    if header_str(headers, "x-ledger-api-key") == Some(sim.config.api_key.as_str()) {
         Ok(())
     } else {
         Err(error(
@@ -229,15 +209,13 @@ fn authorize(sim: &Sim, headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
-async fn read(State(sim): State<Arc<Sim>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+async fn read(State(sim): State<Arc<Sim>>, Path(id): Path<String>, headers: HeaderMap) -> Reply {
+    authorize(&sim, &headers)?;
     let Ok(id) = id.parse::<u64>() else {
-        return not_found();
+        return Err(not_found());
     };
-    let mut store = lock(&sim.store);
-    json(StatusCode::OK, &*store.transaction(id))
+    let mut store = sim.store();
+    Ok(json(StatusCode::OK, &*store.transaction(id)))
 }
 
 /// The creation fields an approve must repeat. The sim cannot know what was
@@ -291,37 +269,31 @@ async fn decide(
     Path((id, action)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Reply {
     if action != "approve" && action != "reject" {
-        return error(StatusCode::NOT_FOUND, "NotFound", "Not found");
+        return Err(error(StatusCode::NOT_FOUND, "NotFound", "Not found"));
     }
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+    authorize(&sim, &headers)?;
     let Ok(id) = id.parse::<u64>() else {
-        return not_found();
+        return Err(not_found());
     };
     // Reject takes no body; approve must carry the creation fields.
     let approve = if action == "approve" {
-        match parse_approve(&body) {
-            Ok(fields) => Some(fields),
-            Err(response) => return response,
-        }
+        Some(parse_approve(&body)?)
     } else {
         None
     };
 
     let counters = &sim.counters;
-    let mut store = lock(&sim.store);
+    let mut store = sim.store();
     let tx = store.transaction(id);
-    tx.keys.record(idempotency_key(&headers), counters);
-    if tx.status != "PENDING_APPROVAL" {
-        Counters::bump(&counters.double_state_changes);
-        return error(
+    let pending = tx.status == "PENDING_APPROVAL";
+    if !tx.keys.admit(idempotency_key(&headers), pending, counters) {
+        return Err(error(
             StatusCode::BAD_REQUEST,
             "InvalidTransactionStatus",
             "Transaction is not pending approval",
-        );
+        ));
     }
     match approve {
         Some(fields) => {
@@ -338,5 +310,5 @@ async fn decide(
     }
     tx.updated_on = now_rfc3339();
     Counters::bump(&counters.state_changes);
-    applied(json(StatusCode::OK, &*tx))
+    Ok(applied(json(StatusCode::OK, &*tx)))
 }

@@ -394,8 +394,8 @@ fn the_api_key_header_is_sensitive() {
 mod simulator {
     use serde_json::{Value, json};
 
-    use crate::tools::sim::SimHandle;
     use crate::tools::sim::testkit::{client, parts, sim};
+    use crate::tools::sim::{Faults, SimHandle};
 
     const KEY: &str = "sim-ledger-v1-key";
 
@@ -524,6 +524,62 @@ mod simulator {
             sim.target_state("ledger_v1", &id.to_string()).as_deref(),
             Some("REJECTED")
         );
+    }
+
+    /// Ledger v1 documents 420 (not 429) with `X-RateLimit-*` headers.
+    #[tokio::test]
+    async fn rate_limit_is_420_with_ratelimit_headers() {
+        let sim = sim().await;
+        sim.set_faults(
+            "ledger_v1",
+            Faults {
+                rate_limit_ratio: 1.0,
+                retry_after_secs: 7,
+                ..Faults::default()
+            },
+        );
+        let url = format!("{}/transactions/1/reject", sim.base_url("ledger_v1"));
+        let response = client()
+            .post(url)
+            .header("X-Ledger-API-Key", KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 420);
+        assert_eq!(response.headers()["retry-after"], "7");
+        let reset: u64 = response.headers()["x-ratelimit-reset"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(reset > 1_700_000_000);
+        let (_, body) = parts(response).await;
+        assert_eq!(
+            (body["name"].clone(), body["status_code"].clone()),
+            (json!("RateLimitExceeded"), json!(420))
+        );
+        assert_eq!(sim.target_state("ledger_v1", "1"), None);
+    }
+
+    #[tokio::test]
+    async fn faults_answer_in_ledger_v1s_error_shape() {
+        let sim = sim().await;
+        sim.set_faults(
+            "ledger_v1",
+            Faults {
+                down: true,
+                ..Faults::default()
+            },
+        );
+        let id = tx_id();
+        let (status, body) = post(&sim, &format!("/transactions/{id}/reject"), KEY, None).await;
+        assert_eq!(status, 503);
+        assert_eq!(
+            (body["name"].clone(), body["status_code"].clone()),
+            (json!("ServiceUnavailable"), json!(503))
+        );
+        assert!(body["message"].is_string());
+        assert_eq!(sim.target_state("ledger_v1", &id.to_string()), None);
     }
 
     #[tokio::test]

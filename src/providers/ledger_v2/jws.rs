@@ -10,8 +10,10 @@ use std::path::Path;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
-use p256::ecdsa::signature::{Signer as _, Verifier as _};
-use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
+use p256::ecdsa::signature::Signer as _;
+use p256::ecdsa::{Signature, SigningKey};
+#[cfg(test)]
+use p256::ecdsa::{VerifyingKey, signature::Verifier as _};
 use p256::pkcs8::DecodePrivateKey as _;
 
 /// The protected header PyJWT emits, which Ledger's reference code uses.
@@ -31,10 +33,13 @@ pub enum JwsError {
     InvalidKey,
     #[error("challenge is not valid base64")]
     ChallengeEncoding,
+    #[cfg(test)]
     #[error("JWS is malformed")]
     Malformed,
+    #[cfg(test)]
     #[error("JWS algorithm is not ES256")]
     Algorithm,
+    #[cfg(test)]
     #[error("JWS signature does not verify")]
     BadSignature,
 }
@@ -126,7 +131,9 @@ pub fn sign_challenge(key: &SigningKey, challenge_b64url: &str) -> Result<String
 }
 
 /// Checks a compact JWS made by [`sign_challenge`] (or any ES256 signer) and
-/// returns its payload bytes. Used by the simulator to play Ledger's part.
+/// returns its payload bytes: the client's own round-trip check (the
+/// simulator verifies with its own code, written apart).
+#[cfg(test)]
 pub fn verify_jws(key: &VerifyingKey, jws: &str) -> Result<Vec<u8>, JwsError> {
     let mut parts = jws.split('.');
     let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
@@ -159,7 +166,7 @@ pub fn verify_jws(key: &VerifyingKey, jws: &str) -> Result<Vec<u8>, JwsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::providers::ledger_v2::demo_key::DEMO_SIGNING_KEY_PEM;
+    use crate::providers::ledger_v2::sim::DEMO_SIGNING_KEY_PEM;
 
     const CHALLENGE_JSON: &str =
         r#"{"antireplay":"00ff","data":{"request_id":"r1"},"type":"APPROVE_REQUEST"}"#;

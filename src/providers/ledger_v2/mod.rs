@@ -22,7 +22,6 @@
 //! `PENDING_FIRST_APPROVAL`; approved `APPROVED`, `SIGNED`, `SUBMITTED`;
 //! rejected `REJECTED`, `ABORTED`; anything else is a conflict.
 
-pub(crate) mod demo_key;
 mod jws;
 pub mod sim;
 #[cfg(test)]

@@ -17,7 +17,7 @@
 )]
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -28,13 +28,14 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use p256::ecdsa::signature::Verifier as _;
+use p256::ecdsa::{Signature, VerifyingKey};
+use p256::pkcs8::DecodePrivateKey as _;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use p256::ecdsa::VerifyingKey;
-
 use crate::tools::sim::kit::{
-    KeyLog, TargetInfo, TokenStore, applied, bearer, idempotency_key, json, lock, now_rfc3339,
+    Fake, KeyLog, Reply, TargetInfo, Targets, applied, idempotency_key, json, now_rfc3339,
     random_hex, rfc3339,
 };
 use crate::tools::sim::stats::Counters;
@@ -44,6 +45,18 @@ use crate::tools::sim::unit::{CallKind, SimHalf, SimUnit, UnitOptions};
 /// that fetches challenges in a loop cannot grow memory.
 const MAX_OPEN_CHALLENGES: usize = 16;
 
+/// The API user's key the fake trusts by default, and that `worker_env`
+/// hands to the worker for the simulator and the `demo` command.
+///
+/// It is public, so it protects nothing: never register its public key with
+/// a real Ledger workspace.
+pub const DEMO_SIGNING_KEY_PEM: &str = "-----BEGIN EC PRIVATE KEY-----
+MHcCAQEEIFsg5itIFqngrRsCZPJprXcfAvii0RCu8RFgS3UZZYDnoAoGCCqGSM49
+AwEHoUQDQgAE8u2GmfKd7mISYOrvmx4I2BHCcvNFNIeJQOGoxFmFjN4W0/chcYbf
+VH41Aga7/MJLRX/ALF4ujNHwWzIPJXor4Q==
+-----END EC PRIVATE KEY-----
+";
+
 /// What the fake accepts and how it behaves; set through
 /// `SimConfig::with(Options { .. })`.
 #[derive(Clone, Debug)]
@@ -51,9 +64,9 @@ pub struct Options {
     pub workspace: String,
     pub api_key_id: String,
     pub api_key_secret: String,
-    /// PEM of the API user's key. The fake keeps only its public half to
-    /// verify signatures; the PEM itself is handed to the worker by
-    /// `worker_env`.
+    /// PEM (SEC1 or PKCS#8) of the API user's key. The fake keeps only its
+    /// public half to verify signatures; the PEM itself is handed to the
+    /// worker by `worker_env`.
     pub signing_key_pem: String,
     pub access_ttl: Duration,
     pub refresh_ttl: Duration,
@@ -69,7 +82,7 @@ impl Default for Options {
             workspace: "sim-workspace".into(),
             api_key_id: "sim-key-id".into(),
             api_key_secret: "sim-key-secret".into(),
-            signing_key_pem: super::demo_key::DEMO_SIGNING_KEY_PEM.into(),
+            signing_key_pem: DEMO_SIGNING_KEY_PEM.into(),
             access_ttl: Duration::from_secs(300),
             refresh_ttl: Duration::from_secs(1800),
             verify_signatures: true,
@@ -87,15 +100,11 @@ impl SimHalf for Half {
 
     fn start(&self, options: &UnitOptions) -> Result<Arc<dyn SimUnit>, String> {
         let options: Options = options.get();
-        let signing_key = super::jws::load_signing_key(&options.signing_key_pem)
-            .map_err(|e| format!("signing key: {e}"))?;
-        Ok(Arc::new(Sim {
-            verifying_key: *signing_key.verifying_key(),
+        let verifying_key = public_key(&options.signing_key_pem)?;
+        Ok(Arc::new(Sim::new(Config {
+            verifying_key: options.verify_signatures.then_some(verifying_key),
             options,
-            store: Mutex::default(),
-            tokens: Mutex::default(),
-            counters: Counters::default(),
-        }))
+        })))
     }
 
     fn sample_target(&self, _action: &str) -> Value {
@@ -122,22 +131,25 @@ impl SimHalf for Half {
     }
 }
 
-/// One running fake: its options, its stores and its counters.
-struct Sim {
+/// One running fake of this provider.
+type Sim = Fake<Config, Store>;
+
+/// The options, with the key that checks signatures parsed once at start;
+/// `None` when signatures go unchecked.
+struct Config {
     options: Options,
-    verifying_key: VerifyingKey,
-    store: Mutex<Store>,
-    tokens: Mutex<Tokens>,
-    counters: Counters,
+    verifying_key: Option<VerifyingKey>,
 }
 
 impl SimUnit for Sim {
     fn routes(self: Arc<Self>) -> Router {
-        routes().with_state(self)
-    }
-
-    fn counters(&self) -> &Counters {
-        &self.counters
+        Router::new()
+            .route("/rest/auth/token", post(token))
+            .route("/rest/auth/token/refresh", post(refresh))
+            .route("/rest/requests/{id}", get(read))
+            .route("/rest/requests/{id}/challenge", get(challenge))
+            .route("/rest/requests/{id}/{action}", post(decide))
+            .with_state(self)
     }
 
     fn error(&self, status: StatusCode, code: &str, message: &str) -> Response {
@@ -145,23 +157,11 @@ impl SimUnit for Sim {
     }
 
     fn call_kind(&self, method: &Method, path: &str) -> CallKind {
-        if path.contains("/auth/token") {
-            CallKind::Auth
-        } else {
-            CallKind::by_method(method)
-        }
-    }
-
-    fn target(&self, key: &str) -> Option<TargetInfo> {
-        lock(&self.store).target(key)
-    }
-
-    fn reset(&self) {
-        *lock(&self.store) = Store::default();
+        CallKind::with_auth_under("/auth/token", method, path)
     }
 
     fn worker_env(&self) -> Vec<(&'static str, String)> {
-        let o = &self.options;
+        let o = &self.config.options;
         vec![
             ("WORKSPACE", o.workspace.clone()),
             ("API_KEY_ID", o.api_key_id.clone()),
@@ -169,21 +169,6 @@ impl SimUnit for Sim {
             ("SIGNING_KEY", o.signing_key_pem.clone()),
         ]
     }
-}
-
-fn routes() -> Router<Arc<Sim>> {
-    Router::new()
-        .route("/rest/auth/token", post(token))
-        .route("/rest/auth/token/refresh", post(refresh))
-        .route("/rest/requests/{id}", get(read))
-        .route("/rest/requests/{id}/challenge", get(challenge))
-        .route("/rest/requests/{id}/{action}", post(decide))
-}
-
-#[derive(Default)]
-struct Tokens {
-    access: TokenStore,
-    refresh: TokenStore,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -232,11 +217,13 @@ struct Store {
     next_legacy_id: u64,
 }
 
-impl Store {
+impl Targets for Store {
     fn target(&self, id: &str) -> Option<TargetInfo> {
         self.requests.get(id).map(|r| r.keys.info(r.state))
     }
+}
 
+impl Store {
     fn request(&mut self, id: &str) -> &mut VaultRequest {
         if !self.requests.contains_key(id) {
             self.next_legacy_id += 1;
@@ -293,8 +280,11 @@ fn unauthorized() -> Response {
 }
 
 fn authorize(sim: &Sim, headers: &HeaderMap) -> Result<(), Response> {
-    let valid = bearer(headers).is_some_and(|token| lock(&sim.tokens).access.is_valid(token));
-    if valid { Ok(()) } else { Err(unauthorized()) }
+    if sim.bearer_valid(headers) {
+        Ok(())
+    } else {
+        Err(unauthorized())
+    }
 }
 
 fn string_field<'v>(value: &'v Value, name: &str) -> Result<&'v str, Response> {
@@ -307,78 +297,57 @@ fn string_field<'v>(value: &'v Value, name: &str) -> Result<&'v str, Response> {
 /// Issues an access/refresh pair; both the exchange and the refresh answer
 /// this same shape.
 fn issue(sim: &Sim) -> Response {
-    let (access, refresh) = {
-        let mut tokens = lock(&sim.tokens);
-        (
-            tokens.access.issue(sim.options.access_ttl),
-            tokens.refresh.issue(sim.options.refresh_ttl),
-        )
-    };
-    Counters::bump(&sim.counters.token_issued);
+    let o = &sim.config.options;
+    let (access, refresh) = sim.issue_tokens(o.access_ttl, Some(o.refresh_ttl));
     json(
         StatusCode::OK,
         &json!({
             "accessToken": access,
-            "expiresInSeconds": sim.options.access_ttl.as_secs(),
+            "expiresInSeconds": o.access_ttl.as_secs(),
             "refreshToken": refresh,
-            "refreshExpiresInSeconds": sim.options.refresh_ttl.as_secs(),
+            "refreshExpiresInSeconds": o.refresh_ttl.as_secs(),
         }),
     )
 }
 
-async fn token(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
-    let Ok(value) = serde_json::from_slice::<Value>(&body) else {
-        return invalid_input("body must be a JSON object");
-    };
-    let fields = (
-        string_field(&value, "workspace"),
-        string_field(&value, "apiKeyId"),
-        string_field(&value, "apiKeySecret"),
-    );
-    let (workspace, key_id, secret) = match fields {
-        (Ok(w), Ok(k), Ok(s)) => (w, k, s),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return e,
-    };
-    let c = &sim.options;
+fn object(body: &[u8]) -> Result<Value, Response> {
+    serde_json::from_slice(body).map_err(|_| invalid_input("body must be a JSON object"))
+}
+
+async fn token(State(sim): State<Arc<Sim>>, body: Bytes) -> Reply {
+    let value = object(&body)?;
+    let workspace = string_field(&value, "workspace")?;
+    let key_id = string_field(&value, "apiKeyId")?;
+    let secret = string_field(&value, "apiKeySecret")?;
+    let c = &sim.config.options;
     if workspace != c.workspace || key_id != c.api_key_id || secret != c.api_key_secret {
-        return error(
+        return Err(error(
             StatusCode::UNAUTHORIZED,
             "UNAUTHORIZED",
             "Invalid credentials",
-        );
+        ));
     }
-    issue(&sim)
+    Ok(issue(&sim))
 }
 
-async fn refresh(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
-    let Ok(value) = serde_json::from_slice::<Value>(&body) else {
-        return invalid_input("body must be a JSON object");
-    };
-    let (workspace, refresh_token) = match (
-        string_field(&value, "workspace"),
-        string_field(&value, "refreshToken"),
-    ) {
-        (Ok(w), Ok(r)) => (w, r),
-        (Err(e), _) | (_, Err(e)) => return e,
-    };
-    let valid =
-        workspace == sim.options.workspace && lock(&sim.tokens).refresh.is_valid(refresh_token);
-    if !valid {
-        return error(
+async fn refresh(State(sim): State<Arc<Sim>>, body: Bytes) -> Reply {
+    let value = object(&body)?;
+    let workspace = string_field(&value, "workspace")?;
+    let refresh_token = string_field(&value, "refreshToken")?;
+    if workspace != sim.config.options.workspace || !sim.refresh_valid(refresh_token) {
+        return Err(error(
             StatusCode::UNAUTHORIZED,
             "UNAUTHORIZED",
             "Invalid or expired refresh token",
-        );
+        ));
     }
-    issue(&sim)
+    Ok(issue(&sim))
 }
 
-async fn read(State(sim): State<Arc<Sim>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
-    let mut store = lock(&sim.store);
-    json(StatusCode::OK, &*store.request(&id))
+async fn read(State(sim): State<Arc<Sim>>, Path(id): Path<String>, headers: HeaderMap) -> Reply {
+    authorize(&sim, &headers)?;
+    let mut store = sim.store();
+    Ok(json(StatusCode::OK, &*store.request(&id)))
 }
 
 /// Issues a fresh challenge for the request and remembers its bytes, which
@@ -387,10 +356,8 @@ async fn challenge(
     State(sim): State<Arc<Sim>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+) -> Reply {
+    authorize(&sim, &headers)?;
     let payload = json!({
         "antireplay": random_hex(32),
         "data": {"request_id": id, "action": "REVIEW"},
@@ -398,13 +365,13 @@ async fn challenge(
     });
     let bytes = serde_json::to_vec(&payload).unwrap_or_default();
     let encoded = URL_SAFE_NO_PAD.encode(&bytes);
-    let mut store = lock(&sim.store);
+    let mut store = sim.store();
     let challenges = &mut store.request(&id).challenges;
     if challenges.len() >= MAX_OPEN_CHALLENGES {
         challenges.pop_front();
     }
     challenges.push_back(bytes);
-    json(StatusCode::OK, &json!({"challenge": encoded}))
+    Ok(json(StatusCode::OK, &json!({"challenge": encoded})))
 }
 
 async fn decide(
@@ -412,88 +379,103 @@ async fn decide(
     Path((id, action)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Reply {
     let decided_state = match action.as_str() {
         "approve" => "APPROVED",
         "reject" => "REJECTED",
-        _ => return error(StatusCode::NOT_FOUND, "NOT_FOUND", "Not found"),
+        _ => return Err(error(StatusCode::NOT_FOUND, "NOT_FOUND", "Not found")),
     };
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
-    let Ok(value) = serde_json::from_slice::<Value>(&body) else {
-        return invalid_input("body must be a JSON object");
-    };
+    authorize(&sim, &headers)?;
+    let value = object(&body)?;
     let Some(data) = value.get("data").filter(|d| d.is_object()) else {
-        return invalid_input("data is required");
+        return Err(invalid_input("data is required"));
     };
-    let signature = match string_field(data, "signature") {
-        Ok(signature) => signature,
-        Err(response) => return response,
-    };
+    let signature = string_field(data, "signature")?;
     match data.get("challengeType").and_then(Value::as_str) {
         Some("API") => {}
-        _ => return invalid_input("data.challengeType must be \"API\""),
+        _ => return Err(invalid_input("data.challengeType must be \"API\"")),
     }
     // Verify outside the lock: ECDSA verification is the costliest step here.
-    let payload = if sim.options.verify_signatures {
-        super::jws::verify_jws(&sim.verifying_key, signature).ok()
-    } else {
-        unverified_payload(signature)
-    };
-    let Some(payload) = payload else {
-        return error(
+    let Some(payload) = signed_payload(sim.config.verifying_key.as_ref(), signature) else {
+        return Err(error(
             StatusCode::FORBIDDEN,
             "INVALID_SIGNATURE",
             "Signature verification failed",
-        );
+        ));
     };
 
     let counters = &sim.counters;
-    let mut store = lock(&sim.store);
+    let mut store = sim.store();
     let request = store.request(&id);
     let Some(position) = request.challenges.iter().position(|c| *c == payload) else {
-        return error(
+        return Err(error(
             StatusCode::FORBIDDEN,
             "INVALID_CHALLENGE",
             "Signed payload is not an open challenge of this request",
-        );
+        ));
     };
     request.challenges.remove(position);
-    request.keys.record(idempotency_key(&headers), counters);
-    if request.state != "PENDING_APPROVAL" {
-        Counters::bump(&counters.double_state_changes);
-        return error(
+    let pending = request.state == "PENDING_APPROVAL";
+    if !request
+        .keys
+        .admit(idempotency_key(&headers), pending, counters)
+    {
+        return Err(error(
             StatusCode::BAD_REQUEST,
             "REQUEST_NOT_PENDING",
             "Request is not pending approval",
-        );
+        ));
     }
     let now = now_rfc3339();
     request.state = decided_state;
     request.reviews.push(Review {
         step_index: 0,
-        user_id: sim.options.api_key_id.clone(),
+        user_id: sim.config.options.api_key_id.clone(),
         status: decided_state,
         created_at: now.clone(),
         updated_at: now.clone(),
     });
     request.updated_at = now;
     Counters::bump(&counters.state_changes);
-    applied(json(StatusCode::OK, &*request))
+    Ok(applied(json(StatusCode::OK, &*request)))
 }
 
-/// The payload of a compact JWS without checking its signature, for
-/// benchmarks that turn verification off.
-fn unverified_payload(jws: &str) -> Option<Vec<u8>> {
+/// The public half of the API user's key, from its PEM.
+pub(super) fn public_key(pem: &str) -> Result<VerifyingKey, String> {
+    let secret = if pem.contains("-----BEGIN PRIVATE KEY-----") {
+        p256::SecretKey::from_pkcs8_pem(pem).map_err(|_| "signing key: not a P-256 PKCS#8 key")?
+    } else {
+        p256::SecretKey::from_sec1_pem(pem).map_err(|_| "signing key: not a P-256 EC key PEM")?
+    };
+    Ok(VerifyingKey::from(secret.public_key()))
+}
+
+/// The payload of a compact JWS as Ledger documents it (PROVIDERS.md
+/// section 4): `base64url(header).base64url(payload).base64url(r||s)`, an
+/// ES256 signature over the ASCII of the first two segments as received.
+/// Written from that format rather than taken from the client, so a
+/// misreading of it in the client cannot pass the fake. Without `key` the
+/// signature is not checked (benchmarks); the shape still is.
+pub(super) fn signed_payload(key: Option<&VerifyingKey>, jws: &str) -> Option<Vec<u8>> {
     let mut segments = jws.split('.');
-    let (_, payload, _, None) = (
-        segments.next()?,
-        segments.next()?,
-        segments.next()?,
+    let (Some(header), Some(payload), Some(signature), None) = (
+        segments.next(),
+        segments.next(),
+        segments.next(),
         segments.next(),
     ) else {
         return None;
     };
-    URL_SAFE_NO_PAD.decode(payload).ok()
+    let payload_bytes = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let Some(key) = key else {
+        return Some(payload_bytes);
+    };
+    let protected: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).ok()?).ok()?;
+    if protected["alg"] != "ES256" {
+        return None;
+    }
+    let signature = Signature::from_slice(&URL_SAFE_NO_PAD.decode(signature).ok()?).ok()?;
+    let signing_input = &jws[..header.len() + 1 + payload.len()];
+    key.verify(signing_input.as_bytes(), &signature).ok()?;
+    Some(payload_bytes)
 }

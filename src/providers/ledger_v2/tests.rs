@@ -25,7 +25,7 @@ fn env(base_url: &str) -> Vec<(String, String)> {
         ("APPROVAL_PROVIDERS__LEDGER_V2__API_KEY_SECRET", KEY_SECRET),
         (
             "APPROVAL_PROVIDERS__LEDGER_V2__SIGNING_KEY",
-            demo_key::DEMO_SIGNING_KEY_PEM,
+            sim::DEMO_SIGNING_KEY_PEM,
         ),
     ]
     .into_iter()
@@ -164,7 +164,7 @@ fn assert_decision_call(r: &wiremock::Request, id_path: &str, verb: &str, bearer
 /// The JWS verifies with the demo key's public half, has exactly
 /// PyJWT's header, and its payload is the challenge bytes unchanged.
 fn assert_signed_challenge(jws_text: &str) {
-    let key = jws::load_signing_key(demo_key::DEMO_SIGNING_KEY_PEM).unwrap();
+    let key = jws::load_signing_key(sim::DEMO_SIGNING_KEY_PEM).unwrap();
     let payload = jws::verify_jws(key.verifying_key(), jws_text).unwrap();
     assert_eq!(payload, CHALLENGE_JSON.as_bytes());
     let header = jws_text.split('.').next().unwrap();
@@ -684,7 +684,7 @@ fn the_bearer_header_is_sensitive() {
         workspace: "w".to_owned(),
         api_key_id: SecretString::from("i"),
         api_key_secret: SecretString::from("s"),
-        signing_key: jws::load_signing_key(demo_key::DEMO_SIGNING_KEY_PEM).unwrap(),
+        signing_key: jws::load_signing_key(sim::DEMO_SIGNING_KEY_PEM).unwrap(),
         tokens: TokenCache::new(NAME, TOKEN_MARGIN),
     };
     let req = p.request(Method::GET, p.url("/r"), &SecretString::from("t"));
@@ -700,10 +700,9 @@ mod simulator {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use serde_json::{Value, json};
 
-    use crate::providers::ledger_v2::{
-        demo_key::DEMO_SIGNING_KEY_PEM,
-        jws::{load_signing_key, sign_challenge},
-    };
+    use super::super::sim::DEMO_SIGNING_KEY_PEM;
+    // The client's signer, only to produce signatures for the fake to check.
+    use crate::providers::ledger_v2::jws::{load_signing_key, sign_challenge};
     use crate::tools::sim::testkit::{client, new_id, parts, sim, sim_with};
     use crate::tools::sim::{SimConfig, SimHandle};
 
@@ -742,6 +741,50 @@ mod simulator {
             .header("Idempotency-Key", format!("{action}-{id}"))
             .json(&body);
         parts(request.send().await.unwrap()).await
+    }
+
+    /// The fake's own reading of the JWS format, against signatures made by
+    /// the client's signer.
+    #[test]
+    fn the_fake_checks_es256_compact_jws_on_its_own() {
+        let key = load_signing_key(DEMO_SIGNING_KEY_PEM).unwrap();
+        let trusted = sim::public_key(DEMO_SIGNING_KEY_PEM).unwrap();
+        assert_eq!(&trusted, key.verifying_key());
+        let challenge = br#"{"antireplay":"00ff","type":"APPROVE_REQUEST"}"#;
+        let jws = sign_challenge(&key, &URL_SAFE_NO_PAD.encode(challenge)).unwrap();
+        assert_eq!(
+            sim::signed_payload(Some(&trusted), &jws).as_deref(),
+            Some(&challenge[..])
+        );
+
+        let segments: Vec<&str> = jws.split('.').collect();
+        let mut tampered = challenge.to_vec();
+        tampered[3] ^= 0x01;
+        let forged = [segments[0], &URL_SAFE_NO_PAD.encode(&tampered), segments[2]].join(".");
+        assert_eq!(sim::signed_payload(Some(&trusted), &forged), None);
+        let hs256 = URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256"}"#);
+        let other_alg = [hs256.as_str(), segments[1], segments[2]].join(".");
+        assert_eq!(sim::signed_payload(Some(&trusted), &other_alg), None);
+        let other_key = p256::ecdsa::SigningKey::from_slice(&[7u8; 32]).expect("a valid scalar");
+        let foreign = sign_challenge(&other_key, &URL_SAFE_NO_PAD.encode(challenge)).unwrap();
+        assert_eq!(sim::signed_payload(Some(&trusted), &foreign), None);
+        assert_eq!(sim::signed_payload(Some(&trusted), "a.b"), None);
+        assert_eq!(
+            sim::signed_payload(Some(&trusted), &format!("{jws}.x")),
+            None
+        );
+
+        // Unchecked, any signature passes but the shape is still read.
+        assert_eq!(
+            sim::signed_payload(None, &foreign).as_deref(),
+            Some(&challenge[..])
+        );
+        assert_eq!(sim::signed_payload(None, "a.b"), None);
+
+        use p256::pkcs8::EncodePrivateKey as _;
+        let pkcs8 = key.to_pkcs8_pem(p256::pkcs8::LineEnding::LF).unwrap();
+        assert_eq!(sim::public_key(&pkcs8).unwrap(), trusted);
+        assert!(sim::public_key("not a key").is_err());
     }
 
     async fn signed(sim: &SimHandle, bearer: &str, id: &str) -> String {
@@ -930,6 +973,32 @@ mod simulator {
     }
 
     #[tokio::test]
+    async fn faults_answer_in_ledger_v2s_error_shape() {
+        let sim = sim().await;
+        let bearer = access_token(&sim).await;
+        sim.set_faults(
+            "ledger_v2",
+            crate::tools::sim::Faults {
+                rate_limit_ratio: 1.0,
+                retry_after_secs: 3,
+                ..Default::default()
+            },
+        );
+        let url = format!(
+            "{}/rest/requests/{}/challenge",
+            sim.base_url("ledger_v2"),
+            new_id()
+        );
+        let response = client().get(url).bearer_auth(&bearer).send().await.unwrap();
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()["retry-after"], "3");
+        let (_, body) = parts(response).await;
+        assert_eq!(body["code"], "RATE_LIMITED");
+        assert_eq!(body["issues"], json!([]));
+        assert!(body["message"].is_string());
+    }
+
+    #[tokio::test]
     async fn worker_env_names_the_credentials_the_fake_accepts() {
         let sim = crate::tools::sim::testkit::sim().await;
         let mut ours: Vec<(String, String)> = sim
@@ -957,7 +1026,7 @@ mod simulator {
             ),
             (
                 "APPROVAL_PROVIDERS__LEDGER_V2__SIGNING_KEY".to_owned(),
-                crate::providers::ledger_v2::demo_key::DEMO_SIGNING_KEY_PEM.to_owned(),
+                DEMO_SIGNING_KEY_PEM.to_owned(),
             ),
         ];
         expected.sort();

@@ -17,7 +17,7 @@
 )]
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -29,8 +29,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::tools::sim::kit::{
-    KeyLog, TargetInfo, applied, bearer, idempotency_key, is_json, json, lock, now_rfc3339,
-    random_hex,
+    Fake, KeyLog, Reply, TargetInfo, Targets, applied, bearer, idempotency_key, is_json, json,
+    now_rfc3339, random_hex,
 };
 use crate::tools::sim::stats::Counters;
 use crate::tools::sim::unit::{SimHalf, SimUnit, UnitOptions};
@@ -62,11 +62,7 @@ impl SimHalf for Half {
     }
 
     fn start(&self, options: &UnitOptions) -> Result<Arc<dyn SimUnit>, String> {
-        Ok(Arc::new(Sim {
-            options: options.get(),
-            store: Mutex::default(),
-            counters: Counters::default(),
-        }))
+        Ok(Arc::new(Sim::new(options.get())))
     }
 
     fn sample_target(&self, _action: &str) -> Value {
@@ -80,20 +76,16 @@ impl SimHalf for Half {
     }
 }
 
-/// One running fake: its options, its store and its counters.
-struct Sim {
-    options: Options,
-    store: Mutex<Store>,
-    counters: Counters,
-}
+/// One running fake of this provider.
+type Sim = Fake<Options, Store>;
 
 impl SimUnit for Sim {
     fn routes(self: Arc<Self>) -> Router {
-        routes().with_state(self)
-    }
-
-    fn counters(&self) -> &Counters {
-        &self.counters
+        Router::new()
+            .route("/operations/{operation_id}", get(read_operation))
+            .route("/operations/{operation_id}/{action}", put(decide))
+            .route("/transactions/{id}", get(read_transaction))
+            .with_state(self)
     }
 
     /// MoneyPipe codes are integers (PROVIDERS.md section 5).
@@ -105,24 +97,9 @@ impl SimUnit for Sim {
         "0"
     }
 
-    fn target(&self, key: &str) -> Option<TargetInfo> {
-        lock(&self.store).target(key)
-    }
-
-    fn reset(&self) {
-        *lock(&self.store) = Store::default();
-    }
-
     fn worker_env(&self) -> Vec<(&'static str, String)> {
-        vec![("TOKEN", self.options.token.clone())]
+        vec![("TOKEN", self.config.token.clone())]
     }
-}
-
-fn routes() -> Router<Arc<Sim>> {
-    Router::new()
-        .route("/operations/{operation_id}", get(read_operation))
-        .route("/operations/{operation_id}/{action}", put(decide))
-        .route("/transactions/{id}", get(read_transaction))
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -166,11 +143,13 @@ struct Store {
     operations: HashMap<String, Operation>,
 }
 
-impl Store {
+impl Targets for Store {
     fn target(&self, id: &str) -> Option<TargetInfo> {
         self.transactions.get(id).map(|tx| tx.keys.info(tx.status))
     }
+}
 
+impl Store {
     fn operation(&mut self, id: &str) -> &mut Operation {
         self.operations.entry(id.to_owned()).or_insert_with(|| {
             let now = now_rfc3339();
@@ -231,7 +210,7 @@ fn validation(field: &str, messages: Vec<String>) -> Response {
 }
 
 fn authorize(sim: &Sim, headers: &HeaderMap) -> Result<(), Response> {
-    if bearer(headers) == Some(sim.options.token.as_str()) {
+    if bearer(headers) == Some(sim.config.token.as_str()) {
         Ok(())
     } else {
         Err(error(StatusCode::UNAUTHORIZED, 2, "Unauthenticated"))
@@ -242,25 +221,24 @@ async fn read_transaction(
     State(sim): State<Arc<Sim>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
-    let mut store = lock(&sim.store);
-    json(StatusCode::OK, &json!({"data": store.transaction(&id)}))
+) -> Reply {
+    authorize(&sim, &headers)?;
+    let mut store = sim.store();
+    Ok(json(
+        StatusCode::OK,
+        &json!({"data": store.transaction(&id)}),
+    ))
 }
 
 async fn read_operation(
     State(sim): State<Arc<Sim>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
-    let mut store = lock(&sim.store);
+) -> Reply {
+    authorize(&sim, &headers)?;
+    let mut store = sim.store();
     store.operation(&id);
-    json(StatusCode::OK, &json!({"data": store.view(&id)}))
+    Ok(json(StatusCode::OK, &json!({"data": store.view(&id)})))
 }
 
 enum Action {
@@ -322,30 +300,25 @@ async fn decide(
     Path((operation_id, action)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Reply {
     let link = match action.as_str() {
         "link-transactions" => true,
         "reject-transactions" => false,
-        _ => return error(StatusCode::NOT_FOUND, 0, "Not found"),
+        _ => return Err(error(StatusCode::NOT_FOUND, 0, "Not found")),
     };
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+    authorize(&sim, &headers)?;
     if !is_json(&headers) {
-        return error(
+        return Err(error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             10,
             "Unsupported Content Type",
-        );
+        ));
     }
-    let (ids, action) = match parse_body(link, &body) {
-        Ok(parsed) => parsed,
-        Err(response) => return response,
-    };
+    let (ids, action) = parse_body(link, &body)?;
 
     let counters = &sim.counters;
     let key = idempotency_key(&headers);
-    let mut store = lock(&sim.store);
+    let mut store = sim.store();
     // A transaction belongs to the operation that first named it; checked
     // before anything is touched so a refused call leaves no trace.
     let foreign = ids.iter().any(|id| {
@@ -356,15 +329,15 @@ async fn decide(
         owner.is_some_and(|owner| owner != operation_id)
     });
     if foreign {
-        return error(StatusCode::NOT_FOUND, 6, "Transaction not found");
+        return Err(error(StatusCode::NOT_FOUND, 6, "Transaction not found"));
     }
     store.operation(&operation_id);
     let mut not_pending = Vec::new();
     for id in &ids {
         let tx = store.transaction(id);
         tx.operation_id = Some(operation_id.clone());
-        tx.keys.record(key, counters);
-        if tx.status != PENDING {
+        let pending = tx.status == PENDING;
+        if !tx.keys.admit(key, pending, counters) {
             not_pending.push(format!("transaction {id} is not pending"));
         }
         let op = store.operation(&operation_id);
@@ -374,8 +347,7 @@ async fn decide(
     }
     if !not_pending.is_empty() {
         // All or nothing: no transaction of the call changes.
-        Counters::add(&counters.double_state_changes, not_pending.len() as u64);
-        return validation("tx_id", not_pending);
+        return Err(validation("tx_id", not_pending));
     }
     let now = now_rfc3339();
     for id in &ids {
@@ -394,8 +366,8 @@ async fn decide(
     }
     store.operation(&operation_id).updated_at = now;
     Counters::add(&counters.state_changes, ids.len() as u64);
-    applied(json(
+    Ok(applied(json(
         StatusCode::OK,
         &json!({"data": store.view(&operation_id)}),
-    ))
+    )))
 }

@@ -590,8 +590,8 @@ fn the_bearer_header_is_sensitive() {
 mod simulator {
     use serde_json::{Value, json};
 
-    use crate::tools::sim::SimHandle;
     use crate::tools::sim::testkit::{client, new_id, parts, sim};
+    use crate::tools::sim::{Faults, SimHandle};
 
     const TOKEN: &str = "sim-moneypipe-token";
 
@@ -764,6 +764,43 @@ mod simulator {
             sim.target_state("moneypipe", &tx).as_deref(),
             Some("confirmed")
         );
+    }
+
+    /// MoneyPipe's codes are integers; a fault carries code 0.
+    #[tokio::test]
+    async fn faults_answer_in_moneypipes_error_shape() {
+        let sim = sim().await;
+        sim.set_faults(
+            "moneypipe",
+            Faults {
+                down: true,
+                ..Faults::default()
+            },
+        );
+        let url = format!("{}/transactions/{}", sim.base_url("moneypipe"), new_id());
+        let read = client().get(url).bearer_auth(TOKEN);
+        let (status, body) = parts(read.send().await.unwrap()).await;
+        assert_eq!((status, body["code"].clone()), (503, json!(0)));
+        assert!(body["message"].is_string());
+
+        sim.set_faults(
+            "moneypipe",
+            Faults {
+                rate_limit_ratio: 1.0,
+                ..Faults::default()
+            },
+        );
+        let (op, tx) = (new_id(), new_id());
+        let (status, body) = put(
+            &sim,
+            &op,
+            "link-transactions",
+            TOKEN,
+            json!({"tx_id": [tx]}),
+        )
+        .await;
+        assert_eq!((status, body["code"].clone()), (429, json!(0)));
+        assert_eq!(sim.target_state("moneypipe", &tx), None);
     }
 
     #[tokio::test]

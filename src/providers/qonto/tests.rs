@@ -186,7 +186,7 @@ mod simulator {
     use serde_json::{Value, json};
 
     use crate::tools::sim::testkit::{client, new_id, parts, sim, sim_with};
-    use crate::tools::sim::{ScaAuto, SimConfig, SimHandle};
+    use crate::tools::sim::{Faults, ScaAuto, SimConfig, SimHandle, SimStats};
 
     const AUTH: &str = "sim-qonto:sim-qonto-secret";
 
@@ -592,6 +592,205 @@ mod simulator {
         let (status, body) = parts(request.send().await.unwrap()).await;
         assert_eq!(status, 422, "{body}");
         assert_eq!(body["errors"][0]["code"], "invalid_parameter");
+    }
+
+    fn decline_note() -> Option<Value> {
+        Some(json!({"declined_note": "no"}))
+    }
+
+    fn qonto(stats: SimStats) -> crate::tools::sim::ProviderStats {
+        stats.provider("qonto").unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn faults_answer_in_qontos_error_shape_before_any_state_change() {
+        let sim = sim().await;
+        sim.set_faults(
+            "qonto",
+            Faults {
+                error_rate: 1.0,
+                ..Faults::default()
+            },
+        );
+        let id = new_id();
+        let (status, body) = decide(&sim, "transfers", &id, "decline", "k", decline_note()).await;
+        assert_eq!(status, 503);
+        assert_eq!(body["errors"][0]["code"], "service_unavailable");
+        assert_eq!(sim.target_state("qonto", &id), None);
+
+        sim.set_faults(
+            "qonto",
+            Faults {
+                error_rate: 1.0,
+                error_status: 500,
+                ..Faults::default()
+            },
+        );
+        let (status, _) = decide(&sim, "transfers", &id, "decline", "k", decline_note()).await;
+        assert_eq!(status, 500);
+
+        sim.set_faults("qonto", Faults::default());
+        let (status, _) = decide(&sim, "transfers", &id, "decline", "k", decline_note()).await;
+        assert_eq!(status, 200);
+        let stats = qonto(sim.stats());
+        assert_eq!((stats.state_changing_calls, stats.state_changes), (3, 1));
+        assert_eq!(stats.by_status.get(&503), Some(&1));
+    }
+
+    #[tokio::test]
+    async fn rate_limit_is_429_with_retry_after() {
+        let sim = sim().await;
+        sim.set_faults(
+            "qonto",
+            Faults {
+                rate_limit_ratio: 1.0,
+                retry_after_secs: 7,
+                ..Faults::default()
+            },
+        );
+        let url = format!(
+            "{}/v2/requests/transfers/{}/decline",
+            sim.base_url("qonto"),
+            new_id()
+        );
+        let response = client()
+            .post(url)
+            .header("Authorization", AUTH)
+            .header("X-Qonto-Idempotency-Key", "k")
+            .json(&json!({"declined_note": "no"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()["retry-after"], "7");
+        let (_, body) = parts(response).await;
+        assert_eq!(body["errors"][0]["code"], "too_many_requests");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_connection_leaves_no_answer_and_no_change() {
+        let sim = sim().await;
+        sim.set_faults(
+            "qonto",
+            Faults {
+                reset_ratio: 1.0,
+                ..Faults::default()
+            },
+        );
+        let id = new_id();
+        let url = format!(
+            "{}/v2/requests/transfers/{id}/decline",
+            sim.base_url("qonto")
+        );
+        let err = client()
+            .post(url)
+            .header("Authorization", AUTH)
+            .header("X-Qonto-Idempotency-Key", "k")
+            .json(&json!({"declined_note": "no"}))
+            .send()
+            .await
+            .unwrap_err();
+        assert!(err.status().is_none(), "{err:?}");
+        assert_eq!(sim.target_state("qonto", &id), None);
+        let stats = qonto(sim.stats());
+        assert_eq!((stats.dropped_connections, stats.state_changes), (1, 0));
+        assert!(stats.by_status.is_empty());
+    }
+
+    /// The ambiguous outcome Qonto's idempotency keys exist for: the retry
+    /// with the same key gets the success Qonto cached.
+    #[tokio::test]
+    async fn apply_then_fail_is_replayed_under_the_same_key() {
+        let sim = sim().await;
+        sim.set_faults(
+            "qonto",
+            Faults {
+                apply_then_fail_ratio: 1.0,
+                ..Faults::default()
+            },
+        );
+        let id = new_id();
+        let url = format!(
+            "{}/v2/requests/transfers/{id}/decline",
+            sim.base_url("qonto")
+        );
+        let sent = client()
+            .post(url)
+            .header("Authorization", AUTH)
+            .header("X-Qonto-Idempotency-Key", "k")
+            .json(&json!({"declined_note": "no"}))
+            .send()
+            .await;
+        match sent {
+            Ok(response) => assert_eq!(response.status(), 503),
+            Err(err) => assert!(err.status().is_none(), "{err:?}"),
+        }
+        assert_eq!(sim.target_state("qonto", &id).as_deref(), Some("declined"));
+
+        sim.set_faults("qonto", Faults::default());
+        let (status, body) = decide(&sim, "transfers", &id, "decline", "k", decline_note()).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["request_transfer"]["status"], "declined");
+        let stats = qonto(sim.stats());
+        assert_eq!((stats.state_changes, stats.double_state_changes), (1, 0));
+    }
+
+    /// `/_sim/*` against Qonto's own wire: faults, the target view, counts,
+    /// the SCA mark and a reset that clears the idempotency cache.
+    #[tokio::test]
+    async fn control_endpoints_drive_qonto() {
+        let sim = sim().await;
+        let root = sim.root_url();
+        let id = new_id();
+        let decline = || decide(&sim, "transfers", &id, "decline", "k", decline_note());
+
+        let faults_url = format!("{root}/_sim/faults/qonto");
+        let set = |faults: Value| client().put(&faults_url).json(&faults).send();
+        assert_eq!(set(json!({"down": true})).await.unwrap().status(), 200);
+        assert_eq!(decline().await.0, 503);
+        assert_eq!(set(json!({})).await.unwrap().status(), 200);
+        assert_eq!(decline().await.0, 200);
+
+        let (status, target) = parts(
+            client()
+                .get(format!("{root}/_sim/targets/qonto/{id}"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(target["state"], "declined");
+        assert_eq!(target["keys"], json!(["k"]));
+        assert_eq!(qonto(sim.stats()).calls, 2, "control calls are not counted");
+        assert_eq!(sim.stats().total().state_changes, 1);
+
+        let sca_id = new_id();
+        let sca = json!({"request_id": sca_id, "auto": "allow", "after_ms": 0});
+        let response = client()
+            .post(format!("{root}/_sim/qonto/sca"))
+            .json(&sca)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 204);
+        let (status, body) = decide(&sim, "transfers", &sca_id, "approve", "sca", None).await;
+        assert_eq!(status, 428);
+        assert!(body["sca_session_token"].is_string());
+
+        let response = client()
+            .post(format!("{root}/_sim/reset"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 204);
+        assert_eq!(sim.target_state("qonto", &id), None);
+        // The idempotency cache was cleared too: the key is processed afresh.
+        let (status, body) = decline().await;
+        assert_eq!(
+            (status, body["request_transfer"]["status"].clone()),
+            (200, json!("declined"))
+        );
     }
 
     #[tokio::test]

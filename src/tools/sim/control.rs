@@ -18,10 +18,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::faults::Faults;
-use super::kit::{ScaAuto, json};
+use super::kit::{Reply, ScaAuto, json};
 use super::state::Sim;
 
 pub(crate) fn routes() -> Router<Arc<Sim>> {
@@ -42,6 +43,10 @@ fn provider(sim: &Sim, name: &str) -> Result<usize, Response> {
         .ok_or_else(|| problem(StatusCode::NOT_FOUND, format!("unknown provider {name:?}")))
 }
 
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
+    serde_json::from_slice(body).map_err(|e| problem(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
 async fn stats(State(sim): State<Arc<Sim>>) -> Response {
     json(StatusCode::OK, &sim.stats())
 }
@@ -51,50 +56,32 @@ async fn reset(State(sim): State<Arc<Sim>>) -> Response {
     StatusCode::NO_CONTENT.into_response()
 }
 
-async fn get_faults(State(sim): State<Arc<Sim>>, Path(name): Path<String>) -> Response {
-    match provider(&sim, &name) {
-        Ok(p) => json(StatusCode::OK, &sim.faults(p)),
-        Err(response) => response,
-    }
+async fn get_faults(State(sim): State<Arc<Sim>>, Path(name): Path<String>) -> Reply {
+    let p = provider(&sim, &name)?;
+    Ok(json(StatusCode::OK, &sim.faults(p)))
 }
 
 /// Replaces the provider's faults; omitted fields take their defaults, so
 /// `{}` clears every fault.
-async fn put_faults(
-    State(sim): State<Arc<Sim>>,
-    Path(name): Path<String>,
-    body: Bytes,
-) -> Response {
-    let p = match provider(&sim, &name) {
-        Ok(p) => p,
-        Err(response) => return response,
-    };
-    let faults: Faults = match serde_json::from_slice(&body) {
-        Ok(faults) => faults,
-        Err(e) => return problem(StatusCode::BAD_REQUEST, e.to_string()),
-    };
-    if let Err(e) = faults.validate() {
-        return problem(StatusCode::BAD_REQUEST, e);
-    }
+async fn put_faults(State(sim): State<Arc<Sim>>, Path(name): Path<String>, body: Bytes) -> Reply {
+    let p = provider(&sim, &name)?;
+    let faults: Faults = parse(&body)?;
+    faults
+        .validate()
+        .map_err(|e| problem(StatusCode::BAD_REQUEST, e))?;
     sim.set_faults(p, faults);
-    json(StatusCode::OK, &faults)
+    Ok(json(StatusCode::OK, &faults))
 }
 
-async fn target(
-    State(sim): State<Arc<Sim>>,
-    Path((name, key)): Path<(String, String)>,
-) -> Response {
-    let p = match provider(&sim, &name) {
-        Ok(p) => p,
-        Err(response) => return response,
-    };
-    match sim.target(p, &key) {
-        Some(info) => json(
-            StatusCode::OK,
-            &json!({"provider": sim.slots()[p].name, "key": key, "state": info.state, "keys": info.keys}),
-        ),
-        None => problem(StatusCode::NOT_FOUND, "target never seen"),
-    }
+async fn target(State(sim): State<Arc<Sim>>, Path((name, key)): Path<(String, String)>) -> Reply {
+    let p = provider(&sim, &name)?;
+    let info = sim
+        .target(p, &key)
+        .ok_or_else(|| problem(StatusCode::NOT_FOUND, "target never seen"))?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"provider": sim.slots()[p].name, "key": key, "state": info.state, "keys": info.keys}),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -108,37 +95,27 @@ struct ScaRequest {
 
 /// Makes approving a target wait for a human confirmation (for providers
 /// that have such a step) resolved by the given rule.
-async fn require_sca(
-    State(sim): State<Arc<Sim>>,
-    Path(name): Path<String>,
-    body: Bytes,
-) -> Response {
-    let p = match provider(&sim, &name) {
-        Ok(p) => p,
-        Err(response) => return response,
-    };
-    let request: ScaRequest = match serde_json::from_slice(&body) {
-        Ok(request) => request,
-        Err(e) => return problem(StatusCode::BAD_REQUEST, e.to_string()),
-    };
+async fn require_sca(State(sim): State<Arc<Sim>>, Path(name): Path<String>, body: Bytes) -> Reply {
+    let p = provider(&sim, &name)?;
+    let request: ScaRequest = parse(&body)?;
     let after = Duration::from_millis(request.after_ms);
     let auto = match request.auto.as_str() {
         "allow" => ScaAuto::Allow { after },
         "deny" => ScaAuto::Deny { after },
         "manual" => ScaAuto::Manual,
         other => {
-            return problem(
+            return Err(problem(
                 StatusCode::BAD_REQUEST,
                 format!("auto must be allow, deny or manual, not {other:?}"),
-            );
+            ));
         }
     };
     if sim.unit(p).require_confirmation(&request.request_id, auto) {
-        StatusCode::NO_CONTENT.into_response()
+        Ok(StatusCode::NO_CONTENT.into_response())
     } else {
-        problem(
+        Err(problem(
             StatusCode::NOT_FOUND,
             format!("{name} has no confirmation step"),
-        )
+        ))
     }
 }

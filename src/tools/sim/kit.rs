@@ -1,6 +1,7 @@
-//! What provider simulator halves share: JSON answers, header helpers, key
-//! and token bookkeeping, and the marks the fault layer reads. A leaf of the
-//! simulator: it imports no provider and no other part of the server.
+//! What provider simulator halves share: the [`Fake`] every one of them runs
+//! as, JSON answers, header helpers, key and token bookkeeping, and the marks
+//! the fault layer reads. A leaf of the simulator: it imports no provider and
+//! no other part of the server.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -38,6 +39,66 @@ pub enum ScaAuto {
     Manual,
 }
 
+/// A fake's store of targets, which the core reads and resets.
+pub(crate) trait Targets: Default + Send + 'static {
+    fn target(&self, key: &str) -> Option<TargetInfo>;
+}
+
+/// One running fake: what it was configured with, its targets behind one
+/// mutex, the bearer tokens it issued and its counters. A reset replaces
+/// the targets only: tokens survive so a running worker is not forced
+/// through re-authentication.
+pub(crate) struct Fake<C, S> {
+    pub config: C,
+    store: Mutex<S>,
+    tokens: Mutex<Tokens>,
+    pub counters: Counters,
+}
+
+#[derive(Default)]
+struct Tokens {
+    access: TokenStore,
+    refresh: TokenStore,
+}
+
+impl<C, S: Targets> Fake<C, S> {
+    pub fn new(config: C) -> Self {
+        Self {
+            config,
+            store: Mutex::default(),
+            tokens: Mutex::default(),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn store(&self) -> MutexGuard<'_, S> {
+        lock(&self.store)
+    }
+
+    /// Issues an access token, and a refresh token when `refresh_ttl` is
+    /// given; counted as one issue.
+    pub fn issue_tokens(
+        &self,
+        access_ttl: Duration,
+        refresh_ttl: Option<Duration>,
+    ) -> (String, Option<String>) {
+        let mut tokens = lock(&self.tokens);
+        let access = tokens.access.issue(access_ttl);
+        let refresh = refresh_ttl.map(|ttl| tokens.refresh.issue(ttl));
+        Counters::bump(&self.counters.token_issued);
+        (access, refresh)
+    }
+
+    /// Whether the request carries an unexpired access token of this fake.
+    pub fn bearer_valid(&self, headers: &HeaderMap) -> bool {
+        bearer(headers).is_some_and(|token| lock(&self.tokens).access.is_valid(token))
+    }
+
+    pub fn refresh_valid(&self, token: &str) -> bool {
+        lock(&self.tokens).refresh.is_valid(token)
+    }
+}
+
 /// A poisoned lock only means a handler panicked mid-update; the maps are
 /// still usable for a simulator, so keep serving.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -50,7 +111,7 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct KeyLog(Vec<String>);
 
 impl KeyLog {
-    pub fn record(&mut self, key: Option<&str>, counters: &Counters) {
+    fn record(&mut self, key: Option<&str>, counters: &Counters) {
         let Some(key) = key else { return };
         if self.0.iter().any(|seen| seen == key) {
             return;
@@ -59,6 +120,17 @@ impl KeyLog {
         if self.0.len() == 2 {
             Counters::bump(&counters.conflicting_keys);
         }
+    }
+
+    /// Logs a decision call on this target and applies the rule every fake
+    /// enforces: a target is decided once. `false` when it is no longer
+    /// pending; the call then counts as a double state change.
+    pub fn admit(&mut self, key: Option<&str>, pending: bool, counters: &Counters) -> bool {
+        self.record(key, counters);
+        if !pending {
+            Counters::bump(&counters.double_state_changes);
+        }
+        pending
     }
 
     pub fn info(&self, state: &str) -> TargetInfo {
@@ -72,10 +144,10 @@ impl KeyLog {
 /// Bearer tokens with an expiry. Expired entries are pruned when the map
 /// grows, so a worker that re-authenticates too often cannot grow it forever.
 #[derive(Debug, Default)]
-pub(crate) struct TokenStore(HashMap<String, Instant>);
+struct TokenStore(HashMap<String, Instant>);
 
 impl TokenStore {
-    pub fn issue(&mut self, ttl: Duration) -> String {
+    fn issue(&mut self, ttl: Duration) -> String {
         let now = Instant::now();
         if self.0.len() >= 1024 {
             self.0.retain(|_, expires| *expires > now);
@@ -85,7 +157,7 @@ impl TokenStore {
         token
     }
 
-    pub fn is_valid(&self, token: &str) -> bool {
+    fn is_valid(&self, token: &str) -> bool {
         self.0
             .get(token)
             .is_some_and(|expires| *expires > Instant::now())
@@ -101,6 +173,10 @@ pub(crate) fn applied(mut response: Response) -> Response {
     response.extensions_mut().insert(Applied);
     response
 }
+
+/// What a fake's handler answers. Both arms are complete answers in the
+/// provider's wire format: the error arm lets a refusal leave early with `?`.
+pub(crate) type Reply = Result<Response, Response>;
 
 pub(crate) fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
     (status, Json(body)).into_response()

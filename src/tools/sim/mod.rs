@@ -4,8 +4,8 @@
 //! One HTTP server hosts every unit of the provider registry under its own
 //! path prefix, so a worker is pointed at it by setting each provider's base
 //! URL to `{root}{prefix}` (see [`SimHandle::worker_env`]). Each provider's
-//! fake lives beside its client, in `providers/<name>/sim.rs`, with its routes
-//! listed there. Targets (requests, transactions) are created pending the
+//! fake lives beside its client, in `providers/<name>/sim.rs` (or `sim/`),
+//! with its routes listed there, and runs as a `kit::Fake`. Targets (requests, transactions) are created pending the
 //! first time any call names them, so tests can use random ids, and each
 //! moves from pending to decided at most once. Counters in [`SimStats`] let a
 //! test or the benchmark prove the worker never decided a target twice.
@@ -18,8 +18,9 @@
 //! `GET /_sim/targets/{provider}/{key}`, `POST /_sim/{provider}/sca`.
 //!
 //! Module layers, each using only those below it: this server (reads the
-//! registry) → `control`, `layer` → `state` → `unit`, `kit`, `faults`,
-//! `stats`, `conn` (leaves, which provider folders use).
+//! registry) → `control`, `layer` → `state` → `unit` → `kit` → `stats`,
+//! with `faults` and `conn` as leaves. Provider folders use `unit`, `kit`
+//! and `stats`, never the layers above.
 
 mod conn;
 mod control;

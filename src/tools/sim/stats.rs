@@ -1,5 +1,5 @@
-//! Per-provider counters. Atomics, not a mutex, because every request bumps
-//! them and the benchmark drives the sim at 10k+ requests per second.
+//! Per-provider counters. Atomics, not a mutex: every request bumps them,
+//! and under the benchmark many requests do so at once.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,7 +1,8 @@
 //! The two faces of a provider's simulator half, as the simulator core sees
 //! them: [`SimHalf`], what a registry line carries (start it, sample it), and
-//! [`SimUnit`], one running fake with its own state behind its own mutexes.
-//! A leaf: the core reads these traits, provider folders implement them.
+//! [`SimUnit`], one running fake: its provider's wire behaviour on top of
+//! [`Held`], the state every fake keeps the same way. The core reads these
+//! traits, provider folders implement them; below it only `kit` and `stats`.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -13,7 +14,7 @@ use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use serde_json::Value;
 
-use super::kit::{ScaAuto, TargetInfo};
+use super::kit::{Fake, ScaAuto, TargetInfo, Targets};
 use super::stats::Counters;
 
 /// A provider's simulator half before it runs: what a registry line names.
@@ -29,7 +30,7 @@ pub trait SimHalf: Sync {
     /// new at every call so it meets a pending target.
     fn sample_target(&self, action: &str) -> Value;
 
-    /// The key the fake files a sample target under (see [`SimUnit::target`]).
+    /// The key the fake files a sample target under (see [`Held::target`]).
     fn sample_key(&self, target: &Value) -> Option<String>;
 
     /// A target the worker must refuse before any call, with the action it
@@ -83,14 +84,48 @@ impl CallKind {
             Self::Read
         }
     }
+
+    /// Token exchanges live under `auth`; the rest go by method.
+    pub fn with_auth_under(auth: &str, method: &Method, path: &str) -> Self {
+        if path.contains(auth) {
+            Self::Auth
+        } else {
+            Self::by_method(method)
+        }
+    }
 }
 
-/// One running fake.
-pub trait SimUnit: Send + Sync + 'static {
+/// What the core reads and resets on a running fake, whatever its provider:
+/// written once, for [`Fake`].
+pub trait Held {
+    fn counters(&self) -> &Counters;
+
+    /// The target filed under `key`; `None` if never seen.
+    fn target(&self, key: &str) -> Option<TargetInfo>;
+
+    /// Forgets targets, caches and confirmation sessions; keeps issued tokens
+    /// so a running worker is not forced through re-authentication.
+    fn reset(&self);
+}
+
+impl<C: Send + Sync, S: Targets> Held for Fake<C, S> {
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn target(&self, key: &str) -> Option<TargetInfo> {
+        self.store().target(key)
+    }
+
+    fn reset(&self) {
+        *self.store() = S::default();
+    }
+}
+
+/// One running fake, as its provider makes it.
+pub trait SimUnit: Held + Send + Sync + 'static {
     /// The fake's routes, relative to its prefix, with its state attached.
     fn routes(self: Arc<Self>) -> Router;
-
-    fn counters(&self) -> &Counters;
 
     /// An error in the provider's documented error shape, so the worker's
     /// error parsing is exercised even on simulated faults.
@@ -121,13 +156,6 @@ pub trait SimUnit: Send + Sync + 'static {
     fn call_kind(&self, method: &Method, _path: &str) -> CallKind {
         CallKind::by_method(method)
     }
-
-    /// The target filed under `key`; `None` if never seen.
-    fn target(&self, key: &str) -> Option<TargetInfo>;
-
-    /// Forgets targets, caches and confirmation sessions; keeps issued tokens
-    /// so a running worker is not forced through re-authentication.
-    fn reset(&self);
 
     /// The worker's settings keys under `[providers.<name>]` (upper case, as
     /// in `APPROVAL_PROVIDERS__<NAME>__<KEY>`) naming the credentials this

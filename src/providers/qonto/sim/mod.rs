@@ -17,7 +17,7 @@
 )]
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -30,16 +30,17 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+mod sca;
+
 use crate::tools::sim::kit::{
-    KeyLog, ScaAuto, TargetInfo, applied, header_str, json, lock, now_rfc3339, random_hex, rfc3339,
+    Fake, KeyLog, Reply, ScaAuto, TargetInfo, Targets, applied, header_str, json, now_rfc3339,
+    rfc3339,
 };
 use crate::tools::sim::stats::Counters;
 use crate::tools::sim::unit::{CallKind, SimHalf, SimUnit, UnitOptions};
 
 const IDEMPOTENCY_HEADER: &str = "x-qonto-idempotency-key";
 const SCA_HEADER: &str = "x-qonto-sca-session-token";
-/// Qonto SCA sessions last 15 minutes, then read as `deny`.
-const SCA_LIFETIME: Duration = Duration::from_secs(15 * 60);
 const MAX_PER_PAGE: usize = 100;
 
 /// What the fake accepts and how it behaves; set through
@@ -77,11 +78,7 @@ impl SimHalf for Half {
     }
 
     fn start(&self, options: &UnitOptions) -> Result<Arc<dyn SimUnit>, String> {
-        Ok(Arc::new(Sim {
-            options: options.get(),
-            store: Mutex::default(),
-            counters: Counters::default(),
-        }))
+        Ok(Arc::new(Sim::new(options.get())))
     }
 
     fn sample_target(&self, _action: &str) -> Value {
@@ -109,20 +106,17 @@ impl SimHalf for Half {
     }
 }
 
-/// One running fake: its options, its store and its counters.
-struct Sim {
-    options: Options,
-    store: Mutex<Store>,
-    counters: Counters,
-}
+/// One running fake of this provider.
+type Sim = Fake<Options, Store>;
 
 impl SimUnit for Sim {
     fn routes(self: Arc<Self>) -> Router {
-        routes().with_state(self)
-    }
-
-    fn counters(&self) -> &Counters {
-        &self.counters
+        Router::new()
+            .route("/v2/requests", get(list))
+            .route("/v2/requests/{request_type}/{id}/{action}", post(decide))
+            .route("/v2/sca_sessions/{token}", get(sca_session))
+            .route("/v2/mocked_sca_sessions/{token}/{result}", post(mock_sca))
+            .with_state(self)
     }
 
     fn error(&self, status: StatusCode, code: &str, message: &str) -> Response {
@@ -146,33 +140,17 @@ impl SimUnit for Sim {
         }
     }
 
-    fn target(&self, key: &str) -> Option<TargetInfo> {
-        lock(&self.store).target(key)
-    }
-
-    fn reset(&self) {
-        *lock(&self.store) = Store::default();
-    }
-
     fn worker_env(&self) -> Vec<(&'static str, String)> {
         vec![
-            ("LOGIN", self.options.login.clone()),
-            ("SECRET_KEY", self.options.secret_key.clone()),
+            ("LOGIN", self.config.login.clone()),
+            ("SECRET_KEY", self.config.secret_key.clone()),
         ]
     }
 
     fn require_confirmation(&self, key: &str, auto: ScaAuto) -> bool {
-        lock(&self.store).require_sca(key, auto);
+        self.store().sca.require(key, auto);
         true
     }
-}
-
-fn routes() -> Router<Arc<Sim>> {
-    Router::new()
-        .route("/v2/requests", get(list))
-        .route("/v2/requests/{request_type}/{id}/{action}", post(decide))
-        .route("/v2/sca_sessions/{token}", get(sca_session))
-        .route("/v2/mocked_sca_sessions/{token}/{result}", post(mock_sca))
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -202,52 +180,22 @@ struct Cached {
     request_id: String,
 }
 
-struct ScaSession {
-    request_id: String,
-    started: Instant,
-    auto: ScaAuto,
-    /// Set by the sandbox mock endpoint; wins over the auto rule.
-    decided: Option<&'static str>,
-}
-
-impl ScaSession {
-    fn result(&self) -> &'static str {
-        if let Some(result) = self.decided {
-            return result;
-        }
-        let elapsed = self.started.elapsed();
-        match self.auto {
-            ScaAuto::Allow { after } if elapsed >= after => return "allow",
-            ScaAuto::Deny { after } if elapsed >= after => return "deny",
-            _ => {}
-        }
-        if elapsed >= SCA_LIFETIME {
-            "deny"
-        } else {
-            "waiting"
-        }
-    }
-}
-
 #[derive(Default)]
 struct Store {
     requests: HashMap<String, Request>,
     /// Creation order, so the list can answer newest first without sorting.
     order: Vec<String>,
     idempotency: HashMap<String, Cached>,
-    sca_rules: HashMap<String, ScaAuto>,
-    sca_sessions: HashMap<String, ScaSession>,
+    sca: sca::Sca,
 }
 
-impl Store {
-    fn require_sca(&mut self, request_id: &str, auto: ScaAuto) {
-        self.sca_rules.insert(request_id.to_owned(), auto);
-    }
-
+impl Targets for Store {
     fn target(&self, id: &str) -> Option<TargetInfo> {
         self.requests.get(id).map(|r| r.keys.info(r.status))
     }
+}
 
+impl Store {
     fn request(&mut self, id: &str, request_type: &'static str) -> &mut Request {
         if !self.requests.contains_key(id) {
             self.order.push(id.to_owned());
@@ -322,7 +270,7 @@ fn authorize(sim: &Sim, headers: &HeaderMap) -> Result<(), Response> {
             "Authorization header is missing",
         ));
     };
-    let c = &sim.options;
+    let c = &sim.config;
     let api_key_ok = value.split_once(':') == Some((&c.login, &c.secret_key));
     let bearer_ok = value.strip_prefix("Bearer ") == Some(c.access_token.as_str());
     if api_key_ok || bearer_ok {
@@ -402,58 +350,48 @@ async fn decide(
     Path((plural, id, action)): Path<(String, String, String)>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Reply {
     let not_found = || error(StatusCode::NOT_FOUND, "not_found", "Not found");
     let (Some(request_type), Some(parsed)) = (singular(&plural), parse_action(&action, &body))
     else {
-        return not_found();
+        return Err(not_found());
     };
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+    authorize(&sim, &headers)?;
     let Some(key) = header_str(&headers, IDEMPOTENCY_HEADER).filter(|k| !k.is_empty()) else {
-        return error_at(
+        return Err(error_at(
             StatusCode::BAD_REQUEST,
             "missing_idempotency_key",
             "X-Qonto-Idempotency-Key header is required",
             "/headers/X-Qonto-Idempotency-Key",
-        );
+        ));
     };
-    let ttl = sim.options.idempotency_ttl;
+    let ttl = sim.config.idempotency_ttl;
     let counters = &sim.counters;
 
-    let mut store = lock(&sim.store);
+    let mut store = sim.store();
     // A cached success is replayed whatever the body or path says, like Qonto.
     if let Some(replay) = store.cached(key, ttl) {
-        return replay;
+        return Err(replay);
     }
-    let action = match parsed {
-        Ok(action) => action,
-        Err(response) => return response,
-    };
-    let sca_rule = store
-        .sca_rules
-        .get(&id)
-        .copied()
-        .or(sim.options.sca_for_all_approvals);
+    let action = parsed?;
+    let sca_rule = store.sca.rule(&id, sim.config.sca_for_all_approvals);
     let request = store.request(&id, request_type);
     if request.request_type != request_type {
-        return not_found();
+        return Err(not_found());
     }
-    request.keys.record(Some(key), counters);
-    if request.status != "pending" {
-        Counters::bump(&counters.double_state_changes);
-        return error_at(
+    let pending = request.status == "pending";
+    if !request.keys.admit(Some(key), pending, counters) {
+        return Err(error_at(
             StatusCode::UNPROCESSABLE_ENTITY,
             "request_not_pending",
             "Request is not pending",
             "/status",
-        );
+        ));
     }
     if let (Action::Approve { .. }, Some(auto)) = (&action, sca_rule)
-        && let Err(response) = check_sca(&mut store, &id, auto, header_str(&headers, SCA_HEADER))
+        && let Err(refusal) = store.sca.check(&id, auto, header_str(&headers, SCA_HEADER))
     {
-        return response;
+        return Err(sca_refused(refusal));
     }
 
     let request = store.request(&id, request_type);
@@ -476,67 +414,46 @@ async fn decide(
 
     let response = wrapped(request);
     store.cache(key, &id, ttl);
-    applied(response)
+    Ok(applied(response))
 }
 
-/// `Ok` when the approve may proceed; otherwise the 428 that opens a session
-/// or the 412 for a token that is not (or no longer) allowed.
-fn check_sca(
-    store: &mut Store,
-    id: &str,
-    auto: ScaAuto,
-    token: Option<&str>,
-) -> Result<(), Response> {
-    let Some(token) = token else {
-        let token = random_hex(16);
-        let expires_at = rfc3339(time::OffsetDateTime::now_utc() + SCA_LIFETIME);
-        store.sca_sessions.insert(
-            token.clone(),
-            ScaSession {
-                request_id: id.to_owned(),
-                started: Instant::now(),
-                auto,
-                decided: None,
-            },
-        );
-        let body = json!({
-            "errors": [{"code": "sca_required", "detail": "SCA required"}],
-            "sca_session_token": token,
-            "sca_session_expires_at": expires_at,
-        });
-        return Err(json(StatusCode::PRECONDITION_REQUIRED, &body));
-    };
-    let result = match store.sca_sessions.get(token) {
-        Some(session) if session.request_id == id => session.result(),
-        _ => "unknown",
-    };
-    if result == "allow" {
-        return Ok(());
+/// The 428 that opened a session, or the 412 for a token that is not (or no
+/// longer) allowed.
+fn sca_refused(refusal: sca::Refusal) -> Response {
+    match refusal {
+        sca::Refusal::Required { token } => {
+            let expires_at = rfc3339(time::OffsetDateTime::now_utc() + sca::LIFETIME);
+            let body = json!({
+                "errors": [{"code": "sca_required", "detail": "SCA required"}],
+                "sca_session_token": token,
+                "sca_session_expires_at": expires_at,
+            });
+            json(StatusCode::PRECONDITION_REQUIRED, &body)
+        }
+        // UNCONFIRMED: Qonto documents only the 412 status; the code is ours.
+        sca::Refusal::NotAllowed(result) => error(
+            StatusCode::PRECONDITION_FAILED,
+            "sca_session_invalid",
+            &format!("SCA session is not allowed (result: {result})"),
+        ),
     }
-    // UNCONFIRMED: Qonto documents only the 412 status; the code is ours.
-    Err(error(
-        StatusCode::PRECONDITION_FAILED,
-        "sca_session_invalid",
-        &format!("SCA session is not allowed (result: {result})"),
-    ))
 }
 
 async fn sca_session(
     State(sim): State<Arc<Sim>>,
     Path(token): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
-    let store = lock(&sim.store);
-    match store.sca_sessions.get(&token) {
-        Some(session) => json(
-            StatusCode::OK,
-            &json!({"result": session.result(), "canceled_at": null}),
-        ),
-        None => error(StatusCode::NOT_FOUND, "not_found", "SCA session not found"),
-    }
+) -> Reply {
+    authorize(&sim, &headers)?;
+    let result = sim
+        .store()
+        .sca
+        .result(&token)
+        .ok_or_else(session_not_found)?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"result": result, "canceled_at": null}),
+    ))
 }
 
 /// Qonto sandbox's "simulate user decision" endpoint.
@@ -544,26 +461,24 @@ async fn mock_sca(
     State(sim): State<Arc<Sim>>,
     Path((token, result)): Path<(String, String)>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+) -> Reply {
+    authorize(&sim, &headers)?;
     let result = match result.as_str() {
         "allow" => "allow",
         "deny" => "deny",
-        _ => return error(StatusCode::NOT_FOUND, "not_found", "Not found"),
+        _ => return Err(error(StatusCode::NOT_FOUND, "not_found", "Not found")),
     };
-    let mut store = lock(&sim.store);
-    match store.sca_sessions.get_mut(&token) {
-        Some(session) => {
-            session.decided = Some(result);
-            json(
-                StatusCode::OK,
-                &json!({"result": result, "canceled_at": null}),
-            )
-        }
-        None => error(StatusCode::NOT_FOUND, "not_found", "SCA session not found"),
+    if !sim.store().sca.decide(&token, result) {
+        return Err(session_not_found());
     }
+    Ok(json(
+        StatusCode::OK,
+        &json!({"result": result, "canceled_at": null}),
+    ))
+}
+
+fn session_not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", "SCA session not found")
 }
 
 #[derive(Deserialize)]
@@ -579,10 +494,8 @@ async fn list(
     paging: Result<Query<Paging>, QueryRejection>,
     Query(pairs): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = authorize(&sim, &headers) {
-        return response;
-    }
+) -> Reply {
+    authorize(&sim, &headers)?;
     let values = |name: &str| -> Vec<&str> {
         let bracketed = format!("{name}[]");
         pairs
@@ -594,25 +507,25 @@ async fn list(
     let statuses = values("status");
     let types = values("request_type");
     let Ok(Query(paging)) = paging else {
-        return error_at(
+        return Err(error_at(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_parameter",
             "page and per_page must be non-negative integers",
             "/page",
-        );
+        ));
     };
     let page = paging.page.unwrap_or(1).max(1);
     let per_page = paging.per_page.unwrap_or(MAX_PER_PAGE);
     if per_page == 0 || per_page > MAX_PER_PAGE {
-        return error_at(
+        return Err(error_at(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_parameter",
             "per_page must be between 1 and 100",
             "/per_page",
-        );
+        ));
     }
 
-    let store = lock(&sim.store);
+    let store = sim.store();
     let matching: Vec<&Request> = store
         .order
         .iter()
@@ -639,5 +552,5 @@ async fn list(
             "per_page": per_page,
         }
     });
-    json(StatusCode::OK, &body)
+    Ok(json(StatusCode::OK, &body))
 }
