@@ -280,19 +280,22 @@ pub(crate) const CHECKED_STATUSES: &[u16] = &[
     503, 504, 599,
 ];
 
-/// `classify`'s class for each of [`CHECKED_STATUSES`] on an empty body, so a
-/// provider's test can pin its whole table.
+/// The statuses of [`CHECKED_STATUSES`] (on an empty body) that `classify`
+/// puts in another class than [`default_class`], so a provider's test pins
+/// its overrides and nothing else.
 #[cfg(test)]
-pub(crate) fn classes(classify: impl Fn(&Response) -> CallError) -> Vec<(u16, ErrorClass)> {
+pub(crate) fn overrides(classify: impl Fn(&Response) -> CallError) -> Vec<(u16, ErrorClass)> {
     CHECKED_STATUSES
         .iter()
-        .map(|&status| {
+        .filter_map(|&status| {
+            let status = StatusCode::from_u16(status).expect("a valid status");
             let response = Response {
-                status: StatusCode::from_u16(status).expect("a valid status"),
+                status,
                 headers: HeaderMap::new(),
                 body: Value::Null,
             };
-            (status, classify(&response).class)
+            let class = classify(&response).class;
+            (class != default_class(status)).then_some((status.as_u16(), class))
         })
         .collect()
 }
@@ -314,6 +317,41 @@ pub(crate) fn assert_sensitive(request: RequestBuilder, names: &[&str]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shared table that every provider's overrides are checked against.
+    #[test]
+    fn shared_status_table() {
+        use ErrorClass::{Ambiguous, Auth, Permanent, Retryable};
+        let table: Vec<_> = CHECKED_STATUSES
+            .iter()
+            .map(|&s| (s, default_class(StatusCode::from_u16(s).unwrap())))
+            .collect();
+        let expected = vec![
+            (200, Permanent),
+            (204, Permanent),
+            (302, Permanent),
+            (400, Ambiguous),
+            (401, Auth),
+            (403, Auth),
+            (404, Permanent),
+            (405, Permanent),
+            (409, Ambiguous),
+            (410, Permanent),
+            (415, Permanent),
+            (418, Permanent),
+            (420, Retryable),
+            (422, Ambiguous),
+            (428, Permanent),
+            (429, Retryable),
+            (500, Retryable),
+            (501, Retryable),
+            (502, Retryable),
+            (503, Retryable),
+            (504, Retryable),
+            (599, Retryable),
+        ];
+        assert_eq!(table, expected);
+    }
 
     #[test]
     fn join_keeps_the_base_path_and_encodes_segments() {

@@ -343,36 +343,10 @@ fn verdicts() {
     }
 }
 
-/// Ledger v1's whole status table (empty bodies), so any drift from the
-/// shared table or its overrides fails here.
+/// LedgerV1 keeps the shared status table (itself pinned in `http`).
 #[test]
 fn status_table() {
-    use ErrorClass::{Ambiguous, Auth, Permanent, Retryable};
-    let expected = vec![
-        (200, Permanent),
-        (204, Permanent),
-        (302, Permanent),
-        (400, Ambiguous),
-        (401, Auth),
-        (403, Auth),
-        (404, Permanent),
-        (405, Permanent),
-        (409, Ambiguous),
-        (410, Permanent),
-        (415, Permanent),
-        (418, Permanent),
-        (420, Retryable),
-        (422, Ambiguous),
-        (428, Permanent),
-        (429, Retryable),
-        (500, Retryable),
-        (501, Retryable),
-        (502, Retryable),
-        (503, Retryable),
-        (504, Retryable),
-        (599, Retryable),
-    ];
-    assert_eq!(http::classes(LedgerV1::classify), expected);
+    assert_eq!(http::overrides(LedgerV1::classify), vec![]);
 }
 
 #[test]
@@ -584,24 +558,11 @@ mod simulator {
 
     #[tokio::test]
     async fn worker_env_names_the_credentials_the_fake_accepts() {
-        let sim = crate::tools::sim::testkit::sim().await;
-        let mut ours: Vec<(String, String)> = sim
-            .worker_env()
-            .into_iter()
-            .filter(|(key, _)| key.starts_with("APPROVAL_PROVIDERS__LEDGER_V1__"))
-            .collect();
-        ours.sort();
-        let mut expected = vec![
-            (
-                "APPROVAL_PROVIDERS__LEDGER_V1__BASE_URL".to_owned(),
-                format!("{}/ledger-v1", sim.root_url()),
-            ),
-            (
-                "APPROVAL_PROVIDERS__LEDGER_V1__API_KEY".to_owned(),
-                "sim-ledger-v1-key".to_owned(),
-            ),
-        ];
-        expected.sort();
-        assert_eq!(ours, expected);
+        crate::tools::sim::testkit::assert_worker_env(
+            "ledger_v1",
+            "/ledger-v1",
+            &[("API_KEY", "sim-ledger-v1-key")],
+        )
+        .await;
     }
 }

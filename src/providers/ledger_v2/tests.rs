@@ -639,36 +639,10 @@ fn partial_credentials_fail_naming_the_key_and_the_challenge_path_is_checked() {
     );
 }
 
-/// Ledger v2's whole status table (empty bodies), so any drift from the
-/// shared table or its overrides fails here.
+/// LedgerV2 keeps the shared status table (itself pinned in `http`).
 #[test]
 fn status_table() {
-    use ErrorClass::{Ambiguous, Auth, Permanent, Retryable};
-    let expected = vec![
-        (200, Permanent),
-        (204, Permanent),
-        (302, Permanent),
-        (400, Ambiguous),
-        (401, Auth),
-        (403, Auth),
-        (404, Permanent),
-        (405, Permanent),
-        (409, Ambiguous),
-        (410, Permanent),
-        (415, Permanent),
-        (418, Permanent),
-        (420, Retryable),
-        (422, Ambiguous),
-        (428, Permanent),
-        (429, Retryable),
-        (500, Retryable),
-        (501, Retryable),
-        (502, Retryable),
-        (503, Retryable),
-        (504, Retryable),
-        (599, Retryable),
-    ];
-    assert_eq!(http::classes(LedgerV2::classify), expected);
+    assert_eq!(http::overrides(LedgerV2::classify), vec![]);
 }
 
 #[test]
@@ -1000,36 +974,16 @@ mod simulator {
 
     #[tokio::test]
     async fn worker_env_names_the_credentials_the_fake_accepts() {
-        let sim = crate::tools::sim::testkit::sim().await;
-        let mut ours: Vec<(String, String)> = sim
-            .worker_env()
-            .into_iter()
-            .filter(|(key, _)| key.starts_with("APPROVAL_PROVIDERS__LEDGER_V2__"))
-            .collect();
-        ours.sort();
-        let mut expected = vec![
-            (
-                "APPROVAL_PROVIDERS__LEDGER_V2__BASE_URL".to_owned(),
-                format!("{}/ledger-v2", sim.root_url()),
-            ),
-            (
-                "APPROVAL_PROVIDERS__LEDGER_V2__WORKSPACE".to_owned(),
-                "sim-workspace".to_owned(),
-            ),
-            (
-                "APPROVAL_PROVIDERS__LEDGER_V2__API_KEY_ID".to_owned(),
-                "sim-key-id".to_owned(),
-            ),
-            (
-                "APPROVAL_PROVIDERS__LEDGER_V2__API_KEY_SECRET".to_owned(),
-                "sim-key-secret".to_owned(),
-            ),
-            (
-                "APPROVAL_PROVIDERS__LEDGER_V2__SIGNING_KEY".to_owned(),
-                DEMO_SIGNING_KEY_PEM.to_owned(),
-            ),
-        ];
-        expected.sort();
-        assert_eq!(ours, expected);
+        crate::tools::sim::testkit::assert_worker_env(
+            "ledger_v2",
+            "/ledger-v2",
+            &[
+                ("WORKSPACE", "sim-workspace"),
+                ("API_KEY_ID", "sim-key-id"),
+                ("API_KEY_SECRET", "sim-key-secret"),
+                ("SIGNING_KEY", DEMO_SIGNING_KEY_PEM),
+            ],
+        )
+        .await;
     }
 }

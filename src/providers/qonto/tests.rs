@@ -92,36 +92,13 @@ fn parses_error_bodies() {
     );
 }
 
-/// Qonto's whole status table (empty bodies), so any drift from the
-/// shared table or its overrides fails here.
+/// Where Qonto's status table departs from the shared one (itself pinned
+/// in `http`), so any drift on either side fails here.
 #[test]
 fn status_table() {
-    use ErrorClass::{Ambiguous, Auth, Permanent, Retryable};
-    let expected = vec![
-        (200, Permanent),
-        (204, Permanent),
-        (302, Permanent),
-        (400, Permanent),
-        (401, Auth),
-        (403, Permanent),
-        (404, Permanent),
-        (405, Permanent),
-        (409, Ambiguous),
-        (410, Permanent),
-        (415, Permanent),
-        (418, Permanent),
-        (420, Permanent),
-        (422, Ambiguous),
-        (428, Permanent),
-        (429, Retryable),
-        (500, Retryable),
-        (501, Retryable),
-        (502, Retryable),
-        (503, Retryable),
-        (504, Retryable),
-        (599, Retryable),
-    ];
-    assert_eq!(http::classes(Qonto::classify), expected);
+    use ErrorClass::Permanent;
+    let overrides = vec![(400, Permanent), (403, Permanent), (420, Permanent)];
+    assert_eq!(http::overrides(Qonto::classify), overrides);
 }
 
 #[test]
@@ -795,28 +772,11 @@ mod simulator {
 
     #[tokio::test]
     async fn worker_env_names_the_credentials_the_fake_accepts() {
-        let sim = crate::tools::sim::testkit::sim().await;
-        let mut ours: Vec<(String, String)> = sim
-            .worker_env()
-            .into_iter()
-            .filter(|(key, _)| key.starts_with("APPROVAL_PROVIDERS__QONTO__"))
-            .collect();
-        ours.sort();
-        let mut expected = vec![
-            (
-                "APPROVAL_PROVIDERS__QONTO__BASE_URL".to_owned(),
-                format!("{}/qonto", sim.root_url()),
-            ),
-            (
-                "APPROVAL_PROVIDERS__QONTO__LOGIN".to_owned(),
-                "sim-qonto".to_owned(),
-            ),
-            (
-                "APPROVAL_PROVIDERS__QONTO__SECRET_KEY".to_owned(),
-                "sim-qonto-secret".to_owned(),
-            ),
-        ];
-        expected.sort();
-        assert_eq!(ours, expected);
+        crate::tools::sim::testkit::assert_worker_env(
+            "qonto",
+            "/qonto",
+            &[("LOGIN", "sim-qonto"), ("SECRET_KEY", "sim-qonto-secret")],
+        )
+        .await;
     }
 }

@@ -93,3 +93,28 @@ pub(crate) async fn read_state(
         .read_state(decision)
         .await
 }
+
+/// The settings the simulator's `worker_env` gives `unit`: its base URL
+/// (the root plus `path`) and exactly `credentials` (keys after
+/// `APPROVAL_PROVIDERS__<UNIT>__`), the ones its fake accepts.
+pub(crate) async fn assert_worker_env(unit: &str, path: &str, credentials: &[(&str, &str)]) {
+    let sim = sim().await;
+    let prefix = format!("APPROVAL_PROVIDERS__{}__", unit.to_uppercase());
+    let mut ours: Vec<(String, String)> = sim
+        .worker_env()
+        .into_iter()
+        .filter(|(key, _)| key.starts_with(&prefix))
+        .collect();
+    ours.sort();
+    let base_url = (
+        format!("{prefix}BASE_URL"),
+        format!("{}{path}", sim.root_url()),
+    );
+    let mut expected: Vec<(String, String)> = credentials
+        .iter()
+        .map(|(key, value)| (format!("{prefix}{key}"), (*value).to_owned()))
+        .chain([base_url])
+        .collect();
+    expected.sort();
+    assert_eq!(ours, expected);
+}
