@@ -355,19 +355,19 @@ mod tests {
 
     #[test]
     fn join_keeps_the_base_path_and_encodes_segments() {
-        let base = Url::parse("https://re.vault.ledger.com/v1").unwrap();
+        let base = Url::parse("https://api.example.com/v1").unwrap();
         let url = join(
             &base,
             &format!("/rest/requests/{}/reject", segment("a b?c")),
         );
         assert_eq!(
             url.as_str(),
-            "https://re.vault.ledger.com/v1/rest/requests/a%20b%3Fc/reject"
+            "https://api.example.com/v1/rest/requests/a%20b%3Fc/reject"
         );
-        let base = Url::parse("https://thirdparty.qonto.com/").unwrap();
+        let base = Url::parse("https://api.example.com/").unwrap();
         assert_eq!(
             join(&base, "/v2/x").as_str(),
-            "https://thirdparty.qonto.com/v2/x"
+            "https://api.example.com/v2/x"
         );
     }
 }
