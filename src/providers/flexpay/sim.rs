@@ -76,6 +76,18 @@ impl SimHalf for Half {
         Ok(Arc::new(Sim::new(options.get())))
     }
 
+    fn decided_state(&self, action: &str) -> &'static str {
+        if action == "approve" {
+            "COMPLETED"
+        } else {
+            "REJECTED"
+        }
+    }
+
+    fn issues_tokens(&self) -> bool {
+        true
+    }
+
     fn sample_target(&self, _action: &str) -> Value {
         let short = uuid::Uuid::new_v4().simple().to_string()[..12].to_uppercase();
         json!({"reference": format!("TXN-{short}")})

@@ -58,6 +58,14 @@ impl SimHalf for Half {
         Ok(Arc::new(Sim::new(options.get())))
     }
 
+    fn decided_state(&self, action: &str) -> &'static str {
+        if action == "approve" {
+            "APPROVED"
+        } else {
+            "REJECTED"
+        }
+    }
+
     fn sample_target(&self, action: &str) -> Value {
         // 52 random bits: unique across a benchmark run, and exact in JSON
         // consumers that read numbers as doubles.

@@ -107,6 +107,18 @@ impl SimHalf for Half {
         })))
     }
 
+    fn decided_state(&self, action: &str) -> &'static str {
+        if action == "approve" {
+            "APPROVED"
+        } else {
+            "REJECTED"
+        }
+    }
+
+    fn issues_tokens(&self) -> bool {
+        true
+    }
+
     fn sample_target(&self, _action: &str) -> Value {
         json!({"request_id": uuid::Uuid::new_v4().to_string()})
     }

@@ -65,6 +65,14 @@ impl SimHalf for Half {
         Ok(Arc::new(Sim::new(options.get())))
     }
 
+    fn decided_state(&self, action: &str) -> &'static str {
+        if action == "approve" {
+            "confirmed"
+        } else {
+            "rejected"
+        }
+    }
+
     fn sample_target(&self, _action: &str) -> Value {
         let short = || uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         json!({"operation_id": format!("op-{}", short()), "tx_ids": [format!("tx-{}", short())]})

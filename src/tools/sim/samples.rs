@@ -43,3 +43,14 @@ pub fn target_key(decision: &Value) -> String {
         .and_then(|unit| unit.sim.sample_key(&decision["target"]))
         .unwrap_or_default()
 }
+
+/// The state the simulator reports for a `provider` target once a decision
+/// with `action` was applied.
+pub fn decided_state(provider: &str, action: &str) -> Option<&'static str> {
+    super::unit(provider).map(|unit| unit.sim.decided_state(action))
+}
+
+/// Whether the worker needs an access token from `provider`'s fake.
+pub fn issues_tokens(provider: &str) -> bool {
+    super::unit(provider).is_some_and(|unit| unit.sim.issues_tokens())
+}

@@ -33,6 +33,16 @@ pub trait SimHalf: Sync {
     /// The key the fake files a sample target under (see [`Held::target`]).
     fn sample_key(&self, target: &Value) -> Option<String>;
 
+    /// The target's state, in the provider's vocabulary, once a decision
+    /// with `action` ("approve" or "reject") was applied to it.
+    fn decided_state(&self, action: &str) -> &'static str;
+
+    /// Whether the worker must obtain an access token from this fake before
+    /// deciding (one token then serves every call of a run).
+    fn issues_tokens(&self) -> bool {
+        false
+    }
+
     /// A target the worker must refuse before any call, with the action it
     /// goes with, when the provider's target shape allows one.
     fn malformed_target(&self) -> Option<(&'static str, Value)> {

@@ -81,6 +81,14 @@ impl SimHalf for Half {
         Ok(Arc::new(Sim::new(options.get())))
     }
 
+    fn decided_state(&self, action: &str) -> &'static str {
+        if action == "approve" {
+            "approved"
+        } else {
+            "declined"
+        }
+    }
+
     fn sample_target(&self, _action: &str) -> Value {
         json!({"request_type": "transfers", "request_id": uuid::Uuid::new_v4().to_string()})
     }
