@@ -67,7 +67,7 @@ fn parse_inline(text: &str) -> Result<Option<SigningKey>, JwsError> {
     if text.contains("-----BEGIN") {
         return parse_pem(text).map(Some);
     }
-    if let Some(bytes) = decode_hex(text) {
+    if let Ok(bytes) = hex::decode(text) {
         let pem = String::from_utf8(bytes).map_err(|_| JwsError::KeyFormat)?;
         if pem.contains("-----BEGIN") {
             return parse_pem(pem.trim()).map(Some);
@@ -86,22 +86,6 @@ fn parse_pem(pem: &str) -> Result<SigningKey, JwsError> {
     } else {
         Err(JwsError::KeyFormat)
     }
-}
-
-/// Strict hex (even length, hex digits only); `None` otherwise. A tiny local
-/// decoder avoids a dependency for one call.
-fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if text.is_empty() || !text.len().is_multiple_of(2) {
-        return None;
-    }
-    text.as_bytes()
-        .chunks(2)
-        .map(|pair| {
-            let hi = (pair[0] as char).to_digit(16)?;
-            let lo = (pair[1] as char).to_digit(16)?;
-            Some((hi * 16 + lo) as u8)
-        })
-        .collect()
 }
 
 /// Decodes a challenge as Ledger sends it: base64url, padded or not. Standard
@@ -176,7 +160,7 @@ mod tests {
     }
 
     fn to_hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(bytes)
     }
 
     #[test]
