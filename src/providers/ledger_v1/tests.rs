@@ -8,8 +8,6 @@ use wiremock::{
     matchers::{method, path},
 };
 
-use reqwest::StatusCode;
-
 use super::*;
 use crate::{decision::parse, settings::Settings};
 
@@ -225,28 +223,6 @@ async fn error_bodies_give_message_name_and_status() {
     assert_eq!(e.provider_code.as_deref(), Some("NotFoundError"));
     assert_eq!(e.http_status, Some(404));
     assert!(!e.message.contains(API_KEY));
-}
-
-#[test]
-fn classes_of_statuses() {
-    let class = |status: u16| {
-        LedgerV1::classify(&Response {
-            status: StatusCode::from_u16(status).unwrap(),
-            headers: Default::default(),
-            body: Value::Null,
-        })
-        .class
-    };
-    for s in [420, 429, 500, 503] {
-        assert_eq!(class(s), ErrorClass::Retryable, "{s}");
-    }
-    for s in [401, 403] {
-        assert_eq!(class(s), ErrorClass::Auth, "{s}");
-    }
-    for s in [400, 409, 422] {
-        assert_eq!(class(s), ErrorClass::Ambiguous, "{s}");
-    }
-    assert_eq!(class(404), ErrorClass::Permanent);
 }
 
 #[tokio::test]

@@ -7,8 +7,6 @@ use wiremock::{
     matchers::{method, path},
 };
 
-use reqwest::StatusCode;
-
 use super::*;
 use crate::{decision::parse, settings::Settings};
 
@@ -444,28 +442,6 @@ async fn error_bodies_give_message_issue_and_code() {
     assert_eq!(e.class, ErrorClass::Permanent);
     assert_eq!(e.message, "Request not found");
     assert_eq!(e.provider_code.as_deref(), Some("NOT_FOUND"));
-}
-
-#[test]
-fn classes_of_statuses() {
-    let class = |status: u16| {
-        LedgerV2::classify(&Response {
-            status: StatusCode::from_u16(status).unwrap(),
-            headers: Default::default(),
-            body: Value::Null,
-        })
-        .class
-    };
-    for s in [420, 429, 500, 502] {
-        assert_eq!(class(s), ErrorClass::Retryable, "{s}");
-    }
-    for s in [401, 403] {
-        assert_eq!(class(s), ErrorClass::Auth, "{s}");
-    }
-    for s in [400, 409, 422] {
-        assert_eq!(class(s), ErrorClass::Ambiguous, "{s}");
-    }
-    assert_eq!(class(404), ErrorClass::Permanent);
 }
 
 #[tokio::test]
