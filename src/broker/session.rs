@@ -6,7 +6,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use futures_util::StreamExt;
 use lapin::{
-    Connection,
+    Channel, Connection, Consumer,
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::FieldTable,
 };
@@ -97,23 +97,21 @@ impl Session {
         // decisions will be redelivered, but let their provider calls end
         // cleanly.
         self.drain(&in_flight).await;
-        if let Some(conn) = open
-            && let Err(e) = conn.close(200, "worker shutdown".into()).await
-        {
-            debug!(error = %e, "connection close");
+        if let Some(open) = open {
+            open.close().await;
         }
         self.readiness.disconnected();
         info!("worker stopped");
     }
 
-    /// One session. Returns its still open connection when shutdown
-    /// stopped it, so in-flight decisions can still be acknowledged.
+    /// One session. Returns it still open when shutdown stopped it, so
+    /// in-flight decisions can still be acknowledged.
     async fn consume<H, F>(
         &self,
         in_flight: &TaskTracker,
         failures: &mut u32,
         handle: &H,
-    ) -> Result<Connection, SessionError>
+    ) -> Result<Open, SessionError>
     where
         H: Fn(Delivery) -> F,
         F: Future<Output = ()> + Send + 'static,
@@ -157,7 +155,7 @@ impl Session {
                     if let Err(e) = consume.basic_cancel(tag.into(), BasicCancelOptions::default()).await {
                         warn!(error = %e, "could not cancel the consumer");
                     }
-                    return Ok(conn);
+                    return Ok(Open { conn, _setup: setup, _handles: session, _consumer: consumer });
                 }
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
@@ -187,6 +185,25 @@ impl Session {
                 left = in_flight.len(),
                 "drain timeout: unfinished decisions stay unacknowledged and will be redelivered"
             );
+        }
+    }
+}
+
+/// A session stopped by shutdown. Its channels and consumer are kept until
+/// the connection closes: lapin closes a channel whose last handle drops, and
+/// a connection closed while one of its channels is still closing logs a
+/// spurious connection error at every stop.
+struct Open {
+    conn: Connection,
+    _setup: Channel,
+    _handles: Arc<SessionHandles>,
+    _consumer: Consumer,
+}
+
+impl Open {
+    async fn close(self) {
+        if let Err(e) = self.conn.close(200, "worker shutdown".into()).await {
+            debug!(error = %e, "connection close");
         }
     }
 }

@@ -62,6 +62,32 @@ async fn sigterm_finishes_the_call_in_flight_then_exits_zero() {
     );
     let logs = worker.output();
     assert!(logs.contains("SIGTERM"), "{logs}");
+    // A clean stop logs no error (lapin reports one when the connection
+    // closes while a channel of the session is still closing).
+    assert!(!logs.contains(r#""level":"ERROR""#), "{logs}");
+}
+
+/// Stopped while idle, after a decision went through, the worker closes
+/// its session without a single error line (lapin logs one when the
+/// connection closes while a channel of the session is still closing).
+#[tokio::test]
+async fn an_idle_worker_stops_without_an_error() {
+    let app = app("p-idle-stop").await;
+    let (broker, provider) = (&app.broker, app.qonto());
+    Mock::given(method("POST"))
+        .respond_with(qonto::answer("declined"))
+        .mount(provider)
+        .await;
+    let mut worker = app.run(&["run"]);
+    broker.wait_consumer().await;
+    broker.publish(&qonto::decision("idle-1", "reject")).await;
+    broker.outcome("idle-1", "applied").await;
+
+    worker.signal(libc::SIGTERM);
+    let status = worker.wait(Duration::from_secs(20)).await;
+    let logs = worker.output();
+    assert_eq!(status.code(), Some(0), "{logs}");
+    assert!(!logs.contains(r#""level":"ERROR""#), "{logs}");
 }
 
 #[tokio::test]
