@@ -18,7 +18,7 @@ pub mod decision;
 pub(crate) mod locks;
 pub(crate) mod outcome;
 pub mod providers;
-pub(crate) mod readiness;
+pub mod readiness;
 pub(crate) mod retry;
 pub mod settings;
 mod shutdown;

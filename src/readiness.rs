@@ -1,13 +1,19 @@
 //! Readiness as the admin endpoint reports it: connected to the broker,
-//! topology declared and consuming, and not draining.
+//! topology declared and consuming, and not draining; and which broker node
+//! the session uses.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{
+    Mutex,
+    atomic::{AtomicBool, Ordering},
+};
 
 #[derive(Debug, Default)]
 pub struct Readiness {
     connected: AtomicBool,
     consuming: AtomicBool,
     draining: AtomicBool,
+    /// The consuming session's node, password masked.
+    node: Mutex<Option<String>>,
 }
 
 impl Readiness {
@@ -17,13 +23,22 @@ impl Readiness {
             && !self.draining.load(Ordering::SeqCst)
     }
 
-    /// The session declared its topology and consumes decisions.
-    pub(crate) fn consuming(&self) {
+    /// The broker node in use (its URL with the password masked), while a
+    /// session consumes.
+    pub fn broker_node(&self) -> Option<String> {
+        self.node.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The session declared its topology on `node` (redacted) and consumes
+    /// decisions.
+    pub(crate) fn consuming(&self, node: &str) {
+        *self.node.lock().unwrap_or_else(|e| e.into_inner()) = Some(node.to_owned());
         self.set(true, true);
     }
 
     /// No session: lost, or stopped.
     pub(crate) fn disconnected(&self) {
+        *self.node.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.set(false, false);
     }
 
@@ -48,14 +63,36 @@ mod tests {
     fn ready_only_while_consuming_and_not_draining() {
         let r = Readiness::default();
         assert!(!r.ready());
-        r.consuming();
+        r.consuming("amqp://a");
         assert!(r.ready());
         r.disconnected();
         assert!(!r.ready());
-        r.consuming();
+        r.consuming("amqp://a");
         r.start_draining();
         assert!(!r.ready());
-        r.consuming();
+        r.consuming("amqp://a");
         assert!(!r.ready(), "a drain is never undone");
+    }
+
+    #[test]
+    fn names_the_node_only_while_a_session_consumes() {
+        let r = Readiness::default();
+        assert_eq!(r.broker_node(), None);
+        r.consuming("amqp://guest:***@a:5672/%2f");
+        assert_eq!(
+            r.broker_node().as_deref(),
+            Some("amqp://guest:***@a:5672/%2f")
+        );
+        r.disconnected();
+        assert_eq!(
+            r.broker_node(),
+            None,
+            "no node in use once the session is lost"
+        );
+        r.consuming("amqp://guest:***@b:5672/%2f");
+        assert_eq!(
+            r.broker_node().as_deref(),
+            Some("amqp://guest:***@b:5672/%2f")
+        );
     }
 }

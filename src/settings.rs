@@ -63,9 +63,8 @@ pub struct Settings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct AmqpSettings {
-    /// Carries the broker password, hence secret.
-    #[serde(deserialize_with = "amqp_url")]
-    pub(crate) url: SecretString,
+    /// The broker's nodes, in the order they are tried.
+    pub(crate) url: AmqpNodes,
     #[serde(deserialize_with = "queue_prefix")]
     pub(crate) prefix: String,
     pub(crate) prefetch: NonZeroU16,
@@ -75,6 +74,68 @@ pub(crate) struct AmqpSettings {
     pub(crate) reconnect_initial: Duration,
     #[serde(rename = "reconnect_max_ms", deserialize_with = "millis")]
     pub(crate) reconnect_max: Duration,
+}
+
+/// `APPROVAL_AMQP__URL`: one broker URL, or the nodes of a cluster as a
+/// comma-separated list (a comma inside a password must be written `%2C`).
+/// Never empty. Each URL carries the broker password, hence secret.
+#[derive(Debug, Clone)]
+pub(crate) struct AmqpNodes(Vec<SecretString>);
+
+impl AmqpNodes {
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Node `i`, counted round the list (modulo its length), so a caller
+    /// moving on to the next node may simply count up.
+    pub(crate) fn url(&self, i: usize) -> &SecretString {
+        &self.0[i % self.0.len()]
+    }
+
+    /// Node `i` with its password replaced, for log lines and reports.
+    pub(crate) fn redacted(&self, i: usize) -> String {
+        redact(self.url(i).expose_secret())
+    }
+}
+
+impl<'de> Deserialize<'de> for AmqpNodes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let list = SecretString::deserialize(d)?;
+        let entries: Vec<&str> = list.expose_secret().split(',').map(str::trim).collect();
+        let mut nodes = Vec::with_capacity(entries.len());
+        for (i, entry) in entries.iter().enumerate() {
+            let scheme_ok =
+                Url::parse(entry).is_ok_and(|u| u.scheme() == "amqp" || u.scheme() == "amqps");
+            // lapin's own parser, so nothing that loads fails at connect time.
+            if !scheme_ok || entry.parse::<lapin::uri::AMQPUri>().is_err() {
+                return Err(D::Error::custom(if entries.len() == 1 {
+                    "expected an amqp:// or amqps:// URL".to_owned()
+                } else {
+                    format!(
+                        "expected a comma-separated list of amqp:// or amqps:// URLs; entry {} of {} is not one",
+                        i + 1,
+                        entries.len()
+                    )
+                }));
+            }
+            nodes.push(SecretString::from(*entry));
+        }
+        Ok(Self(nodes))
+    }
+}
+
+/// `url` with any password replaced.
+fn redact(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable>".to_owned(),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -285,30 +346,19 @@ impl Settings {
         Ok(())
     }
 
-    /// The broker URL with any password replaced, for log lines.
+    /// The broker URL (every node, comma-separated) with each password
+    /// replaced, for log lines and reports.
     pub(crate) fn amqp_url_redacted(&self) -> String {
-        match Url::parse(self.amqp.url.expose_secret()) {
-            Ok(mut u) => {
-                if u.password().is_some() {
-                    let _ = u.set_password(Some("***"));
-                }
-                u.to_string()
-            }
-            Err(_) => "<unparseable>".to_owned(),
-        }
+        let nodes = &self.amqp.url;
+        (0..nodes.len())
+            .map(|i| nodes.redacted(i))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
 // Field parsers for rules a standard type does not carry. Their messages
 // never quote the value: it may be a secret.
-
-fn amqp_url<'de, D: Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
-    let url = SecretString::deserialize(d)?;
-    match Url::parse(url.expose_secret()) {
-        Ok(u) if u.scheme() == "amqp" || u.scheme() == "amqps" => Ok(url),
-        _ => Err(D::Error::custom("expected an amqp:// or amqps:// URL")),
-    }
-}
 
 fn queue_prefix<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let prefix = String::deserialize(d)?;
@@ -421,7 +471,7 @@ mod tests {
         let s = load(&[]).unwrap();
         assert_eq!(s.amqp.prefix, "approvals");
         assert_eq!(
-            s.amqp.url.expose_secret(),
+            s.amqp.url.url(0).expose_secret(),
             "amqp://guest:guest@127.0.0.1:5672/%2f"
         );
         assert_eq!(s.admin.bind, "127.0.0.1:9090".parse().unwrap());
@@ -577,5 +627,60 @@ mod tests {
     fn redacted_url_hides_the_password() {
         let s = load(&[("APPROVAL_AMQP__URL", "amqp://u:topsecret@h:5672/%2f")]).unwrap();
         assert!(!s.amqp_url_redacted().contains("topsecret"));
+        assert_eq!(s.amqp_url_redacted(), "amqp://u:***@h:5672/%2f");
+    }
+
+    #[test]
+    fn a_list_of_urls_names_the_nodes_in_order() {
+        let s = load(&[(
+            "APPROVAL_AMQP__URL",
+            "amqp://u:p1@a:5672/%2f, amqps://u:p2@b:5671/%2f ,amqp://c",
+        )])
+        .unwrap();
+        let nodes = &s.amqp.url;
+        assert_eq!(nodes.len(), 3);
+        assert_eq!(nodes.url(0).expose_secret(), "amqp://u:p1@a:5672/%2f");
+        assert_eq!(nodes.url(1).expose_secret(), "amqps://u:p2@b:5671/%2f");
+        assert_eq!(nodes.url(2).expose_secret(), "amqp://c");
+        assert_eq!(nodes.url(3).expose_secret(), nodes.url(0).expose_secret());
+        assert_eq!(nodes.redacted(1), "amqps://u:***@b:5671/%2f");
+    }
+
+    #[test]
+    fn a_bad_entry_in_the_list_names_the_key_and_the_entry() {
+        for (list, entry) in [
+            ("amqp://u:pw-one@a/%2f,http://u:pw-two@b/", "entry 2 of 2"),
+            ("amqp://u:pw-one@a/%2f,", "entry 2 of 2"),
+            (",amqp://u:pw-one@a/%2f", "entry 1 of 2"),
+            (
+                "amqp://u:pw-one@a/%2f,amqp://u:pw-two@b/?heartbeat=soon",
+                "entry 2 of 2",
+            ),
+        ] {
+            let text = load(&[("APPROVAL_AMQP__URL", list)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                text.starts_with("invalid configuration value for APPROVAL_AMQP__URL: ")
+                    && text.contains(entry),
+                "{list}: {text}"
+            );
+            assert!(!text.contains("pw-"), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_redacted_list_hides_every_password() {
+        let s = load(&[(
+            "APPROVAL_AMQP__URL",
+            "amqp://u:first-pw@a:5672/%2f,amqps://v:second-pw@b:5671/%2f",
+        )])
+        .unwrap();
+        let redacted = s.amqp_url_redacted();
+        assert_eq!(redacted, "amqp://u:***@a:5672/%2f,amqps://v:***@b:5671/%2f");
+        for i in 0..2 {
+            assert!(!s.amqp.url.redacted(i).contains("-pw"));
+        }
+        assert!(!format!("{s:?}").contains("-pw"), "{s:?}");
     }
 }

@@ -72,7 +72,7 @@ impl Worker {
         }
     }
 
-    pub(crate) fn health(&self) -> Arc<Readiness> {
+    pub fn health(&self) -> Arc<Readiness> {
         self.readiness.clone()
     }
 

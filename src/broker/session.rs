@@ -10,24 +10,24 @@ use lapin::{
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::FieldTable,
 };
-use secrecy::SecretString;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
-use super::{Delivery, Publisher, Topology, delivery::SessionHandles};
+use super::{Delivery, Nodes, Publisher, Topology, Unreachable, delivery::SessionHandles};
 use crate::{readiness::Readiness, retry::RetryDelays, settings::Settings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("broker connection failed: {0}")]
     Broker(#[from] lapin::Error),
+    #[error("no broker node answered: {0}")]
+    Unreachable(#[from] Unreachable),
     #[error("the decisions consumer was cancelled by the broker")]
     ConsumerEnded,
 }
 
 pub struct Session {
-    url: SecretString,
-    url_redacted: String,
+    nodes: Nodes,
     connection_name: String,
     topology: Topology,
     prefetch: u16,
@@ -46,8 +46,7 @@ impl Session {
     ) -> Self {
         let amqp = &settings.amqp;
         Self {
-            url: amqp.url.clone(),
-            url_redacted: settings.amqp_url_redacted(),
+            nodes: Nodes::new(settings),
             connection_name: format!("approval-worker {}", amqp.prefix),
             topology,
             prefetch: amqp.prefetch.get(),
@@ -71,11 +70,17 @@ impl Session {
     {
         let in_flight = TaskTracker::new();
         let mut failures = 0u32;
+        // Where the next connection attempt starts: after the node of the
+        // last session, so a lost node is not the first one retried.
+        let mut next_node = 0;
         let open = loop {
             if self.shutdown.is_cancelled() {
                 break None;
             }
-            match self.consume(&in_flight, &mut failures, &handle).await {
+            match self
+                .consume(&in_flight, &mut failures, &mut next_node, &handle)
+                .await
+            {
                 Ok(conn) => break Some(conn),
                 Err(e) => {
                     self.readiness.disconnected();
@@ -110,13 +115,19 @@ impl Session {
         &self,
         in_flight: &TaskTracker,
         failures: &mut u32,
+        next_node: &mut usize,
         handle: &H,
     ) -> Result<Open, SessionError>
     where
         H: Fn(Delivery) -> F,
         F: Future<Output = ()> + Send + 'static,
     {
-        let conn = super::connect(&self.url, &self.connection_name).await?;
+        let (conn, node) = self
+            .nodes
+            .connect_from(*next_node, &self.connection_name)
+            .await?;
+        *next_node = node + 1;
+        let node = self.nodes.redacted(node);
         let setup = conn.create_channel().await?;
         self.topology.declare(&setup).await?;
         let consume = conn.create_channel().await?;
@@ -138,10 +149,10 @@ impl Session {
                 FieldTable::default(),
             )
             .await?;
-        self.readiness.consuming();
+        self.readiness.consuming(&node);
         *failures = 0;
         info!(
-            broker = %self.url_redacted,
+            broker = %node,
             queue = %self.topology.decisions(),
             prefetch = self.prefetch,
             "consuming decisions"

@@ -1,11 +1,12 @@
 //! `approval-worker check`: validate the configuration, build every
-//! provider, reach the broker and declare the topology. The report goes to
-//! stdout; warnings met on the way (a partial credential set) to stderr.
+//! provider, reach every broker node and declare the topology there. The
+//! report goes to stdout; warnings met on the way (a partial credential set)
+//! to stderr.
 
-use std::{process::ExitCode, time::Duration};
+use std::process::ExitCode;
 
 use crate::{
-    broker::{self, Topology},
+    broker::{Nodes, Topology},
     providers::Registry,
     settings::Settings,
 };
@@ -29,41 +30,38 @@ pub async fn run(settings: Settings) -> ExitCode {
             }
         );
     }
-    let url = settings.amqp_url_redacted();
-    let conn = match tokio::time::timeout(
-        settings.worker.connect_timeout.max(Duration::from_secs(1)),
-        broker::connect(&settings.amqp.url, "approval-worker check"),
-    )
-    .await
-    {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            eprintln!("check failed: broker {url} is not reachable: {e}");
-            return ExitCode::FAILURE;
-        }
-        Err(_) => {
-            eprintln!("check failed: broker {url} did not answer in time");
-            return ExitCode::FAILURE;
-        }
-    };
+    // Every node, not just the first that answers: a node the worker would
+    // fail over to must work too.
+    let nodes = Nodes::new(&settings);
     let topology = Topology::new(&settings.amqp.prefix, settings.amqp.delivery_limit);
-    let result = async {
-        let ch = conn.create_channel().await?;
-        topology.declare(&ch).await
-    }
-    .await;
-    let _ = conn.close(200, "check done".into()).await;
-    match result {
-        Ok(()) => {
-            println!(
-                "broker {url}: ok (topology {}.* declared)",
+    let mut problems = Vec::new();
+    for i in 0..nodes.len() {
+        let node = nodes.redacted(i);
+        let conn = match nodes.connect_node(i, "approval-worker check").await {
+            Ok(conn) => conn,
+            Err(e) => {
+                problems.push(format!("broker {node} is not reachable: {e}"));
+                continue;
+            }
+        };
+        let declared = async {
+            let ch = conn.create_channel().await?;
+            topology.declare(&ch).await
+        }
+        .await;
+        let _ = conn.close(200, "check done".into()).await;
+        match declared {
+            Ok(()) => println!(
+                "broker {node}: ok (topology {}.* declared)",
                 topology.prefix()
-            );
-            ExitCode::SUCCESS
+            ),
+            Err(e) => problems.push(format!("topology could not be declared on {node}: {e}")),
         }
-        Err(e) => {
-            eprintln!("check failed: topology could not be declared on {url}: {e}");
-            ExitCode::FAILURE
-        }
+    }
+    if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("check failed: {}", problems.join("; "));
+        ExitCode::FAILURE
     }
 }

@@ -47,11 +47,14 @@ pub async fn run(settings: Settings, cmd: DeadLetters) -> ExitCode {
         DeadLetters::List(filter) => (filter, false),
         DeadLetters::Replay(filter) => (filter, true),
     };
-    let url = settings.amqp_url_redacted();
-    let conn = match broker::connect(&settings.amqp.url, "approval-worker dead-letters").await {
+    let conn = match broker::Nodes::new(&settings)
+        .connect("approval-worker dead-letters")
+        .await
+    {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("dead-letters: broker {url} is not reachable: {e}");
+            // `e` names each node tried, password masked.
+            eprintln!("dead-letters: broker not reachable: {e}");
             return ExitCode::FAILURE;
         }
     };

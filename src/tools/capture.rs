@@ -70,7 +70,7 @@ pub async fn durable(
     stop: CancellationToken,
 ) -> Result<mpsc::UnboundedReceiver<Delivery>, lapin::Error> {
     let name = format!("outcome capture {queue}");
-    let conn = broker::connect(url, &name).await?;
+    let conn = broker::connect_url(url, &name).await?;
     let channel = conn.create_channel().await?;
     channel
         .queue_declare(
@@ -88,7 +88,7 @@ pub async fn durable(
             let session = async {
                 let conn = match first.take() {
                     Some(conn) => conn,
-                    None => broker::connect(&url, &name).await?,
+                    None => broker::connect_url(&url, &name).await?,
                 };
                 let channel = conn.create_channel().await?;
                 let mut consumer = channel

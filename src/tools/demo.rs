@@ -52,7 +52,7 @@ pub async fn run(config: Option<&Path>) -> Result<(), DemoError> {
     let url = base.amqp_url_redacted();
     let conn = tokio::time::timeout(
         Duration::from_secs(5),
-        broker::connect(&base.amqp.url, "approval-worker demo"),
+        broker::Nodes::new(&base).connect("approval-worker demo"),
     )
     .await
     .map_err(|_| DemoError::BrokerUnreachable(url.clone()))?

@@ -63,7 +63,8 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     let prefetch = options.prefetch.unwrap_or(settings.amqp.prefetch.get());
     let n = options.decisions.max(10);
     let url = settings.amqp_url_redacted();
-    let conn = broker::connect(&settings.amqp.url, "approval-worker bench")
+    let conn = broker::Nodes::new(&settings)
+        .connect("approval-worker bench")
         .await
         .map_err(|_| BenchError::BrokerUnreachable(url))?;
 

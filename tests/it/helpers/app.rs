@@ -138,6 +138,12 @@ impl TestApp {
         self.broker.wait_consumer().await;
     }
 
+    /// The broker node the in-process worker consumes from, if it does.
+    pub fn broker_node(&self) -> Option<String> {
+        let worker = self.worker.lock().unwrap();
+        worker.as_ref().and_then(|w| w.broker_node())
+    }
+
     /// Stops the in-process worker gracefully, within the deadline.
     pub async fn stop_worker(&self) {
         let worker = self.worker.lock().unwrap().take();

@@ -7,7 +7,9 @@ use std::{
     time::Duration,
 };
 
-use approval_worker::{providers::Registry, settings::Settings, worker::Worker};
+use approval_worker::{
+    providers::Registry, readiness::Readiness, settings::Settings, worker::Worker,
+};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio_util::sync::CancellationToken;
 
@@ -17,6 +19,7 @@ use super::wait::DEADLINE;
 pub struct InProcessWorker {
     shutdown: CancellationToken,
     handle: Option<tokio::task::JoinHandle<()>>,
+    readiness: Arc<Readiness>,
 }
 
 impl InProcessWorker {
@@ -25,11 +28,18 @@ impl InProcessWorker {
         let registry = Registry::from_settings(&settings).expect("providers build");
         let shutdown = CancellationToken::new();
         let worker = Worker::new(settings, registry, shutdown.clone());
+        let readiness = worker.health();
         let handle = tokio::spawn(worker.run());
         Self {
             shutdown,
             handle: Some(handle),
+            readiness,
         }
+    }
+
+    /// The broker node its session consumes from (password masked).
+    pub fn broker_node(&self) -> Option<String> {
+        self.readiness.broker_node()
     }
 
     /// Asks for a graceful stop and waits for it, within the deadline.
