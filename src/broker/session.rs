@@ -2,9 +2,9 @@
 //! consume, and hand each delivery to its own task; reconnect with backoff
 //! when the session is lost; one drain when the process stops.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt as _, StreamExt};
 use lapin::{
     Channel, Connection, Consumer,
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
@@ -12,9 +12,12 @@ use lapin::{
 };
 use secrecy::SecretString;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use super::{Delivery, Publisher, Topology, delivery::SessionHandles};
+use super::{
+    Delivery, Publisher, Topology,
+    delivery::{SessionHandles, Unsettled},
+};
 use crate::{readiness::Readiness, retry::RetryDelays, settings::Settings};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +36,7 @@ pub struct Session {
     prefetch: u16,
     reconnect: RetryDelays,
     drain_timeout: Duration,
+    max_delay: Duration,
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 }
@@ -54,8 +58,10 @@ impl Session {
             reconnect: RetryDelays {
                 initial: amqp.reconnect_initial.max(Duration::from_millis(1)),
                 max: amqp.reconnect_max.max(Duration::from_millis(1)),
+                horizon: Duration::MAX,
             },
             drain_timeout: settings.worker.drain_timeout,
+            max_delay: settings.retry.horizon,
             readiness,
             shutdown,
         }
@@ -125,6 +131,7 @@ impl Session {
             consume: consume.clone(),
             outcomes: self.topology.outcomes(),
             topology: self.topology.clone(),
+            max_delay: self.max_delay,
         });
         consume
             .basic_qos(self.prefetch, BasicQosOptions::default())
@@ -159,10 +166,11 @@ impl Session {
                 }
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
-                        let task = handle(Delivery::new(session.clone(), delivery));
+                        let (delivery, unsettled) = Delivery::new(session.clone(), delivery);
+                        let task = handle(delivery);
                         in_flight.spawn(async move {
                             metrics::gauge!("approval_in_flight").increment(1.0);
-                            task.await;
+                            run_delivery(task, unsettled).await;
                             metrics::gauge!("approval_in_flight").decrement(1.0);
                         });
                     }
@@ -187,6 +195,35 @@ impl Session {
             );
         }
     }
+}
+
+/// Runs one delivery's task. A panic in it is caught, logged with the
+/// decision's ids, counted, and the delivery handed back unless the task
+/// settled it first: an unsettled delivery would hold its prefetch slot for
+/// the rest of the session.
+async fn run_delivery<F>(task: F, unsettled: Unsettled)
+where
+    F: Future<Output = ()>,
+{
+    // The task shares nothing with the session that a panic could leave
+    // half-updated; the delivery itself is settled below or already was.
+    let Err(panic) = AssertUnwindSafe(task).catch_unwind().await else {
+        return;
+    };
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    let (decision_id, provider) = unsettled.ids();
+    error!(
+        decision_id = decision_id.as_deref().unwrap_or(""),
+        provider = provider.as_deref().unwrap_or(""),
+        panic = %message,
+        "a delivery task panicked; the decision is handed back"
+    );
+    metrics::counter!("approval_delivery_panics_total").increment(1);
+    unsettled.requeue().await;
 }
 
 /// A session stopped by shutdown. Its channels and consumer are kept until

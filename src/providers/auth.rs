@@ -25,6 +25,19 @@ pub struct Token {
     pub refresh: Option<(SecretString, Duration)>,
 }
 
+/// Bounds on a token lifetime as a provider states it: a lifetime beyond a
+/// day is a misread unit or garbage (and `u64::MAX` seconds overflows an
+/// `Instant`), and a token is kept a few seconds however short it claims
+/// to live, so one answer cannot make every call fetch anew.
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+const MIN_TOKEN_TTL: Duration = Duration::from_secs(5);
+
+/// When a token issued at `now` for `ttl` dies, clamped to the bounds above.
+fn expiry(now: Instant, ttl: Duration) -> Instant {
+    let ttl = ttl.clamp(MIN_TOKEN_TTL, MAX_TOKEN_TTL);
+    now.checked_add(ttl).unwrap_or(now)
+}
+
 struct Cached {
     access: SecretString,
     expires_at: Instant,
@@ -57,15 +70,16 @@ impl TokenCache {
     {
         let mut state = self.state.lock().await;
         let now = Instant::now();
+        let renew_after = now.checked_add(self.margin).unwrap_or(now);
         if let Some(c) = state.as_ref()
-            && c.expires_at > now + self.margin
+            && c.expires_at > renew_after
         {
             return Ok(c.access.clone());
         }
         let refresh = state
             .as_ref()
             .and_then(|c| c.refresh.as_ref())
-            .filter(|(_, until)| *until > now + self.margin)
+            .filter(|(_, until)| *until > renew_after)
             .map(|(t, _)| t.clone());
         metrics::counter!("approval_token_refreshes_total", "provider" => self.provider)
             .increment(1);
@@ -74,8 +88,8 @@ impl TokenCache {
         let access = token.access.clone();
         *state = Some(Cached {
             access: token.access,
-            expires_at: now + token.expires_in,
-            refresh: token.refresh.map(|(t, ttl)| (t, now + ttl)),
+            expires_at: expiry(now, token.expires_in),
+            refresh: token.refresh.map(|(t, ttl)| (t, expiry(now, ttl))),
         });
         Ok(access)
     }
@@ -203,6 +217,36 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(t.expose_secret(), "t1");
+    }
+
+    #[tokio::test]
+    async fn absurd_lifetimes_are_clamped_not_overflowed() {
+        let cache = TokenCache::new("test", Duration::from_secs(1));
+        let huge = Token {
+            access: SecretString::from("t0"),
+            expires_in: Duration::from_secs(u64::MAX),
+            refresh: Some((SecretString::from("r0"), Duration::MAX)),
+        };
+        let t = cache.get(|_| async { Ok(huge) }).await.unwrap();
+        assert_eq!(t.expose_secret(), "t0");
+        let state = cache.state.lock().await;
+        let c = state.as_ref().unwrap();
+        let now = Instant::now();
+        assert!(c.expires_at <= now + MAX_TOKEN_TTL);
+        assert!(c.refresh.as_ref().unwrap().1 <= now + MAX_TOKEN_TTL);
+        drop(state);
+
+        // A zero lifetime still serves the next call a few seconds later.
+        let cache = TokenCache::new("test", Duration::ZERO);
+        cache
+            .get(|_| async { Ok(token(0, Duration::ZERO)) })
+            .await
+            .unwrap();
+        let again = cache
+            .get(|_| async { panic!("no fetch expected") })
+            .await
+            .unwrap();
+        assert_eq!(again.expose_secret(), "t0");
     }
 
     async fn send_counting_fetches(
