@@ -244,3 +244,125 @@ impl Open {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use lapin::{
+        BasicProperties,
+        options::{BasicPublishOptions, QueueDeclareOptions},
+    };
+
+    use super::*;
+
+    /// A session's handles on the local broker, a private queue, and a
+    /// consumer on it with manual acknowledgements.
+    async fn consuming() -> (Connection, Arc<SessionHandles>, String, Consumer) {
+        let url = SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f");
+        let conn = super::super::connect(&url, "session-panic-test")
+            .await
+            .unwrap();
+        let consume = conn.create_channel().await.unwrap();
+        let topology = Topology::new(&format!("panic-{}", uuid::Uuid::new_v4()), 5);
+        let handles = Arc::new(SessionHandles {
+            publisher: Publisher::new(conn.create_channel().await.unwrap())
+                .await
+                .unwrap(),
+            consume: consume.clone(),
+            outcomes: topology.outcomes(),
+            topology,
+            max_delay: Duration::from_secs(60),
+        });
+        let queue = consume
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .name()
+            .to_string();
+        let consumer = consume
+            .basic_consume(
+                queue.as_str().into(),
+                "t".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        (conn, handles, queue, consumer)
+    }
+
+    async fn publish(handles: &SessionHandles, queue: &str, body: &[u8]) {
+        handles
+            .consume
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn next(consumer: &mut Consumer) -> lapin::message::Delivery {
+        tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("a delivery within 10 s")
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_hands_its_delivery_back() {
+        let (conn, handles, queue, mut consumer) = consuming().await;
+        publish(
+            &handles,
+            &queue,
+            br#"{"decision_id":"p-1","provider":"flexpay"}"#,
+        )
+        .await;
+        let first = next(&mut consumer).await;
+        assert!(!first.redelivered);
+        let (delivery, unsettled) = Delivery::new(handles.clone(), first);
+        assert_eq!(
+            unsettled.ids(),
+            (Some("p-1".into()), Some("flexpay".into()))
+        );
+        let task = async move {
+            let _held = delivery;
+            panic!("boom");
+        };
+        run_delivery(task, unsettled).await;
+        // Nacked with requeue: the same message comes back.
+        let again = next(&mut consumer).await;
+        assert!(again.redelivered);
+        assert_eq!(again.data, first_body());
+
+        // A task that settled before panicking is not settled twice (a
+        // second ack or nack of one tag would close the channel).
+        let (delivery, unsettled) = Delivery::new(handles.clone(), again);
+        let task = async move {
+            delivery.acknowledge(Ok(())).await;
+            panic!("after the ack");
+        };
+        run_delivery(task, unsettled).await;
+        publish(&handles, &queue, b"second").await;
+        let second = next(&mut consumer).await;
+        assert_eq!(second.data, b"second");
+        assert!(!second.redelivered);
+        assert!(handles.consume.status().connected());
+        conn.close(200, "test done".into()).await.unwrap();
+    }
+
+    fn first_body() -> Vec<u8> {
+        br#"{"decision_id":"p-1","provider":"flexpay"}"#.to_vec()
+    }
+}
