@@ -12,6 +12,7 @@ use std::{
 
 use reqwest::{RequestBuilder, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
 use tokio::sync::Mutex;
 
 use super::http::{Http, Response};
@@ -36,6 +37,25 @@ const MIN_TOKEN_TTL: Duration = Duration::from_secs(5);
 fn expiry(now: Instant, ttl: Duration) -> Instant {
     let ttl = ttl.clamp(MIN_TOKEN_TTL, MAX_TOKEN_TTL);
     now.checked_add(ttl).unwrap_or(now)
+}
+
+/// A token lifetime in seconds as a provider sent it: a number (whole or
+/// not, however large) or a numeric string. `None` for anything else
+/// (negative, not a number), so the provider's default applies instead of
+/// the whole token answer being refused; [`TokenCache`] clamps the rest.
+pub fn lifetime(v: &Value) -> Option<Duration> {
+    let secs = match v {
+        Value::Number(n) => match n.as_u64() {
+            Some(whole) => return Some(Duration::from_secs(whole)),
+            None => n.as_f64()?,
+        },
+        Value::String(s) => s.trim().parse::<f64>().ok()?,
+        _ => return None,
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
 }
 
 struct Cached {
@@ -247,6 +267,26 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(again.expose_secret(), "t0");
+    }
+
+    #[test]
+    fn lifetimes_are_read_leniently() {
+        use serde_json::json;
+        let secs = |n| Some(Duration::from_secs(n));
+        assert_eq!(lifetime(&json!(300)), secs(300));
+        assert_eq!(lifetime(&json!(" 120 ")), secs(120));
+        assert_eq!(lifetime(&json!(1.5)), Some(Duration::from_millis(1500)));
+        assert_eq!(lifetime(&json!(u64::MAX)), secs(u64::MAX));
+        assert_eq!(lifetime(&json!(1e300)), Some(Duration::MAX));
+        for garbage in [
+            json!(-5),
+            json!("-1"),
+            json!("soon"),
+            json!(null),
+            json!({}),
+        ] {
+            assert_eq!(lifetime(&garbage), None, "{garbage}");
+        }
     }
 
     async fn send_counting_fetches(
