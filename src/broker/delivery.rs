@@ -253,15 +253,18 @@ pub(crate) struct Unsettled {
 }
 
 impl Unsettled {
-    /// The decision's ids as far as its body tells them, for the log line.
+    /// The decision's ids as far as its body tells them, for the log line;
+    /// unvalidated, so cut short and stripped of control characters.
     pub(crate) fn ids(&self) -> (Option<String>, Option<String>) {
         #[derive(serde::Deserialize)]
         struct Ids {
             decision_id: Option<String>,
             provider: Option<String>,
         }
+        let tidy =
+            |s: String| -> String { s.chars().filter(|c| !c.is_control()).take(128).collect() };
         serde_json::from_slice::<Ids>(&self.inner.data)
-            .map(|i| (i.decision_id, i.provider))
+            .map(|i| (i.decision_id.map(tidy), i.provider.map(tidy)))
             .unwrap_or_default()
     }
 
