@@ -58,6 +58,7 @@ impl Worker {
         let delays = RetryDelays {
             initial: settings.retry.initial_backoff,
             max: settings.retry.max_backoff,
+            horizon: settings.retry.horizon,
         };
         Self {
             shared: Arc::new(Shared {

@@ -2,7 +2,13 @@
 //! read from our headers, and the ways to settle it. lapin stays behind
 //! this type.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use lapin::{
     BasicProperties, Channel,
@@ -30,6 +36,9 @@ pub(crate) struct SessionHandles {
     pub(crate) topology: Topology,
     /// Named once: every decision publishes here.
     pub(crate) outcomes: String,
+    /// The longest a retry copy may wait (the retry horizon): RabbitMQ
+    /// refuses an expiration above 2^32-1 ms by closing the channel.
+    pub(crate) max_delay: Duration,
 }
 
 /// A human confirmation the decision waits for, carried in its headers.
@@ -85,12 +94,31 @@ impl History {
 
 pub struct Delivery {
     session: Arc<SessionHandles>,
-    inner: lapin::message::Delivery,
+    /// Shared with the session's [`Unsettled`] guard, which settles the
+    /// delivery if its task panics.
+    inner: Arc<lapin::message::Delivery>,
+    settled: Arc<AtomicBool>,
 }
 
 impl Delivery {
-    pub(crate) fn new(session: Arc<SessionHandles>, inner: lapin::message::Delivery) -> Self {
-        Self { session, inner }
+    /// The delivery for its task, and the guard the session keeps.
+    pub(crate) fn new(
+        session: Arc<SessionHandles>,
+        inner: lapin::message::Delivery,
+    ) -> (Self, Unsettled) {
+        let inner = Arc::new(inner);
+        let settled = Arc::new(AtomicBool::new(false));
+        let guard = Unsettled {
+            session: session.clone(),
+            inner: inner.clone(),
+            settled: settled.clone(),
+        };
+        let delivery = Self {
+            session,
+            inner,
+            settled,
+        };
+        (delivery, guard)
     }
 
     pub fn body(&self) -> &[u8] {
@@ -141,7 +169,8 @@ impl Delivery {
     }
 
     /// Publishes a copy to the retry tier that holds `delay`, expiring
-    /// after exactly `delay`, with a confirm.
+    /// after exactly `delay` (between 1 ms and the session's maximum), with
+    /// a confirm.
     pub async fn retry_in_tier(
         &self,
         history: &History,
@@ -149,10 +178,14 @@ impl Delivery {
         attempts: u32,
         confirmation: Option<&PendingConfirmation>,
     ) -> Result<(), PublishError> {
-        let queue = self.session.topology.retry_tier(delay);
+        let expiration = expiration_ms(delay, self.session.max_delay);
+        let queue = self
+            .session
+            .topology
+            .retry_tier(Duration::from_millis(expiration));
         let h = copy_headers(self.original_headers(), history, attempts, confirmation);
         let props = headers::copy_properties(&self.inner.properties, h)
-            .with_expiration(delay.as_millis().max(1).to_string().into());
+            .with_expiration(expiration.to_string().into());
         self.session
             .publisher
             .publish("", &queue, &self.inner.data, props, true)
@@ -179,6 +212,7 @@ impl Delivery {
     }
 
     async fn ack(&self) {
+        self.settled.store(true, Ordering::Release);
         let tag = self.inner.delivery_tag;
         if let Err(e) = self
             .session
@@ -193,16 +227,65 @@ impl Delivery {
     /// Nack with requeue after [`REQUEUE_PAUSE`], so a failing broker is
     /// not spun on.
     async fn requeue(&self) {
-        tokio::time::sleep(REQUEUE_PAUSE).await;
-        let requeue = BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        };
-        let tag = self.inner.delivery_tag;
-        if let Err(e) = self.session.consume.basic_nack(tag, requeue).await {
-            warn!(error = %e, "nack failed; the broker redelivers on reconnect");
+        self.settled.store(true, Ordering::Release);
+        requeue(&self.session, self.inner.delivery_tag).await;
+    }
+}
+
+async fn requeue(session: &SessionHandles, tag: u64) {
+    tokio::time::sleep(REQUEUE_PAUSE).await;
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    if let Err(e) = session.consume.basic_nack(tag, requeue).await {
+        warn!(error = %e, "nack failed; the broker redelivers on reconnect");
+    }
+}
+
+/// What the session keeps of a delivery handed to a task, so a task that
+/// panics does not leave it unacknowledged, holding a prefetch slot until
+/// the connection ends.
+pub(crate) struct Unsettled {
+    session: Arc<SessionHandles>,
+    inner: Arc<lapin::message::Delivery>,
+    settled: Arc<AtomicBool>,
+}
+
+impl Unsettled {
+    /// The decision's ids as far as its body tells them, for the log line;
+    /// unvalidated, so cut short and stripped of control characters.
+    pub(crate) fn ids(&self) -> (Option<String>, Option<String>) {
+        #[derive(serde::Deserialize)]
+        struct Ids {
+            decision_id: Option<String>,
+            provider: Option<String>,
+        }
+        let tidy =
+            |s: String| -> String { s.chars().filter(|c| !c.is_control()).take(128).collect() };
+        serde_json::from_slice::<Ids>(&self.inner.data)
+            .map(|i| (i.decision_id.map(tidy), i.provider.map(tidy)))
+            .unwrap_or_default()
+    }
+
+    /// Hands the delivery back after the usual pause unless its task
+    /// settled it already (a second settle of one tag closes the channel).
+    /// The poison check parks a decision one delivery before the broker's
+    /// limit, so one that always panics ends parked, not looping.
+    pub(crate) async fn requeue(self) {
+        if !self.settled.swap(true, Ordering::AcqRel) {
+            requeue(&self.session, self.inner.delivery_tag).await;
         }
     }
+}
+
+/// A retry copy's `expiration` in milliseconds: at least 1 (0 would expire
+/// at once, before the tier's TTL could hold it), at most `max` and below
+/// RabbitMQ's own limit.
+fn expiration_ms(delay: Duration, max: Duration) -> u64 {
+    const BROKER_MAX_MS: u64 = u32::MAX as u64;
+    let ms = u64::try_from(delay.min(max).as_millis()).unwrap_or(u64::MAX);
+    ms.clamp(1, BROKER_MAX_MS)
 }
 
 /// Headers for a new copy of a delivered message: the original's minus our
@@ -249,6 +332,18 @@ pub fn outcome_properties(event_id: &str, decision_id: Option<&str>) -> BasicPro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expirations_stay_between_one_ms_and_the_maximum() {
+        let horizon = Duration::from_secs(1500);
+        assert_eq!(expiration_ms(Duration::ZERO, horizon), 1);
+        assert_eq!(expiration_ms(Duration::from_millis(2500), horizon), 2500);
+        assert_eq!(expiration_ms(Duration::MAX, horizon), 1_500_000);
+        assert_eq!(
+            expiration_ms(Duration::MAX, Duration::MAX),
+            u64::from(u32::MAX)
+        );
+    }
 
     #[test]
     fn a_copy_carries_its_history_and_not_the_brokers() {

@@ -2,18 +2,21 @@
 //! consume, and hand each delivery to its own task; reconnect with backoff
 //! when the session is lost; one drain when the process stops.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt as _, StreamExt};
 use lapin::{
     Channel, Connection, Consumer,
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::FieldTable,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use super::{Delivery, Nodes, Publisher, Topology, Unreachable, delivery::SessionHandles};
+use super::{
+    Delivery, Nodes, Publisher, Topology, Unreachable,
+    delivery::{SessionHandles, Unsettled},
+};
 use crate::{readiness::Readiness, retry::RetryDelays, settings::Settings};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +36,7 @@ pub struct Session {
     prefetch: u16,
     reconnect: RetryDelays,
     drain_timeout: Duration,
+    max_delay: Duration,
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 }
@@ -53,8 +57,10 @@ impl Session {
             reconnect: RetryDelays {
                 initial: amqp.reconnect_initial.max(Duration::from_millis(1)),
                 max: amqp.reconnect_max.max(Duration::from_millis(1)),
+                horizon: Duration::MAX,
             },
             drain_timeout: settings.worker.drain_timeout,
+            max_delay: settings.retry.horizon,
             readiness,
             shutdown,
         }
@@ -136,6 +142,7 @@ impl Session {
             consume: consume.clone(),
             outcomes: self.topology.outcomes(),
             topology: self.topology.clone(),
+            max_delay: self.max_delay,
         });
         consume
             .basic_qos(self.prefetch, BasicQosOptions::default())
@@ -170,10 +177,11 @@ impl Session {
                 }
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
-                        let task = handle(Delivery::new(session.clone(), delivery));
+                        let (delivery, unsettled) = Delivery::new(session.clone(), delivery);
+                        let task = handle(delivery);
                         in_flight.spawn(async move {
                             metrics::gauge!("approval_in_flight").increment(1.0);
-                            task.await;
+                            run_delivery(task, unsettled).await;
                             metrics::gauge!("approval_in_flight").decrement(1.0);
                         });
                     }
@@ -200,6 +208,35 @@ impl Session {
     }
 }
 
+/// Runs one delivery's task. A panic in it is caught, logged with the
+/// decision's ids, counted, and the delivery handed back unless the task
+/// settled it first: an unsettled delivery would hold its prefetch slot for
+/// the rest of the session.
+async fn run_delivery<F>(task: F, unsettled: Unsettled)
+where
+    F: Future<Output = ()>,
+{
+    // The task shares nothing with the session that a panic could leave
+    // half-updated; the delivery itself is settled below or already was.
+    let Err(panic) = AssertUnwindSafe(task).catch_unwind().await else {
+        return;
+    };
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    let (decision_id, provider) = unsettled.ids();
+    error!(
+        decision_id = decision_id.as_deref().unwrap_or(""),
+        provider = provider.as_deref().unwrap_or(""),
+        panic = %message,
+        "a delivery task panicked; the decision is handed back"
+    );
+    metrics::counter!("approval_delivery_panics_total").increment(1);
+    unsettled.requeue().await;
+}
+
 /// A session stopped by shutdown. Its channels and consumer are kept until
 /// the connection closes: lapin closes a channel whose last handle drops, and
 /// a connection closed while one of its channels is still closing logs a
@@ -216,5 +253,127 @@ impl Open {
         if let Err(e) = self.conn.close(200, "worker shutdown".into()).await {
             debug!(error = %e, "connection close");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::{
+        BasicProperties,
+        options::{BasicPublishOptions, QueueDeclareOptions},
+    };
+
+    use super::*;
+
+    /// A session's handles on the local broker, a private queue, and a
+    /// consumer on it with manual acknowledgements.
+    async fn consuming() -> (Connection, Arc<SessionHandles>, String, Consumer) {
+        let url = secrecy::SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f");
+        let conn = super::super::connect_url(&url, "session-panic-test")
+            .await
+            .unwrap();
+        let consume = conn.create_channel().await.unwrap();
+        let topology = Topology::new(&format!("panic-{}", uuid::Uuid::new_v4()), 5);
+        let handles = Arc::new(SessionHandles {
+            publisher: Publisher::new(conn.create_channel().await.unwrap())
+                .await
+                .unwrap(),
+            consume: consume.clone(),
+            outcomes: topology.outcomes(),
+            topology,
+            max_delay: Duration::from_secs(60),
+        });
+        let queue = consume
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .name()
+            .to_string();
+        let consumer = consume
+            .basic_consume(
+                queue.as_str().into(),
+                "t".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        (conn, handles, queue, consumer)
+    }
+
+    async fn publish(handles: &SessionHandles, queue: &str, body: &[u8]) {
+        handles
+            .consume
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn next(consumer: &mut Consumer) -> lapin::message::Delivery {
+        tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("a delivery within 10 s")
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_hands_its_delivery_back() {
+        let (conn, handles, queue, mut consumer) = consuming().await;
+        publish(
+            &handles,
+            &queue,
+            br#"{"decision_id":"p-1","provider":"flexpay"}"#,
+        )
+        .await;
+        let first = next(&mut consumer).await;
+        assert!(!first.redelivered);
+        let (delivery, unsettled) = Delivery::new(handles.clone(), first);
+        assert_eq!(
+            unsettled.ids(),
+            (Some("p-1".into()), Some("flexpay".into()))
+        );
+        let task = async move {
+            let _held = delivery;
+            panic!("boom");
+        };
+        run_delivery(task, unsettled).await;
+        // Nacked with requeue: the same message comes back.
+        let again = next(&mut consumer).await;
+        assert!(again.redelivered);
+        assert_eq!(again.data, first_body());
+
+        // A task that settled before panicking is not settled twice (a
+        // second ack or nack of one tag would close the channel).
+        let (delivery, unsettled) = Delivery::new(handles.clone(), again);
+        let task = async move {
+            delivery.acknowledge(Ok(())).await;
+            panic!("after the ack");
+        };
+        run_delivery(task, unsettled).await;
+        publish(&handles, &queue, b"second").await;
+        let second = next(&mut consumer).await;
+        assert_eq!(second.data, b"second");
+        assert!(!second.redelivered);
+        assert!(handles.consume.status().connected());
+        conn.close(200, "test done".into()).await.unwrap();
+    }
+
+    fn first_body() -> Vec<u8> {
+        br#"{"decision_id":"p-1","provider":"flexpay"}"#.to_vec()
     }
 }

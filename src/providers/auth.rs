@@ -12,6 +12,7 @@ use std::{
 
 use reqwest::{RequestBuilder, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
 use tokio::sync::Mutex;
 
 use super::http::{Http, Response};
@@ -23,6 +24,38 @@ pub struct Token {
     pub expires_in: Duration,
     /// A refresh token and its lifetime, where the provider issues one.
     pub refresh: Option<(SecretString, Duration)>,
+}
+
+/// Bounds on a token lifetime as a provider states it: a lifetime beyond a
+/// day is a misread unit or garbage (and `u64::MAX` seconds overflows an
+/// `Instant`), and a token is kept a few seconds however short it claims
+/// to live, so one answer cannot make every call fetch anew.
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+const MIN_TOKEN_TTL: Duration = Duration::from_secs(5);
+
+/// When a token issued at `now` for `ttl` dies, clamped to the bounds above.
+fn expiry(now: Instant, ttl: Duration) -> Instant {
+    let ttl = ttl.clamp(MIN_TOKEN_TTL, MAX_TOKEN_TTL);
+    now.checked_add(ttl).unwrap_or(now)
+}
+
+/// A token lifetime in seconds as a provider sent it: a number (whole or
+/// not, however large) or a numeric string. `None` for anything else
+/// (negative, not a number), so the provider's default applies instead of
+/// the whole token answer being refused; [`TokenCache`] clamps the rest.
+pub fn lifetime(v: &Value) -> Option<Duration> {
+    let secs = match v {
+        Value::Number(n) => match n.as_u64() {
+            Some(whole) => return Some(Duration::from_secs(whole)),
+            None => n.as_f64()?,
+        },
+        Value::String(s) => s.trim().parse::<f64>().ok()?,
+        _ => return None,
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
 }
 
 struct Cached {
@@ -57,15 +90,16 @@ impl TokenCache {
     {
         let mut state = self.state.lock().await;
         let now = Instant::now();
+        let renew_after = now.checked_add(self.margin).unwrap_or(now);
         if let Some(c) = state.as_ref()
-            && c.expires_at > now + self.margin
+            && c.expires_at > renew_after
         {
             return Ok(c.access.clone());
         }
         let refresh = state
             .as_ref()
             .and_then(|c| c.refresh.as_ref())
-            .filter(|(_, until)| *until > now + self.margin)
+            .filter(|(_, until)| *until > renew_after)
             .map(|(t, _)| t.clone());
         metrics::counter!("approval_token_refreshes_total", "provider" => self.provider)
             .increment(1);
@@ -74,8 +108,8 @@ impl TokenCache {
         let access = token.access.clone();
         *state = Some(Cached {
             access: token.access,
-            expires_at: now + token.expires_in,
-            refresh: token.refresh.map(|(t, ttl)| (t, now + ttl)),
+            expires_at: expiry(now, token.expires_in),
+            refresh: token.refresh.map(|(t, ttl)| (t, expiry(now, ttl))),
         });
         Ok(access)
     }
@@ -203,6 +237,56 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(t.expose_secret(), "t1");
+    }
+
+    #[tokio::test]
+    async fn absurd_lifetimes_are_clamped_not_overflowed() {
+        let cache = TokenCache::new("test", Duration::from_secs(1));
+        let huge = Token {
+            access: SecretString::from("t0"),
+            expires_in: Duration::from_secs(u64::MAX),
+            refresh: Some((SecretString::from("r0"), Duration::MAX)),
+        };
+        let t = cache.get(|_| async { Ok(huge) }).await.unwrap();
+        assert_eq!(t.expose_secret(), "t0");
+        let state = cache.state.lock().await;
+        let c = state.as_ref().unwrap();
+        let now = Instant::now();
+        assert!(c.expires_at <= now + MAX_TOKEN_TTL);
+        assert!(c.refresh.as_ref().unwrap().1 <= now + MAX_TOKEN_TTL);
+        drop(state);
+
+        // A zero lifetime still serves the next call a few seconds later.
+        let cache = TokenCache::new("test", Duration::ZERO);
+        cache
+            .get(|_| async { Ok(token(0, Duration::ZERO)) })
+            .await
+            .unwrap();
+        let again = cache
+            .get(|_| async { panic!("no fetch expected") })
+            .await
+            .unwrap();
+        assert_eq!(again.expose_secret(), "t0");
+    }
+
+    #[test]
+    fn lifetimes_are_read_leniently() {
+        use serde_json::json;
+        let secs = |n| Some(Duration::from_secs(n));
+        assert_eq!(lifetime(&json!(300)), secs(300));
+        assert_eq!(lifetime(&json!(" 120 ")), secs(120));
+        assert_eq!(lifetime(&json!(1.5)), Some(Duration::from_millis(1500)));
+        assert_eq!(lifetime(&json!(u64::MAX)), secs(u64::MAX));
+        assert_eq!(lifetime(&json!(1e300)), Some(Duration::MAX));
+        for garbage in [
+            json!(-5),
+            json!("-1"),
+            json!("soon"),
+            json!(null),
+            json!({}),
+        ] {
+            assert_eq!(lifetime(&garbage), None, "{garbage}");
+        }
     }
 
     async fn send_counting_fetches(

@@ -142,13 +142,9 @@ fn parse_token(body: &Value) -> Option<(SecretString, Duration)> {
         .and_then(Value::as_str)
         .filter(|t| !t.trim().is_empty())?;
     let ttl = pick(&["expires_in", "expiresIn"])
-        .and_then(|v| match v {
-            Value::Number(n) => n.as_u64(),
-            Value::String(s) => s.trim().parse().ok(),
-            _ => None,
-        })
-        .filter(|secs| *secs > 0)
-        .map_or(DEFAULT_TOKEN_TTL, Duration::from_secs);
+        .and_then(super::auth::lifetime)
+        .filter(|ttl| !ttl.is_zero())
+        .unwrap_or(DEFAULT_TOKEN_TTL);
     Some((SecretString::from(access.to_owned()), ttl))
 }
 

@@ -175,9 +175,15 @@ struct Signed<'a> {
 #[serde(rename_all = "camelCase")]
 struct TokenAnswer {
     access_token: String,
-    expires_in_seconds: Option<u64>,
+    /// Read leniently: an odd lifetime must not cost the token.
+    expires_in_seconds: Option<Value>,
     refresh_token: Option<String>,
-    refresh_expires_in_seconds: Option<u64>,
+    refresh_expires_in_seconds: Option<Value>,
+}
+
+fn lifetime_or(v: Option<&Value>, default_secs: u64) -> Duration {
+    v.and_then(super::auth::lifetime)
+        .unwrap_or(Duration::from_secs(default_secs))
 }
 
 fn verdict(action: Action, state: &str) -> Verdict {
@@ -318,18 +324,13 @@ impl LedgerV2 {
         })?;
         Ok(Token {
             access: SecretString::from(answer.access_token),
-            expires_in: Duration::from_secs(
-                answer.expires_in_seconds.unwrap_or(DEFAULT_ACCESS_TTL),
-            ),
+            expires_in: lifetime_or(answer.expires_in_seconds.as_ref(), DEFAULT_ACCESS_TTL),
             refresh: answer.refresh_token.map(|t| {
-                (
-                    SecretString::from(t),
-                    Duration::from_secs(
-                        answer
-                            .refresh_expires_in_seconds
-                            .unwrap_or(DEFAULT_REFRESH_TTL),
-                    ),
-                )
+                let ttl = lifetime_or(
+                    answer.refresh_expires_in_seconds.as_ref(),
+                    DEFAULT_REFRESH_TTL,
+                );
+                (SecretString::from(t), ttl)
             }),
         })
     }

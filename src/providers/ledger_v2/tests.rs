@@ -264,6 +264,30 @@ async fn concurrent_calls_share_one_token_fetch() {
     }
 }
 
+/// Odd lifetimes (negative, far beyond an `Instant`) cost neither the token
+/// nor a panic: the default or a clamped lifetime applies.
+#[tokio::test]
+async fn odd_token_lifetimes_still_give_a_usable_token() {
+    for (access_ttl, refresh_ttl) in [(json!(-5), json!(1e20)), (json!(u64::MAX), json!("soon"))] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/rest/auth/token"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "accessToken": "at-1",
+                "expiresInSeconds": access_ttl,
+                "refreshToken": "rt-1",
+                "refreshExpiresInSeconds": refresh_ttl,
+            })))
+            .mount(&server)
+            .await;
+        mount_challenge(&server, "odd-ttl").await;
+        mount_decision(&server, "odd-ttl", "reject", "REJECTED").await;
+        let p = provider(&server.uri());
+        let result = p.apply(&decision("reject", "odd-ttl"), &ctx()).await;
+        assert!(result.is_ok(), "{access_ttl} {refresh_ttl}: {result:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_401_refreshes_the_token_once_and_repeats_the_call() {
     let server = MockServer::start().await;
