@@ -181,12 +181,51 @@ pub(crate) fn check_path_template(
     }
 }
 
-/// A configured secret, treating an empty string like an absent one so that
+/// A provider credential setting, as the provider's calls will use it.
+///
+/// Surrounding whitespace is trimmed at load: a secret written with
+/// `kubectl create secret --from-file` or `echo` ends in a newline, which no
+/// HTTP header may carry, so every call would fail to be built. A value that
+/// still looks like a manifest's placeholder (`REPLACE_ME`, `changeme`,
+/// `<...>`) is refused at load, naming the key: sent as a credential it
+/// could only be refused by the provider, decision after decision.
+#[derive(Clone)]
+pub(crate) struct Credential(SecretString);
+
+impl<'de> Deserialize<'de> for Credential {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = SecretString::deserialize(d)?;
+        let value = raw.expose_secret().trim();
+        if looks_like_placeholder(value) {
+            // The message never quotes the value: it may be a real secret.
+            return Err(D::Error::custom(
+                "looks like a placeholder (such as REPLACE_ME, changeme or <...>): \
+                 set the real value, or remove the key to disable the provider",
+            ));
+        }
+        Ok(Self(SecretString::from(value.to_owned())))
+    }
+}
+
+/// Placeholders that deployment templates use, in any case and with `_`,
+/// `-` or spaces anywhere (`REPLACE_ME`, `change-me`), or any `<...>`.
+fn looks_like_placeholder(value: &str) -> bool {
+    let word: String = value
+        .chars()
+        .filter(|c| !matches!(c, '_' | '-' | ' '))
+        .flat_map(char::to_lowercase)
+        .collect();
+    matches!(word.as_str(), "replaceme" | "changeme")
+        || (value.len() >= 2 && value.starts_with('<') && value.ends_with('>'))
+}
+
+/// A configured credential, treating an empty one like an absent one so that
 /// `APPROVAL_..._TOKEN=` in a manifest disables rather than sends "".
-pub(crate) fn present(secret: &Option<SecretString>) -> Option<&SecretString> {
-    secret
+pub(crate) fn present(credential: &Option<Credential>) -> Option<&SecretString> {
+    credential
         .as_ref()
-        .filter(|s| !s.expose_secret().trim().is_empty())
+        .map(|c| &c.0)
+        .filter(|s| !s.expose_secret().is_empty())
 }
 
 /// Turns a dotted config path into the environment form users set.

@@ -16,12 +16,18 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use crate::{
+    outcome::bounded_copy,
     retry::{self, CallError, ErrorClass},
     settings::{SettingsError, WorkerSettings},
 };
 
-/// Answers larger than this are cut: we only need their state fields.
-const MAX_BODY: usize = 1024 * 1024;
+/// Answers larger than this are cut before they are parsed. We need only
+/// their state and error fields, and up to a prefetch's worth of calls (and
+/// their answers) are in flight at once: a provider, a proxy's error page or
+/// a hostile endpoint answering megabytes to each would otherwise multiply
+/// into the worker's memory limit. The bound leaves room for the largest
+/// answers we read whole (a page of a provider's request list).
+pub(crate) const MAX_BODY: usize = 256 * 1024;
 
 /// RFC 3986 unreserved characters stay; everything else is encoded.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
@@ -131,19 +137,27 @@ impl Http {
         operation: &'static str,
         request: RequestBuilder,
     ) -> Result<Response, CallError> {
-        let mut response = request
-            .send()
+        // Built apart from sending, so that a request that cannot be built
+        // is not mistaken for one lost in transit.
+        let (client, request) = request.build_split();
+        let request = request.map_err(|_| unbuildable(operation))?;
+        let mut response = client
+            .execute(request)
             .await
             .map_err(|e| CallError::from_transport(operation, &e))?;
         let status = response.status();
         let headers = std::mem::take(response.headers_mut());
-        let mut bytes = Vec::new();
+        let announced = response.content_length().unwrap_or(0);
+        let mut bytes =
+            Vec::with_capacity(usize::try_from(announced).map_or(MAX_BODY, |n| n.min(MAX_BODY)));
+        let mut cut = false;
         loop {
             match response.chunk().await {
                 Ok(Some(chunk)) => {
                     let room = MAX_BODY.saturating_sub(bytes.len());
                     bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
                     if room < chunk.len() {
+                        cut = true;
                         break;
                     }
                 }
@@ -151,11 +165,19 @@ impl Http {
                 Err(e) => return Err(CallError::from_transport(operation, &e)),
             }
         }
+        // The rest of a cut answer is not read: dropping the response closes
+        // its connection.
+        drop(response);
         let body = if bytes.is_empty() {
             Value::Null
+        } else if cut {
+            // A cut document cannot parse; keep its start as text.
+            Value::String(text(bytes))
         } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            match serde_json::from_slice(&bytes) {
+                Ok(json) => json,
+                Err(_) => Value::String(text(bytes)),
+            }
         };
         Ok(Response {
             status,
@@ -163,6 +185,26 @@ impl Http {
             body,
         })
     }
+}
+
+/// The body as text, reusing its buffer unless it is not UTF-8.
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// A request reqwest refuses to build never left the worker, and retrying
+/// cannot fix it: its header values (credentials among them) or URL come
+/// from the configuration, and a header value with a control character is
+/// the usual cause. It is reported as an auth failure, for the operator to
+/// fix, and never quotes reqwest's error, whose source may hold the value.
+fn unbuildable(operation: &str) -> CallError {
+    CallError::new(
+        ErrorClass::Auth,
+        format!(
+            "{operation} could not be sent: the request could not be built from the configured settings \
+             (a credential holding a character HTTP headers refuse, such as a line break inside it?)"
+        ),
+    )
 }
 
 pub fn status_class(status: StatusCode) -> &'static str {
@@ -268,7 +310,8 @@ pub fn error(
         http_status: Some(response.status.as_u16()),
         provider_code,
         retry_after: retry::retry_after(&response.headers),
-        response: Some(response.body.clone()),
+        // Events echo at most this much; a full copy would only be dropped later.
+        response: Some(bounded_copy(&response.body)),
     }
 }
 
