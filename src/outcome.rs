@@ -314,6 +314,25 @@ mod tests {
         assert_eq!(e.routing_key(), "unknown.invalid");
     }
 
+    /// Quotes and control characters grow when escaped: the truncated form
+    /// still fits the bound, so bounding it again changes nothing, and a
+    /// borrowed answer gets the same bound without being copied whole.
+    #[test]
+    fn truncation_fits_the_bound_and_is_stable() {
+        for filler in ["\"", "\u{1}", "é", "y"] {
+            let big = serde_json::json!({ "x": filler.repeat(40_000) });
+            let bounded = bounded_copy(&big);
+            assert_eq!(bounded["truncated"], true);
+            let size = serde_json::to_string(&bounded).unwrap().len();
+            assert!(size <= MAX_PROVIDER_RESPONSE_BYTES, "{filler:?}: {size}");
+            assert_eq!(bound_response(bounded.clone()), bounded, "{filler:?}");
+            assert_eq!(bound_response(big.clone()), bounded, "{filler:?}");
+            assert_eq!(bounded["bytes"], big.to_string().len());
+        }
+        let small = serde_json::json!({ "a": [1, 2] });
+        assert_eq!(bounded_copy(&small), small);
+    }
+
     #[test]
     fn large_responses_are_bounded() {
         let big = serde_json::json!({ "x": "y".repeat(50_000) });

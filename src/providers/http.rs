@@ -396,6 +396,82 @@ mod tests {
         assert_eq!(table, expected);
     }
 
+    fn http() -> Http {
+        Http::new(Duration::from_secs(5), Duration::from_secs(5)).unwrap()
+    }
+
+    /// A credential with a line break inside cannot go into a header: the
+    /// call is refused for good, as a configuration error, without being
+    /// sent and without quoting the value (it used to be "failed in
+    /// transit", ambiguous, and retried until the horizon).
+    #[tokio::test]
+    async fn an_unbuildable_request_is_an_auth_failure_never_sent() {
+        use wiremock::{Mock, MockServer, ResponseTemplate, matchers::any};
+        let server = MockServer::start().await;
+        Mock::given(any())
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&server)
+            .await;
+        let http = http();
+        let secret = "S3CRET-part\nS3CRET-rest";
+        for request in [
+            http.client()
+                .post(server.uri())
+                .secret_header("X-Api-Key", secret),
+            http.client().post(server.uri()).bearer_auth(secret),
+        ] {
+            let e = http
+                .send("test", "decision call", request)
+                .await
+                .unwrap_err();
+            assert_eq!(e.class, ErrorClass::Auth, "{e}");
+            assert!(
+                e.message.starts_with("decision call could not be sent"),
+                "{e}"
+            );
+            assert!(!format!("{e:?}").contains("S3CRET"), "{e:?}");
+        }
+        assert!(server.received_requests().await.unwrap().is_empty());
+    }
+
+    /// A huge answer is cut to [`MAX_BODY`] before parsing, and the error
+    /// built from it keeps no more than an outcome event echoes.
+    #[tokio::test]
+    async fn large_answers_are_cut_and_errors_keep_a_bounded_copy() {
+        use crate::outcome::MAX_PROVIDER_RESPONSE_BYTES;
+        use wiremock::{Mock, MockServer, ResponseTemplate, matchers::any};
+        let server = MockServer::start().await;
+        let huge = serde_json::json!({ "code": "oops", "detail": "x".repeat(900 * 1024) });
+        Mock::given(any())
+            .respond_with(ResponseTemplate::new(500).set_body_json(&huge))
+            .mount(&server)
+            .await;
+        let http = http();
+        let response = http
+            .send("test", "call", http.client().get(server.uri()))
+            .await
+            .unwrap();
+        let Value::String(text) = &response.body else {
+            panic!("a cut answer is kept as text");
+        };
+        assert_eq!(text.len(), MAX_BODY);
+        assert!(text.starts_with(r#"{"code":"oops""#), "{}", &text[..40]);
+
+        let e = error(ErrorClass::Retryable, &response, None, None);
+        let kept = serde_json::to_string(e.response.as_ref().unwrap()).unwrap();
+        assert!(kept.len() <= MAX_PROVIDER_RESPONSE_BYTES, "{}", kept.len());
+
+        // An answer within the bound is parsed whole as before.
+        let small = serde_json::json!({ "status": "ok" });
+        let response = Response {
+            status: StatusCode::BAD_GATEWAY,
+            headers: HeaderMap::new(),
+            body: small.clone(),
+        };
+        let e = error(ErrorClass::Retryable, &response, None, None);
+        assert_eq!(e.response, Some(small));
+    }
+
     #[test]
     fn join_keeps_the_base_path_and_encodes_segments() {
         let base = Url::parse("https://api.example.com/v1").unwrap();
