@@ -22,12 +22,22 @@ use crate::{
 };
 
 /// Answers larger than this are cut before they are parsed. We need only
-/// their state and error fields, and up to a prefetch's worth of calls (and
-/// their answers) are in flight at once: a provider, a proxy's error page or
-/// a hostile endpoint answering megabytes to each would otherwise multiply
-/// into the worker's memory limit. The bound leaves room for the largest
+/// their state and error fields; the bound leaves room for the largest
 /// answers we read whole (a page of a provider's request list).
 pub(crate) const MAX_BODY: usize = 256 * 1024;
+
+/// Answers up to this size are read without waiting; nearly every answer
+/// (an error, a single object) is far smaller.
+const FREE_BODY: usize = 32 * 1024;
+
+/// How many answers past [`FREE_BODY`] one provider's calls read at once.
+/// Up to a prefetch's worth of calls are in flight together, and an answer
+/// read at network speed also grows the HTTP client's own read buffer: were
+/// a provider, a proxy's error page or a hostile endpoint to answer each of
+/// them with megabytes, the worker's memory would grow with the prefetch.
+/// Bounding the large reads bounds that memory, and per provider, so one
+/// provider's large answers never hold up another's.
+const LARGE_READS_PER_PROVIDER: usize = 8;
 
 /// RFC 3986 unreserved characters stay; everything else is encoded.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
@@ -42,6 +52,8 @@ pub struct Http {
     /// Concurrent calls allowed per provider (each a pooled connection).
     call_limit: Option<usize>,
     limits: Arc<Mutex<HashMap<&'static str, Arc<Semaphore>>>>,
+    /// Per provider: permits to read an answer past [`FREE_BODY`].
+    large_reads: Arc<Mutex<HashMap<&'static str, Arc<Semaphore>>>>,
 }
 
 #[derive(Debug)]
@@ -59,6 +71,7 @@ impl Http {
             client: client(timeout, connect_timeout, 1024, false)?,
             call_limit: None,
             limits: Arc::default(),
+            large_reads: Arc::default(),
         })
     }
 
@@ -80,6 +93,7 @@ impl Http {
             )?,
             call_limit: Some(call_limit),
             limits: Arc::default(),
+            large_reads: Arc::default(),
         })
     }
 
@@ -92,6 +106,14 @@ impl Http {
                 .or_insert_with(|| Arc::new(Semaphore::new(limit)))
                 .clone(),
         )
+    }
+
+    fn large_reads(&self, provider: &'static str) -> Arc<Semaphore> {
+        let mut reads = self.large_reads.lock().expect("large reads poisoned");
+        reads
+            .entry(provider)
+            .or_insert_with(|| Arc::new(Semaphore::new(LARGE_READS_PER_PROVIDER)))
+            .clone()
     }
 
     pub fn client(&self) -> &reqwest::Client {
@@ -117,7 +139,7 @@ impl Http {
             None => None,
         };
         let started = Instant::now();
-        let result = self.send_inner(operation, request).await;
+        let result = self.send_inner(provider, operation, request).await;
         let class = match &result {
             Ok(r) => status_class(r.status),
             Err(_) => "transport",
@@ -134,6 +156,7 @@ impl Http {
 
     async fn send_inner(
         &self,
+        provider: &'static str,
         operation: &'static str,
         request: RequestBuilder,
     ) -> Result<Response, CallError> {
@@ -147,11 +170,26 @@ impl Http {
             .map_err(|e| CallError::from_transport(operation, &e))?;
         let status = response.status();
         let headers = std::mem::take(response.headers_mut());
-        let announced = response.content_length().unwrap_or(0);
-        let mut bytes =
-            Vec::with_capacity(usize::try_from(announced).map_or(MAX_BODY, |n| n.min(MAX_BODY)));
+        let announced = response
+            .content_length()
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+        let mut bytes = Vec::with_capacity(announced.unwrap_or(0).min(FREE_BODY));
+        let mut large_read = None;
         let mut cut = false;
         loop {
+            // An announced large answer waits before its first chunk, when
+            // the client has buffered little of it; another waits once it
+            // turns out large.
+            let large = announced.unwrap_or(bytes.len()).max(bytes.len()) > FREE_BODY;
+            if large && large_read.is_none() {
+                let reads = self.large_reads(provider);
+                large_read = Some(
+                    reads
+                        .acquire_owned()
+                        .await
+                        .expect("large-read semaphores are never closed"),
+                );
+            }
             match response.chunk().await {
                 Ok(Some(chunk)) => {
                     let room = MAX_BODY.saturating_sub(bytes.len());

@@ -7,6 +7,7 @@ mod helpers;
 
 mod admin;
 mod faults;
+mod inputs;
 mod process;
 mod providers_e2e;
 mod qonto;
