@@ -510,6 +510,46 @@ mod tests {
         assert_eq!(e.response, Some(small));
     }
 
+    /// While one provider's large reads are all taken, its small answers
+    /// and another provider's large ones are read at once; its own large
+    /// answer is read once a read ends.
+    #[tokio::test]
+    async fn large_reads_are_bounded_per_provider() {
+        use wiremock::{Mock, MockServer, ResponseTemplate, matchers::path};
+        let server = MockServer::start().await;
+        let large = "y".repeat(FREE_BODY * 3);
+        for (route, body) in [("/small", "s".to_owned()), ("/large", large.clone())] {
+            Mock::given(path(route))
+                .respond_with(ResponseTemplate::new(200).set_body_string(body))
+                .mount(&server)
+                .await;
+        }
+        let http = http();
+        let get = |route: &str| http.client().get(format!("{}{route}", server.uri()));
+        let taken = http
+            .large_reads("a")
+            .acquire_many_owned(LARGE_READS_PER_PROVIDER as u32)
+            .await
+            .unwrap();
+        let within = |f| tokio::time::timeout(Duration::from_secs(10), f);
+        let small = within(http.send("a", "read", get("/small"))).await;
+        assert_eq!(small.unwrap().unwrap().body, "s");
+        let other = within(http.send("b", "read", get("/large"))).await;
+        assert_eq!(other.unwrap().unwrap().body, large.as_str());
+
+        let waiting = tokio::spawn({
+            let (http, request) = (http.clone(), get("/large"));
+            async move { http.send("a", "read", request).await }
+        });
+        drop(taken);
+        let own = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(own.body, large.as_str());
+    }
+
     #[test]
     fn join_keeps_the_base_path_and_encodes_segments() {
         let base = Url::parse("https://api.example.com/v1").unwrap();
