@@ -24,7 +24,7 @@ use crate::{
 /// Answers larger than this are cut before they are parsed. We need only
 /// their state and error fields; the bound leaves room for the largest
 /// answers we read whole (a page of a provider's request list).
-pub(crate) const MAX_BODY: usize = 256 * 1024;
+const MAX_BODY: usize = 256 * 1024;
 
 /// Answers up to this size are read without waiting; nearly every answer
 /// (an error, a single object) is far smaller.
@@ -174,13 +174,14 @@ impl Http {
             .content_length()
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
         let mut bytes = Vec::with_capacity(announced.unwrap_or(0).min(FREE_BODY));
+        // A permit to read past FREE_BODY, held until the answer is parsed.
         let mut large_read = None;
         let mut cut = false;
         loop {
             // An announced large answer waits before its first chunk, when
             // the client has buffered little of it; another waits once it
             // turns out large.
-            let large = announced.unwrap_or(bytes.len()).max(bytes.len()) > FREE_BODY;
+            let large = bytes.len() >= FREE_BODY || announced.is_some_and(|n| n > FREE_BODY);
             if large && large_read.is_none() {
                 let reads = self.large_reads(provider);
                 large_read = Some(
@@ -239,8 +240,8 @@ fn unbuildable(operation: &str) -> CallError {
     CallError::new(
         ErrorClass::Auth,
         format!(
-            "{operation} could not be sent: the request could not be built from the configured settings \
-             (a credential holding a character HTTP headers refuse, such as a line break inside it?)"
+            "{operation} was not sent: the request could not be built from the configured \
+             settings (is there a line break or another control character inside a credential?)"
         ),
     )
 }
@@ -296,8 +297,8 @@ impl SecretHeader for RequestBuilder {
                 value.set_sensitive(true);
                 self.header(name, value)
             }
-            // Left to reqwest to refuse when sent, whose error never quotes
-            // the value.
+            // Left to reqwest to refuse when the request is built, which
+            // `Http::send` reports as a configuration error.
             Err(_) => self.header(name, value),
         }
     }
@@ -463,10 +464,7 @@ mod tests {
                 .await
                 .unwrap_err();
             assert_eq!(e.class, ErrorClass::Auth, "{e}");
-            assert!(
-                e.message.starts_with("decision call could not be sent"),
-                "{e}"
-            );
+            assert!(e.message.starts_with("decision call was not sent"), "{e}");
             assert!(!format!("{e:?}").contains("S3CRET"), "{e:?}");
         }
         assert!(server.received_requests().await.unwrap().is_empty());
