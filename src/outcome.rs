@@ -193,17 +193,51 @@ pub fn rfc3339(t: OffsetDateTime) -> String {
 
 /// Keeps a provider answer whole when small, else a truncated string of it.
 pub fn bound_response(v: Value) -> Value {
-    // Most answers are small: measure them without building their text.
-    let mut size = SizeLimit(MAX_PROVIDER_RESPONSE_BYTES);
-    if serde_json::to_writer(&mut size, &v).is_ok() {
-        return v;
+    if fits(&v) { v } else { truncated(&v) }
+}
+
+/// The same bound for an answer that stays with its owner: only what is
+/// kept is copied, so a large answer is never duplicated in full.
+pub fn bounded_copy(v: &Value) -> Value {
+    if fits(v) { v.clone() } else { truncated(v) }
+}
+
+/// Whether `v`'s JSON text is within the bound. Most answers are small:
+/// measure them without building their text.
+fn fits(v: &Value) -> bool {
+    serde_json::to_writer(SizeLimit(MAX_PROVIDER_RESPONSE_BYTES), v).is_ok()
+}
+
+/// `{"truncated": true, "bytes": <full size>, "prefix": <start of the text>}`,
+/// whose own JSON stays within the bound (the prefix is cut so that its
+/// escaped form fits), so bounding it again changes nothing.
+fn truncated(v: &Value) -> Value {
+    let mut head = Head {
+        kept: Vec::with_capacity(MAX_PROVIDER_RESPONSE_BYTES),
+        total: 0,
+    };
+    serde_json::to_writer(&mut head, v).expect("writing to memory cannot fail");
+    let text = match std::str::from_utf8(&head.kept) {
+        Ok(text) => text,
+        // Cut inside a character: keep what precedes it.
+        Err(e) => std::str::from_utf8(&head.kept[..e.valid_up_to()]).unwrap_or_default(),
+    };
+    // Room for the wrapper's keys, the size and the quotes.
+    let mut room = MAX_PROVIDER_RESPONSE_BYTES - 64;
+    let mut cut = 0;
+    for (i, c) in text.char_indices() {
+        let escaped = match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if c < ' ' => 6,
+            c => c.len_utf8(),
+        };
+        let Some(left) = room.checked_sub(escaped) else {
+            break;
+        };
+        room = left;
+        cut = i + c.len_utf8();
     }
-    let text = v.to_string();
-    let mut cut = MAX_PROVIDER_RESPONSE_BYTES;
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    serde_json::json!({ "truncated": true, "bytes": text.len(), "prefix": &text[..cut] })
+    serde_json::json!({ "truncated": true, "bytes": head.total, "prefix": &text[..cut] })
 }
 
 /// A writer that accepts up to its budget of bytes and fails past it.
@@ -215,6 +249,26 @@ impl std::io::Write for SizeLimit {
             .0
             .checked_sub(buf.len())
             .ok_or_else(|| std::io::Error::other("over the size limit"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A writer that keeps the first [`MAX_PROVIDER_RESPONSE_BYTES`] and counts
+/// the rest.
+struct Head {
+    kept: Vec<u8>,
+    total: usize,
+}
+
+impl std::io::Write for Head {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let room = MAX_PROVIDER_RESPONSE_BYTES.saturating_sub(self.kept.len());
+        self.kept.extend_from_slice(&buf[..buf.len().min(room)]);
+        self.total += buf.len();
         Ok(buf.len())
     }
 
@@ -258,6 +312,25 @@ mod tests {
         assert_eq!(e.routing_key(), "acme.invalid");
         e.provider = Some("a.#".into());
         assert_eq!(e.routing_key(), "unknown.invalid");
+    }
+
+    /// Quotes and control characters grow when escaped: the truncated form
+    /// still fits the bound, so bounding it again changes nothing, and a
+    /// borrowed answer gets the same bound without being copied whole.
+    #[test]
+    fn truncation_fits_the_bound_and_is_stable() {
+        for filler in ["\"", "\u{1}", "é", "y"] {
+            let big = serde_json::json!({ "x": filler.repeat(40_000) });
+            let bounded = bounded_copy(&big);
+            assert_eq!(bounded["truncated"], true);
+            let size = serde_json::to_string(&bounded).unwrap().len();
+            assert!(size <= MAX_PROVIDER_RESPONSE_BYTES, "{filler:?}: {size}");
+            assert_eq!(bound_response(bounded.clone()), bounded, "{filler:?}");
+            assert_eq!(bound_response(big.clone()), bounded, "{filler:?}");
+            assert_eq!(bounded["bytes"], big.to_string().len());
+        }
+        let small = serde_json::json!({ "a": [1, 2] });
+        assert_eq!(bounded_copy(&small), small);
     }
 
     #[test]

@@ -242,12 +242,51 @@ pub(crate) fn check_path_template(
     }
 }
 
-/// A configured secret, treating an empty string like an absent one so that
+/// A provider credential setting, as the provider's calls will use it.
+///
+/// Surrounding whitespace is trimmed at load: a secret written with
+/// `kubectl create secret --from-file` or `echo` ends in a newline, which no
+/// HTTP header may carry, so every call would fail to be built. A value that
+/// still looks like a manifest's placeholder (`REPLACE_ME`, `changeme`,
+/// `<...>`) is refused at load, naming the key: sent as a credential it
+/// could only be refused by the provider, decision after decision.
+#[derive(Clone)]
+pub(crate) struct Credential(SecretString);
+
+impl<'de> Deserialize<'de> for Credential {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = SecretString::deserialize(d)?;
+        let value = raw.expose_secret().trim();
+        if looks_like_placeholder(value) {
+            // The message never quotes the value: it may be a real secret.
+            return Err(D::Error::custom(
+                "looks like a placeholder (such as REPLACE_ME, changeme or <...>): \
+                 set the real value, or remove the key to disable the provider",
+            ));
+        }
+        Ok(Self(SecretString::from(value.to_owned())))
+    }
+}
+
+/// Placeholders that deployment templates use, in any case and with `_`,
+/// `-` or spaces anywhere (`REPLACE_ME`, `change-me`), or any `<...>`.
+fn looks_like_placeholder(value: &str) -> bool {
+    let word: String = value
+        .chars()
+        .filter(|c| !matches!(c, '_' | '-' | ' '))
+        .flat_map(char::to_lowercase)
+        .collect();
+    matches!(word.as_str(), "replaceme" | "changeme")
+        || (value.len() >= 2 && value.starts_with('<') && value.ends_with('>'))
+}
+
+/// A configured credential, treating an empty one like an absent one so that
 /// `APPROVAL_..._TOKEN=` in a manifest disables rather than sends "".
-pub(crate) fn present(secret: &Option<SecretString>) -> Option<&SecretString> {
-    secret
+pub(crate) fn present(credential: &Option<Credential>) -> Option<&SecretString> {
+    credential
         .as_ref()
-        .filter(|s| !s.expose_secret().trim().is_empty())
+        .map(|c| &c.0)
+        .filter(|s| !s.expose_secret().is_empty())
 }
 
 /// Turns a dotted config path into the environment form users set.
@@ -610,6 +649,110 @@ mod tests {
             err.to_string()
                 .contains("APPROVAL_PROVIDERS__OTHER__WINDOW"),
             "{err}"
+        );
+    }
+
+    #[derive(Deserialize)]
+    struct CredentialSection {
+        token: Option<Credential>,
+    }
+
+    fn token(value: &str) -> Result<Option<String>, SettingsError> {
+        let s = load(&[("APPROVAL_PROVIDERS__ACME__TOKEN", value)]).unwrap();
+        let section: CredentialSection = s.providers.section("acme")?;
+        Ok(present(&section.token).map(|t| t.expose_secret().to_owned()))
+    }
+
+    /// `kubectl create secret --from-file` keeps the file's final newline,
+    /// which no HTTP header can carry.
+    #[test]
+    fn credentials_are_trimmed_and_blank_ones_are_unset() {
+        assert_eq!(token("tok-1\n").unwrap().as_deref(), Some("tok-1"));
+        assert_eq!(token(" \ttok-2 \r\n").unwrap().as_deref(), Some("tok-2"));
+        assert_eq!(token("").unwrap(), None);
+        assert_eq!(token(" \n").unwrap(), None);
+        // Inner characters are the provider's business.
+        assert_eq!(token("a b").unwrap().as_deref(), Some("a b"));
+    }
+
+    #[test]
+    fn placeholder_credentials_are_refused_naming_the_key() {
+        for value in [
+            "REPLACE_ME",
+            "replace_me\n",
+            "Replace-Me",
+            "changeme",
+            " CHANGE_ME ",
+            "<your api key>",
+            "<>",
+        ] {
+            let Err(err) = token(value) else {
+                panic!("{value:?} must be refused");
+            };
+            let text = err.to_string();
+            assert!(
+                text.starts_with(
+                    "invalid configuration value for APPROVAL_PROVIDERS__ACME__TOKEN: looks like a placeholder"
+                ),
+                "{value:?}: {text}"
+            );
+            assert!(
+                !text.contains("your api key"),
+                "the value is not quoted: {text}"
+            );
+        }
+        for real in ["changeme2", "replace_me_not", "<abc", "abc>", "sk_live_x"] {
+            assert_eq!(token(real).unwrap().as_deref(), Some(real), "{real}");
+        }
+    }
+
+    /// Every credential setting of every provider goes through the same
+    /// rule: the shipped Secret manifest's untouched placeholders stop
+    /// start-up at the first provider key, named.
+    #[test]
+    fn every_provider_refuses_the_shipped_secret_placeholders() {
+        let manifest = include_str!("../deploy/k8s/secret.yaml");
+        let placeholders: Vec<&str> = manifest
+            .lines()
+            .filter_map(|l| l.trim().strip_suffix(": \"REPLACE_ME\""))
+            .filter(|key| key.starts_with("APPROVAL_PROVIDERS__"))
+            .collect();
+        assert!(placeholders.len() >= REGISTRY.len(), "{placeholders:?}");
+        for key in placeholders {
+            let s = load(&[(key, "REPLACE_ME")]).unwrap();
+            let err = crate::providers::Registry::from_settings(&s)
+                .err()
+                .unwrap_or_else(|| panic!("{key}=REPLACE_ME must stop start-up"));
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("invalid configuration value for {key}: ")),
+                "{key}: {err}"
+            );
+        }
+    }
+
+    /// The broker refuses a message above `max_message_size` before
+    /// assembling it, so the shipped broker config must bound it: above the
+    /// contract's decision size with room for the headers of a parked copy,
+    /// and far below what a prefetch of such messages may take in memory.
+    #[test]
+    fn the_shipped_broker_config_bounds_message_size() {
+        let conf = include_str!("../deploy/rabbitmq/rabbitmq.conf");
+        let size: usize = conf
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("max_message_size"))
+            .filter_map(|rest| rest.trim().strip_prefix('='))
+            .map(|v| v.trim().parse().expect("a byte count"))
+            .next()
+            .expect("rabbitmq.conf sets max_message_size");
+        let decision = crate::decision::MAX_BODY_BYTES;
+        assert!(
+            size >= decision * 3 / 2,
+            "{size} leaves no margin over {decision}"
+        );
+        assert!(
+            size <= 4 * decision,
+            "{size} is far above the contract's {decision}"
         );
     }
 

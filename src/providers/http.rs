@@ -16,12 +16,28 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use crate::{
+    outcome::bounded_copy,
     retry::{self, CallError, ErrorClass},
     settings::{SettingsError, WorkerSettings},
 };
 
-/// Answers larger than this are cut: we only need their state fields.
-const MAX_BODY: usize = 1024 * 1024;
+/// Answers larger than this are cut before they are parsed. We need only
+/// their state and error fields; the bound leaves room for the largest
+/// answers we read whole (a page of a provider's request list).
+const MAX_BODY: usize = 256 * 1024;
+
+/// Answers up to this size are read without waiting; nearly every answer
+/// (an error, a single object) is far smaller.
+const FREE_BODY: usize = 32 * 1024;
+
+/// How many answers past [`FREE_BODY`] one provider's calls read at once.
+/// Up to a prefetch's worth of calls are in flight together, and an answer
+/// read at network speed also grows the HTTP client's own read buffer: were
+/// a provider, a proxy's error page or a hostile endpoint to answer each of
+/// them with megabytes, the worker's memory would grow with the prefetch.
+/// Bounding the large reads bounds that memory, and per provider, so one
+/// provider's large answers never hold up another's.
+const LARGE_READS_PER_PROVIDER: usize = 8;
 
 /// RFC 3986 unreserved characters stay; everything else is encoded.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
@@ -36,6 +52,8 @@ pub struct Http {
     /// Concurrent calls allowed per provider (each a pooled connection).
     call_limit: Option<usize>,
     limits: Arc<Mutex<HashMap<&'static str, Arc<Semaphore>>>>,
+    /// Per provider: permits to read an answer past [`FREE_BODY`].
+    large_reads: Arc<Mutex<HashMap<&'static str, Arc<Semaphore>>>>,
 }
 
 #[derive(Debug)]
@@ -53,6 +71,7 @@ impl Http {
             client: client(timeout, connect_timeout, 1024, false)?,
             call_limit: None,
             limits: Arc::default(),
+            large_reads: Arc::default(),
         })
     }
 
@@ -74,6 +93,7 @@ impl Http {
             )?,
             call_limit: Some(call_limit),
             limits: Arc::default(),
+            large_reads: Arc::default(),
         })
     }
 
@@ -86,6 +106,14 @@ impl Http {
                 .or_insert_with(|| Arc::new(Semaphore::new(limit)))
                 .clone(),
         )
+    }
+
+    fn large_reads(&self, provider: &'static str) -> Arc<Semaphore> {
+        let mut reads = self.large_reads.lock().expect("large reads poisoned");
+        reads
+            .entry(provider)
+            .or_insert_with(|| Arc::new(Semaphore::new(LARGE_READS_PER_PROVIDER)))
+            .clone()
     }
 
     pub fn client(&self) -> &reqwest::Client {
@@ -111,7 +139,7 @@ impl Http {
             None => None,
         };
         let started = Instant::now();
-        let result = self.send_inner(operation, request).await;
+        let result = self.send_inner(provider, operation, request).await;
         let class = match &result {
             Ok(r) => status_class(r.status),
             Err(_) => "transport",
@@ -128,22 +156,47 @@ impl Http {
 
     async fn send_inner(
         &self,
+        provider: &'static str,
         operation: &'static str,
         request: RequestBuilder,
     ) -> Result<Response, CallError> {
-        let mut response = request
-            .send()
+        // Built apart from sending, so that a request that cannot be built
+        // is not mistaken for one lost in transit.
+        let (client, request) = request.build_split();
+        let request = request.map_err(|_| unbuildable(operation))?;
+        let mut response = client
+            .execute(request)
             .await
             .map_err(|e| CallError::from_transport(operation, &e))?;
         let status = response.status();
         let headers = std::mem::take(response.headers_mut());
-        let mut bytes = Vec::new();
+        let announced = response
+            .content_length()
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+        let mut bytes = Vec::with_capacity(announced.unwrap_or(0).min(FREE_BODY));
+        // A permit to read past FREE_BODY, held until the answer is parsed.
+        let mut large_read = None;
+        let mut cut = false;
         loop {
+            // An announced large answer waits before its first chunk, when
+            // the client has buffered little of it; another waits once it
+            // turns out large.
+            let large = bytes.len() >= FREE_BODY || announced.is_some_and(|n| n > FREE_BODY);
+            if large && large_read.is_none() {
+                let reads = self.large_reads(provider);
+                large_read = Some(
+                    reads
+                        .acquire_owned()
+                        .await
+                        .expect("large-read semaphores are never closed"),
+                );
+            }
             match response.chunk().await {
                 Ok(Some(chunk)) => {
                     let room = MAX_BODY.saturating_sub(bytes.len());
                     bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
                     if room < chunk.len() {
+                        cut = true;
                         break;
                     }
                 }
@@ -151,11 +204,19 @@ impl Http {
                 Err(e) => return Err(CallError::from_transport(operation, &e)),
             }
         }
+        // The rest of a cut answer is not read: dropping the response closes
+        // its connection.
+        drop(response);
         let body = if bytes.is_empty() {
             Value::Null
+        } else if cut {
+            // A cut document cannot parse; keep its start as text.
+            Value::String(text(bytes))
         } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            match serde_json::from_slice(&bytes) {
+                Ok(json) => json,
+                Err(_) => Value::String(text(bytes)),
+            }
         };
         Ok(Response {
             status,
@@ -163,6 +224,26 @@ impl Http {
             body,
         })
     }
+}
+
+/// The body as text, reusing its buffer unless it is not UTF-8.
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// A request reqwest refuses to build never left the worker, and retrying
+/// cannot fix it: its header values (credentials among them) or URL come
+/// from the configuration, and a header value with a control character is
+/// the usual cause. It is reported as an auth failure, for the operator to
+/// fix, and never quotes reqwest's error, whose source may hold the value.
+fn unbuildable(operation: &str) -> CallError {
+    CallError::new(
+        ErrorClass::Auth,
+        format!(
+            "{operation} was not sent: the request could not be built from the configured \
+             settings (is there a line break or another control character inside a credential?)"
+        ),
+    )
 }
 
 pub fn status_class(status: StatusCode) -> &'static str {
@@ -216,8 +297,8 @@ impl SecretHeader for RequestBuilder {
                 value.set_sensitive(true);
                 self.header(name, value)
             }
-            // Left to reqwest to refuse when sent, whose error never quotes
-            // the value.
+            // Left to reqwest to refuse when the request is built, which
+            // `Http::send` reports as a configuration error.
             Err(_) => self.header(name, value),
         }
     }
@@ -268,7 +349,8 @@ pub fn error(
         http_status: Some(response.status.as_u16()),
         provider_code,
         retry_after: retry::retry_after(&response.headers),
-        response: Some(response.body.clone()),
+        // Events echo at most this much; a full copy would only be dropped later.
+        response: Some(bounded_copy(&response.body)),
     }
 }
 
@@ -351,6 +433,119 @@ mod tests {
             (599, Retryable),
         ];
         assert_eq!(table, expected);
+    }
+
+    fn http() -> Http {
+        Http::new(Duration::from_secs(5), Duration::from_secs(5)).unwrap()
+    }
+
+    /// A credential with a line break inside cannot go into a header: the
+    /// call is refused for good, as a configuration error, without being
+    /// sent and without quoting the value (it used to be "failed in
+    /// transit", ambiguous, and retried until the horizon).
+    #[tokio::test]
+    async fn an_unbuildable_request_is_an_auth_failure_never_sent() {
+        use wiremock::{Mock, MockServer, ResponseTemplate, matchers::any};
+        let server = MockServer::start().await;
+        Mock::given(any())
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&server)
+            .await;
+        let http = http();
+        let secret = "S3CRET-part\nS3CRET-rest";
+        for request in [
+            http.client()
+                .post(server.uri())
+                .secret_header("X-Api-Key", secret),
+            http.client().post(server.uri()).bearer_auth(secret),
+        ] {
+            let e = http
+                .send("test", "decision call", request)
+                .await
+                .unwrap_err();
+            assert_eq!(e.class, ErrorClass::Auth, "{e}");
+            assert!(e.message.starts_with("decision call was not sent"), "{e}");
+            assert!(!format!("{e:?}").contains("S3CRET"), "{e:?}");
+        }
+        assert!(server.received_requests().await.unwrap().is_empty());
+    }
+
+    /// A huge answer is cut to [`MAX_BODY`] before parsing, and the error
+    /// built from it keeps no more than an outcome event echoes.
+    #[tokio::test]
+    async fn large_answers_are_cut_and_errors_keep_a_bounded_copy() {
+        use crate::outcome::MAX_PROVIDER_RESPONSE_BYTES;
+        use wiremock::{Mock, MockServer, ResponseTemplate, matchers::any};
+        let server = MockServer::start().await;
+        let huge = serde_json::json!({ "code": "oops", "detail": "x".repeat(900 * 1024) });
+        Mock::given(any())
+            .respond_with(ResponseTemplate::new(500).set_body_json(&huge))
+            .mount(&server)
+            .await;
+        let http = http();
+        let response = http
+            .send("test", "call", http.client().get(server.uri()))
+            .await
+            .unwrap();
+        let Value::String(text) = &response.body else {
+            panic!("a cut answer is kept as text");
+        };
+        assert_eq!(text.len(), MAX_BODY);
+        assert!(text.starts_with(r#"{"code":"oops""#), "{}", &text[..40]);
+
+        let e = error(ErrorClass::Retryable, &response, None, None);
+        let kept = serde_json::to_string(e.response.as_ref().unwrap()).unwrap();
+        assert!(kept.len() <= MAX_PROVIDER_RESPONSE_BYTES, "{}", kept.len());
+
+        // An answer within the bound is parsed whole as before.
+        let small = serde_json::json!({ "status": "ok" });
+        let response = Response {
+            status: StatusCode::BAD_GATEWAY,
+            headers: HeaderMap::new(),
+            body: small.clone(),
+        };
+        let e = error(ErrorClass::Retryable, &response, None, None);
+        assert_eq!(e.response, Some(small));
+    }
+
+    /// While one provider's large reads are all taken, its small answers
+    /// and another provider's large ones are read at once; its own large
+    /// answer is read once a read ends.
+    #[tokio::test]
+    async fn large_reads_are_bounded_per_provider() {
+        use wiremock::{Mock, MockServer, ResponseTemplate, matchers::path};
+        let server = MockServer::start().await;
+        let large = "y".repeat(FREE_BODY * 3);
+        for (route, body) in [("/small", "s".to_owned()), ("/large", large.clone())] {
+            Mock::given(path(route))
+                .respond_with(ResponseTemplate::new(200).set_body_string(body))
+                .mount(&server)
+                .await;
+        }
+        let http = http();
+        let get = |route: &str| http.client().get(format!("{}{route}", server.uri()));
+        let taken = http
+            .large_reads("a")
+            .acquire_many_owned(LARGE_READS_PER_PROVIDER as u32)
+            .await
+            .unwrap();
+        let within = |f| tokio::time::timeout(Duration::from_secs(10), f);
+        let small = within(http.send("a", "read", get("/small"))).await;
+        assert_eq!(small.unwrap().unwrap().body, "s");
+        let other = within(http.send("b", "read", get("/large"))).await;
+        assert_eq!(other.unwrap().unwrap().body, large.as_str());
+
+        let waiting = tokio::spawn({
+            let (http, request) = (http.clone(), get("/large"));
+            async move { http.send("a", "read", request).await }
+        });
+        drop(taken);
+        let own = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(own.body, large.as_str());
     }
 
     #[test]

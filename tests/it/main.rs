@@ -7,6 +7,7 @@ mod helpers;
 
 mod admin;
 mod faults;
+mod inputs;
 mod limits;
 mod nodes;
 mod process;

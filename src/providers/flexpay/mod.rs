@@ -34,7 +34,9 @@ use super::{
 use crate::{
     decision::{Action, Decision, required_reason, target_segment},
     retry::{CallError, ErrorClass},
-    settings::{ProviderSections, SettingsError, check_base_url, check_path_template, present},
+    settings::{
+        Credential, ProviderSections, SettingsError, check_base_url, check_path_template, present,
+    },
 };
 
 pub const NAME: &str = "flexpay";
@@ -59,8 +61,8 @@ const PERMANENT_CODE_PARTS: &[&str] = &["VALIDATION", "INVALID_REASON"];
 #[derive(Deserialize)]
 struct FlexPaySettings {
     base_url: String,
-    client_id: Option<SecretString>,
-    client_secret: Option<SecretString>,
+    client_id: Option<Credential>,
+    client_secret: Option<Credential>,
     read_path: String,
 }
 

@@ -29,8 +29,9 @@ use super::{
 };
 use crate::{
     decision::{Action, Decision},
+    outcome::bound_response,
     retry::{CallError, ErrorClass},
-    settings::{ProviderSections, SettingsError, check_base_url, present},
+    settings::{Credential, ProviderSections, SettingsError, check_base_url, present},
 };
 
 pub const NAME: &str = "ledger_v1";
@@ -60,7 +61,7 @@ const WAITING: &[&str] = &["PENDING_APPROVAL", "PENDING_FIRST_APPROVAL"];
 #[derive(Deserialize)]
 struct LedgerV1Settings {
     base_url: String,
-    api_key: Option<SecretString>,
+    api_key: Option<Credential>,
 }
 
 pub struct LedgerV1 {
@@ -288,7 +289,7 @@ impl Provider for LedgerV1 {
         }
         let Some(state) = status_of(&response.body) else {
             return Err(CallError {
-                response: Some(response.body),
+                response: Some(bound_response(response.body)),
                 ..CallError::new(
                     ErrorClass::Ambiguous,
                     format!("transaction {id} was read without a status field"),

@@ -42,9 +42,11 @@ use super::{
 };
 use crate::{
     decision::{Action, Decision, target_segment},
+    outcome::bound_response,
     retry::{CallError, ErrorClass},
     settings::{
-        ProviderSections, SettingsError, check_base_url, check_path_template, env_key, present,
+        Credential, ProviderSections, SettingsError, check_base_url, check_path_template, env_key,
+        present,
     },
 };
 
@@ -73,11 +75,11 @@ const AFTER_REJECTION: &[&str] = &["REJECTED", "ABORTED"];
 struct LedgerV2Settings {
     base_url: String,
     challenge_path: String,
-    workspace: Option<String>,
-    api_key_id: Option<SecretString>,
-    api_key_secret: Option<SecretString>,
+    workspace: Option<Credential>,
+    api_key_id: Option<Credential>,
+    api_key_secret: Option<Credential>,
     /// PEM text, hex of PEM (Ledger's samples), or a path to a file.
-    signing_key: Option<SecretString>,
+    signing_key: Option<Credential>,
 }
 
 pub struct LedgerV2 {
@@ -106,16 +108,11 @@ pub fn build(
     let s: LedgerV2Settings = sections.section(NAME)?;
     let base = check_base_url(NAME, &s.base_url)?;
     check_path_template(NAME, "challenge_path", &s.challenge_path, "{request_id}")?;
-    let workspace = s
-        .workspace
-        .as_deref()
-        .map(str::trim)
-        .filter(|w| !w.is_empty());
     let secret = |key| present(key).map(ExposeSecret::expose_secret);
     let Some([workspace, api_key_id, api_key_secret, signing_key]) = credentials(
         NAME,
         [
-            ("workspace", workspace),
+            ("workspace", secret(&s.workspace)),
             ("api_key_id", secret(&s.api_key_id)),
             ("api_key_secret", secret(&s.api_key_secret)),
             ("signing_key", secret(&s.signing_key)),
@@ -370,7 +367,7 @@ impl LedgerV2 {
             Some(c) => Ok(c.to_owned()),
             // The endpoint's shape is unconfirmed: say so rather than guess.
             None => Err(CallError {
-                response: Some(response.body.clone()),
+                response: Some(bound_response(response.body)),
                 ..CallError::new(
                     ErrorClass::Permanent,
                     format!(
@@ -453,7 +450,7 @@ impl Provider for LedgerV2 {
         }
         let Some(state) = state_of(&response.body) else {
             return Err(CallError {
-                response: Some(response.body),
+                response: Some(bound_response(response.body)),
                 ..CallError::new(
                     ErrorClass::Ambiguous,
                     format!("request {id} was read without a state field"),

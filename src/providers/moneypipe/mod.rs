@@ -32,7 +32,9 @@ use super::{
 use crate::{
     decision::{Action, Decision, check_segment, required_reason, target_segment},
     retry::{CallError, ErrorClass},
-    settings::{ProviderSections, SettingsError, check_base_url, check_path_template, present},
+    settings::{
+        Credential, ProviderSections, SettingsError, check_base_url, check_path_template, present,
+    },
 };
 
 pub const NAME: &str = "moneypipe";
@@ -65,7 +67,7 @@ const ERROR_CODES: &[(u32, u16, &str)] = &[
 #[derive(Deserialize)]
 struct MoneyPipeSettings {
     base_url: String,
-    token: Option<SecretString>,
+    token: Option<Credential>,
     reject_path: String,
 }
 

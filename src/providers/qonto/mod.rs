@@ -26,7 +26,7 @@ use super::{
 use crate::{
     decision::{Action, Decision, required_reason},
     retry::{CallError, ErrorClass},
-    settings::{ProviderSections, SettingsError, check_base_url, present},
+    settings::{Credential, ProviderSections, SettingsError, check_base_url, present},
 };
 
 pub const NAME: &str = "qonto";
@@ -49,10 +49,10 @@ const MAX_LIST_PAGES: u32 = 20;
 #[derive(Deserialize)]
 struct QontoSettings {
     base_url: String,
-    login: Option<SecretString>,
-    secret_key: Option<SecretString>,
-    access_token: Option<SecretString>,
-    staging_token: Option<SecretString>,
+    login: Option<Credential>,
+    secret_key: Option<Credential>,
+    access_token: Option<Credential>,
+    staging_token: Option<Credential>,
 }
 
 enum Auth {

@@ -106,6 +106,11 @@ impl Process {
         }
     }
 
+    /// Its process id, to read its `/proc` entries.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
     /// Its stdout and stderr so far, line by line.
     pub fn output(&self) -> String {
         self.output.lock().unwrap().clone()
