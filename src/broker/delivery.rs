@@ -288,16 +288,17 @@ fn expiration_ms(delay: Duration, max: Duration) -> u64 {
     ms.clamp(1, BROKER_MAX_MS)
 }
 
-/// Headers for a new copy of a delivered message: the original's minus our
-/// bookkeeping and the broker's delivery history, which must not travel
-/// into a new copy, plus the history the copy carries.
+/// Headers for a new copy of a delivered message: the history the copy
+/// carries, set afresh, and of the original's headers only the few worth
+/// keeping (`headers::carried`): never its routing headers, its
+/// bookkeeping or the broker's delivery history.
 fn copy_headers(
     original: Option<&FieldTable>,
     history: &History,
     attempts: u32,
     confirmation: Option<&PendingConfirmation>,
 ) -> FieldTable {
-    let mut h = headers::without(original, headers::HISTORY);
+    let mut h = headers::carried(original);
     headers::set_int(&mut h, headers::ATTEMPTS, i64::from(attempts));
     headers::set_str(
         &mut h,
@@ -348,7 +349,8 @@ mod tests {
     #[test]
     fn a_copy_carries_its_history_and_not_the_brokers() {
         let mut original = FieldTable::default();
-        headers::set_str(&mut original, "x-custom", "kept");
+        headers::set_str(&mut original, "x-custom", "left behind");
+        headers::set_str(&mut original, "traceparent", "00-abc-def-01");
         headers::set_int(&mut original, headers::DELIVERY_COUNT, 3);
         headers::set_str(&mut original, headers::CONFIRMATION_TOKEN, "old");
         headers::set_str(&mut original, headers::CONFIRMATION_EXPIRES_AT, "then");
@@ -369,9 +371,10 @@ mod tests {
         assert_eq!(next.delivery_count, 0);
         assert_eq!(next.first_received_at, first.first_received_at);
         assert_eq!(next.confirmation, Some(pending));
+        assert_eq!(headers::get_str(Some(&copy), "x-custom"), None);
         assert_eq!(
-            headers::get_str(Some(&copy), "x-custom").as_deref(),
-            Some("kept")
+            headers::get_str(Some(&copy), "traceparent").as_deref(),
+            Some("00-abc-def-01")
         );
 
         let parked = copy_headers(Some(&copy), &next, 4, None);

@@ -206,10 +206,7 @@ async fn walk(
 
 /// The original properties without any attempt history or parking reason.
 fn fresh_properties(props: &BasicProperties) -> BasicProperties {
-    headers::copy_properties(
-        props,
-        headers::without(props.headers().as_ref(), headers::HISTORY),
-    )
+    headers::copy_properties(props, headers::carried(props.headers().as_ref()))
 }
 
 async fn release(held: Vec<BasicGetMessage>) {

@@ -6,6 +6,7 @@
 mod helpers;
 
 mod admin;
+mod broker_safety;
 mod faults;
 mod inputs;
 mod limits;
