@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -51,9 +51,9 @@ pub struct Http {
     client: reqwest::Client,
     /// Concurrent calls allowed per provider (each a pooled connection).
     call_limit: Option<usize>,
-    limits: Arc<Mutex<HashMap<&'static str, Arc<Semaphore>>>>,
+    limits: Arc<Semaphores>,
     /// Per provider: permits to read an answer past [`FREE_BODY`].
-    large_reads: Arc<Mutex<HashMap<&'static str, Arc<Semaphore>>>>,
+    large_reads: Arc<Semaphores>,
 }
 
 #[derive(Debug)]
@@ -99,21 +99,11 @@ impl Http {
 
     fn permit_slot(&self, provider: &'static str) -> Option<Arc<Semaphore>> {
         let limit = self.call_limit?;
-        let mut limits = self.limits.lock().expect("call limits poisoned");
-        Some(
-            limits
-                .entry(provider)
-                .or_insert_with(|| Arc::new(Semaphore::new(limit)))
-                .clone(),
-        )
+        Some(per_provider(&self.limits, provider, limit))
     }
 
     fn large_reads(&self, provider: &'static str) -> Arc<Semaphore> {
-        let mut reads = self.large_reads.lock().expect("large reads poisoned");
-        reads
-            .entry(provider)
-            .or_insert_with(|| Arc::new(Semaphore::new(LARGE_READS_PER_PROVIDER)))
-            .clone()
+        per_provider(&self.large_reads, provider, LARGE_READS_PER_PROVIDER)
     }
 
     pub fn client(&self) -> &reqwest::Client {
@@ -244,6 +234,19 @@ fn unbuildable(operation: &str) -> CallError {
              settings (is there a line break or another control character inside a credential?)"
         ),
     )
+}
+
+type Semaphores = Mutex<HashMap<&'static str, Arc<Semaphore>>>;
+
+/// `provider`'s semaphore in `map`, made with `permits` on first use. A
+/// poisoned map is still whole (a panic cannot leave an entry half made),
+/// so it is used rather than panicking every later call.
+fn per_provider(map: &Semaphores, provider: &'static str, permits: usize) -> Arc<Semaphore> {
+    map.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(provider)
+        .or_insert_with(|| Arc::new(Semaphore::new(permits)))
+        .clone()
 }
 
 pub fn status_class(status: StatusCode) -> &'static str {
