@@ -96,40 +96,41 @@ pub struct Delivery {
     session: Arc<SessionHandles>,
     /// Shared with the session's [`Unsettled`] guard, which settles the
     /// delivery if its task panics.
-    inner: Arc<lapin::message::Delivery>,
-    settled: Arc<AtomicBool>,
+    held: Arc<Held>,
+}
+
+/// The message and whether its task settled it, in one allocation.
+struct Held {
+    message: lapin::message::Delivery,
+    settled: AtomicBool,
 }
 
 impl Delivery {
     /// The delivery for its task, and the guard the session keeps.
     pub(crate) fn new(
         session: Arc<SessionHandles>,
-        inner: lapin::message::Delivery,
+        message: lapin::message::Delivery,
     ) -> (Self, Unsettled) {
-        let inner = Arc::new(inner);
-        let settled = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(Held {
+            message,
+            settled: AtomicBool::new(false),
+        });
         let guard = Unsettled {
             session: session.clone(),
-            inner: inner.clone(),
-            settled: settled.clone(),
+            held: held.clone(),
         };
-        let delivery = Self {
-            session,
-            inner,
-            settled,
-        };
-        (delivery, guard)
+        (Self { session, held }, guard)
     }
 
     pub fn body(&self) -> &[u8] {
-        &self.inner.data
+        &self.held.message.data
     }
 
     /// Reads the history headers; `received_at` is now.
     pub fn history(&self) -> History {
         History::read(
-            self.inner.properties.headers().as_ref(),
-            self.inner.redelivered,
+            self.held.message.properties.headers().as_ref(),
+            self.held.message.redelivered,
         )
     }
 
@@ -160,11 +161,11 @@ impl Delivery {
         let mut h = copy_headers(self.original_headers(), history, attempts, None);
         headers::set_str(&mut h, headers::ERROR_KIND, error_kind);
         headers::set_str(&mut h, headers::ERROR, error);
-        let props = headers::copy_properties(&self.inner.properties, h);
+        let props = headers::copy_properties(&self.held.message.properties, h);
         let dead = self.session.topology.dead();
         self.session
             .publisher
-            .publish("", &dead, &self.inner.data, props, true)
+            .publish("", &dead, &self.held.message.data, props, true)
             .await
     }
 
@@ -184,18 +185,18 @@ impl Delivery {
             .topology
             .retry_tier(Duration::from_millis(expiration));
         let h = copy_headers(self.original_headers(), history, attempts, confirmation);
-        let props = headers::copy_properties(&self.inner.properties, h)
+        let props = headers::copy_properties(&self.held.message.properties, h)
             .with_expiration(expiration.to_string().into());
         self.session
             .publisher
-            .publish("", &queue, &self.inner.data, props, true)
+            .publish("", &queue, &self.held.message.data, props, true)
             .await?;
         tracing::debug!(%queue, "scheduled");
         Ok(())
     }
 
     fn original_headers(&self) -> Option<&FieldTable> {
-        self.inner.properties.headers().as_ref()
+        self.held.message.properties.headers().as_ref()
     }
 
     /// Acknowledges when everything the decision needed was published;
@@ -212,8 +213,8 @@ impl Delivery {
     }
 
     async fn ack(&self) {
-        self.settled.store(true, Ordering::Release);
-        let tag = self.inner.delivery_tag;
+        self.held.settled.store(true, Ordering::Release);
+        let tag = self.held.message.delivery_tag;
         if let Err(e) = self
             .session
             .consume
@@ -227,8 +228,8 @@ impl Delivery {
     /// Nack with requeue after [`REQUEUE_PAUSE`], so a failing broker is
     /// not spun on.
     async fn requeue(&self) {
-        self.settled.store(true, Ordering::Release);
-        requeue(&self.session, self.inner.delivery_tag).await;
+        self.held.settled.store(true, Ordering::Release);
+        requeue(&self.session, self.held.message.delivery_tag).await;
     }
 }
 
@@ -248,8 +249,7 @@ async fn requeue(session: &SessionHandles, tag: u64) {
 /// the connection ends.
 pub(crate) struct Unsettled {
     session: Arc<SessionHandles>,
-    inner: Arc<lapin::message::Delivery>,
-    settled: Arc<AtomicBool>,
+    held: Arc<Held>,
 }
 
 impl Unsettled {
@@ -263,7 +263,7 @@ impl Unsettled {
         }
         let tidy =
             |s: String| -> String { s.chars().filter(|c| !c.is_control()).take(128).collect() };
-        serde_json::from_slice::<Ids>(&self.inner.data)
+        serde_json::from_slice::<Ids>(&self.held.message.data)
             .map(|i| (i.decision_id.map(tidy), i.provider.map(tidy)))
             .unwrap_or_default()
     }
@@ -273,8 +273,8 @@ impl Unsettled {
     /// The poison check parks a decision one delivery before the broker's
     /// limit, so one that always panics ends parked, not looping.
     pub(crate) async fn requeue(self) {
-        if !self.settled.swap(true, Ordering::AcqRel) {
-            requeue(&self.session, self.inner.delivery_tag).await;
+        if !self.held.settled.swap(true, Ordering::AcqRel) {
+            requeue(&self.session, self.held.message.delivery_tag).await;
         }
     }
 }
