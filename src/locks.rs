@@ -1,12 +1,47 @@
 //! Per-target ordering: two decisions for the same target never run at once
-//! in this worker; the later one waits for the earlier to settle.
+//! in this worker; the later one waits for the earlier to settle. And
+//! per-provider shares of the prefetch window, so one provider's slowness
+//! cannot hold every delivery slot.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
 };
 
-use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
+
+/// At most `share` deliveries per provider at once.
+pub struct ProviderShares {
+    share: usize,
+    map: Mutex<HashMap<&'static str, Arc<Semaphore>>>,
+}
+
+impl ProviderShares {
+    pub fn new(share: usize) -> Self {
+        Self {
+            share,
+            map: Mutex::default(),
+        }
+    }
+
+    /// A place among `provider`'s deliveries, waiting at most `wait`:
+    /// `None` when it stayed full, so the caller can move the decision
+    /// aside instead of holding its delivery slot longer.
+    pub async fn acquire(&self, provider: &'static str, wait: Duration) -> Option<OwnedSemaphorePermit> {
+        let slots = self
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(provider)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.share)))
+            .clone();
+        tokio::time::timeout(wait, slots.acquire_owned())
+            .await
+            .ok()?
+            .ok()
+    }
+}
 
 #[derive(Default, Clone)]
 pub struct TargetLocks {
@@ -53,6 +88,21 @@ impl Drop for TargetGuard {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_full_share_answers_none_after_the_wait_and_frees_on_drop() {
+        let shares = ProviderShares::new(2);
+        let wait = Duration::from_millis(20);
+        let a = shares.acquire("slow", wait).await.expect("first place");
+        let _b = shares.acquire("slow", wait).await.expect("second place");
+        assert!(shares.acquire("slow", wait).await.is_none(), "full");
+        assert!(
+            shares.acquire("other", wait).await.is_some(),
+            "another provider's share is its own"
+        );
+        drop(a);
+        assert!(shares.acquire("slow", wait).await.is_some());
+    }
 
     #[tokio::test]
     async fn same_target_waits_other_targets_do_not() {

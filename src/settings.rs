@@ -27,6 +27,8 @@ const DEFAULTS: &str = include_str!("../config/default.toml");
 /// consumer timeout (30 min by default): the longest a delivery can spend in
 /// process must stay far below it.
 const LONGEST_IN_PROCESS: Duration = Duration::from_secs(10 * 60);
+/// The longest delivery budget: five minutes' room under that timeout.
+const LONGEST_DELIVERY: Duration = Duration::from_secs(25 * 60);
 
 /// Every message names the key in the environment form operators set. The
 /// messages repeat their cause's text because they are printed on one line.
@@ -149,6 +151,16 @@ pub(crate) struct WorkerSettings {
     pub(crate) connect_timeout: Duration,
     /// Speak HTTP/2 from the first byte (h2c on `http://`), see default.toml.
     pub(crate) http2_prior_knowledge: bool,
+    /// The most one delivery may take, every step included.
+    #[serde(rename = "delivery_budget_ms", deserialize_with = "positive_millis")]
+    pub(crate) delivery_budget: Duration,
+    /// The longest a publish waits for the broker's confirm.
+    #[serde(rename = "confirm_timeout_ms", deserialize_with = "positive_millis")]
+    pub(crate) confirm_timeout: Duration,
+    /// The longest a decision waits for one of its provider's call slots
+    /// before it moves to a retry queue (no attempt spent).
+    #[serde(rename = "call_wait_ms", deserialize_with = "millis")]
+    pub(crate) call_wait: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -380,6 +392,17 @@ impl Settings {
             return Err(invalid(
                 "retry.in_process_attempts",
                 "in-process attempts x (APPROVAL_WORKER__HTTP_TIMEOUT_MS + APPROVAL_RETRY__IN_PROCESS_MAX_WAIT_MS) must stay under 10 minutes, far below RabbitMQ's consumer acknowledgement timeout",
+            ));
+        }
+        // The publishes after the provider's answer need their share of
+        // the budget, and the whole must end before the broker's consumer
+        // timeout closes the channel.
+        if self.worker.delivery_budget > LONGEST_DELIVERY
+            || self.worker.confirm_timeout.saturating_mul(2) > self.worker.delivery_budget
+        {
+            return Err(invalid(
+                "worker.delivery_budget_ms",
+                "expected at most 25 minutes (RabbitMQ's consumer timeout is 30) and at least twice APPROVAL_WORKER__CONFIRM_TIMEOUT_MS",
             ));
         }
         Ok(())

@@ -16,6 +16,7 @@ mod settle;
 use std::{sync::Arc, time::Duration};
 
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
@@ -24,7 +25,7 @@ use settle::{Dispatched, Ending, Settle};
 use crate::{
     broker::{Delivery, History, PendingConfirmation, Session, Topology},
     decision::{self, Decision},
-    locks::TargetLocks,
+    locks::{ProviderShares, TargetLocks},
     outcome::{ErrorKind, Resolution},
     providers::{Bound, CallContext, ConfirmationState, Lookup, Registry, Reply},
     readiness::Readiness,
@@ -41,6 +42,8 @@ struct Shared {
     registry: Registry,
     delays: RetryDelays,
     locks: TargetLocks,
+    /// How many deliveries each provider may hold at once.
+    shares: ProviderShares,
     shutdown: CancellationToken,
 }
 
@@ -62,6 +65,7 @@ impl Worker {
         };
         Self {
             shared: Arc::new(Shared {
+                shares: ProviderShares::new(provider_share(settings.amqp.prefetch.get())),
                 settings,
                 registry,
                 delays,
@@ -88,6 +92,13 @@ impl Worker {
     }
 }
 
+/// Of a prefetch window, the deliveries one provider may hold at once: the
+/// rest stays free for the others while that provider is slow or down.
+fn provider_share(prefetch: u16) -> usize {
+    let prefetch = usize::from(prefetch);
+    (prefetch - prefetch / 4).max(1)
+}
+
 /// One delivery: receive, decide (validate, dispatch, classify), publish,
 /// acknowledge.
 async fn handle(shared: &Shared, delivery: Delivery) {
@@ -99,8 +110,22 @@ async fn handle(shared: &Shared, delivery: Delivery) {
         action = field::Empty,
         attempt = history.attempts,
     );
+    // Publishing gets the budget's last part: each publish waits at most
+    // the confirm timeout, and they run side by side.
+    let worker = &shared.settings.worker;
+    let deadline = Instant::now() + worker.delivery_budget - worker.confirm_timeout;
     async {
-        let (Ok(settle) | Err(settle)) = decide(shared, delivery.body(), &history).await;
+        let decided = tokio::select! {
+            biased;
+            // The next session gets this delivery again; calling its
+            // provider now would apply a decision that cannot be reported.
+            _ = delivery.session_lost() => {
+                warn!("the broker session was lost; the decision is left for the next session");
+                return;
+            }
+            decided = decide(shared, delivery.body(), &history, deadline) => decided,
+        };
+        let (Ok(settle) | Err(settle)) = decided;
         let published = settle.publish(&delivery, &history, &shared.registry).await;
         delivery.acknowledge(published).await;
     }
@@ -110,10 +135,15 @@ async fn handle(shared: &Shared, delivery: Delivery) {
 
 /// Validates the delivery and runs it against its provider; `Err` is how
 /// an invalid one is settled.
-async fn decide(shared: &Shared, body: &[u8], history: &History) -> Result<Settle, Settle> {
+async fn decide(
+    shared: &Shared,
+    body: &[u8],
+    history: &History,
+    deadline: Instant,
+) -> Result<Settle, Settle> {
     let decision = parse(body, history)?;
     let call = validate(shared, &decision, body, history)?;
-    let (dispatched, ending) = dispatch(shared, &decision, call.as_ref(), history).await;
+    let (dispatched, ending) = dispatch(shared, &decision, call.as_ref(), history, deadline).await;
     Ok(dispatched.classify(ending))
 }
 
@@ -162,18 +192,15 @@ fn validate<'a>(
 }
 
 /// Runs the decision against its provider, one decision per target at a
-/// time; returns how it ended, with the calls made in all.
+/// time, within its provider's share of the prefetch window and before
+/// `deadline`; returns how it ended, with the calls made in all.
 async fn dispatch<'a>(
     shared: &Shared,
     decision: &'a Decision,
     call: &dyn Bound,
     history: &'a History,
+    deadline: Instant,
 ) -> (Dispatched<'a>, Ending) {
-    let target = call.target_key();
-    let _guard = shared
-        .locks
-        .lock(format!("{}/{target}", decision.provider))
-        .await;
     let mut dispatch = Dispatch {
         shared,
         call,
@@ -181,7 +208,22 @@ async fn dispatch<'a>(
         history,
         attempts: history.attempts,
     };
-    let ending = dispatch.run().await;
+    let provider = call.provider();
+    let wait = shared.settings.worker.call_wait;
+    let ending = match shared.shares.acquire(provider, wait).await {
+        None => dispatch.deferred("busy", "its provider's share of the prefetch window stayed full"),
+        Some(_share) => {
+            let target = call.target_key();
+            let run = async {
+                let _guard = shared.locks.lock(format!("{provider}/{target}")).await;
+                dispatch.run().await
+            };
+            match tokio::time::timeout_at(deadline, run).await {
+                Ok(ending) => ending,
+                Err(_) => dispatch.deferred("budget", "the delivery's time budget ran out"),
+            }
+        }
+    };
     let dispatched = Dispatched {
         decision,
         history,
@@ -350,6 +392,25 @@ impl Dispatch<'_> {
                     resolution,
                 })
             }
+        }
+    }
+
+    /// Hands the decision to a retry queue before anything more is done
+    /// for it here; the attempts made so far stay counted (a call cut short
+    /// may have reached the provider: the next delivery reads the target
+    /// first where the provider has no idempotency).
+    fn deferred(&self, reason: &'static str, why: &'static str) -> Ending {
+        let provider = self.call.provider();
+        metrics::counter!("approval_deferrals_total", "provider" => provider, "reason" => reason)
+            .increment(1);
+        let delay = self.shared.delays.delay(self.attempts.max(1), None);
+        if self.history.elapsed() + delay > self.shared.settings.retry.horizon {
+            return Ending::exhausted(None, "the retry horizon would be passed");
+        }
+        warn!(reason, "{why}; moved to a retry queue");
+        Ending::Later {
+            delay,
+            confirmation: self.history.confirmation.clone(),
         }
     }
 

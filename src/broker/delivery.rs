@@ -16,6 +16,7 @@ use lapin::{
     types::FieldTable,
 };
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::warn;
 
 use super::{PublishError, Publisher, Topology, headers};
@@ -39,6 +40,45 @@ pub(crate) struct SessionHandles {
     /// The longest a retry copy may wait (the retry horizon): RabbitMQ
     /// refuses an expiration above 2^32-1 ms by closing the channel.
     pub(crate) max_delay: Duration,
+    /// The longest a publish may wait for its confirm.
+    pub(crate) confirm_timeout: Duration,
+    /// Cancelled when something this session publishes on failed in a way
+    /// only a new session mends (a closed channel, a returned copy, a
+    /// confirm that never came): the session ends at once and no task of
+    /// it calls a provider any more.
+    pub(crate) lost: CancellationToken,
+}
+
+impl SessionHandles {
+    /// Publishes with a confirm, within the confirm timeout, and counts a
+    /// failure under `what`; a failure that only a new session mends ends
+    /// this one.
+    async fn publish(
+        &self,
+        what: &'static str,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        mandatory: bool,
+    ) -> Result<(), PublishError> {
+        let publish = self
+            .publisher
+            .publish(exchange, routing_key, body, properties, mandatory);
+        let result = match tokio::time::timeout(self.confirm_timeout, publish).await {
+            Ok(result) => result,
+            Err(_) => Err(PublishError::TimedOut(self.confirm_timeout)),
+        };
+        if let Err(e) = &result {
+            metrics::counter!("approval_publish_failures_total", "what" => what, "reason" => e.reason())
+                .increment(1);
+            if e.needs_new_session() && !self.lost.is_cancelled() {
+                warn!(error = %e, what, "a publish failed in a way only a new broker session mends; ending the session");
+                self.lost.cancel();
+            }
+        }
+        result
+    }
 }
 
 /// A human confirmation the decision waits for, carried in its headers.
@@ -134,12 +174,19 @@ impl Delivery {
         )
     }
 
+    /// Completes when the session this delivery came from is lost: what is
+    /// still unsettled is redelivered to the next session, so nothing more
+    /// may be done for it here.
+    pub fn session_lost(&self) -> WaitForCancellationFuture<'_> {
+        self.session.lost.cancelled()
+    }
+
     /// Publishes an outcome event to the outcomes exchange, with a confirm.
     pub async fn publish_outcome(&self, event: &OutcomeEvent) -> Result<(), PublishError> {
         let props = outcome_properties(&event.event_id.to_string(), event.decision_id.as_deref());
         self.session
-            .publisher
             .publish(
+                "outcome",
                 &self.session.outcomes,
                 &event.routing_key(),
                 &event.to_json(),
@@ -164,8 +211,7 @@ impl Delivery {
         let props = headers::copy_properties(&self.held.message.properties, h);
         let dead = self.session.topology.dead();
         self.session
-            .publisher
-            .publish("", &dead, &self.held.message.data, props, true)
+            .publish("park", "", &dead, &self.held.message.data, props, true)
             .await
     }
 
@@ -188,8 +234,7 @@ impl Delivery {
         let props = headers::copy_properties(&self.held.message.properties, h)
             .with_expiration(expiration.to_string().into());
         self.session
-            .publisher
-            .publish("", &queue, &self.held.message.data, props, true)
+            .publish("retry", "", &queue, &self.held.message.data, props, true)
             .await?;
         tracing::debug!(%queue, "scheduled");
         Ok(())
@@ -205,6 +250,12 @@ impl Delivery {
     pub async fn acknowledge(&self, published: Result<(), PublishError>) {
         match published {
             Ok(()) => self.ack().await,
+            // The connection is closing: the broker hands the decision to
+            // the next session, and a nack here would only fail.
+            Err(e) if self.session.lost.is_cancelled() => {
+                tracing::error!(error = %e, "publishing failed and the broker session is lost; the decision is redelivered to the next session");
+                self.held.settled.store(true, Ordering::Release);
+            }
             Err(e) => {
                 tracing::error!(error = %e, "publishing failed; decision not acknowledged and handed back");
                 self.requeue().await;

@@ -39,6 +39,37 @@ pub enum PublishError {
     Unconfirmed,
     #[error("message not sent: {0}")]
     Oversized(#[from] headers::Oversized),
+    #[error("no confirm from the broker within {} ms", .0.as_millis())]
+    TimedOut(std::time::Duration),
+}
+
+impl PublishError {
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PublishError::Broker(_) => "channel_closed",
+            PublishError::Nacked => "nacked",
+            PublishError::Returned(_) => "returned",
+            PublishError::Unconfirmed => "unconfirmed",
+            PublishError::Oversized(_) => "oversized",
+            PublishError::TimedOut(_) => "timed_out",
+        }
+    }
+
+    /// Whether only a new session can mend what failed: a closed channel
+    /// stays closed, a returned copy means the topology is gone (a new
+    /// session declares it again), and a broker that does not confirm
+    /// within the timeout is not trusted with the next publish either. A
+    /// nack (a full queue) or an oversized message is this publish's own.
+    pub fn needs_new_session(&self) -> bool {
+        matches!(
+            self,
+            PublishError::Broker(_)
+                | PublishError::Returned(_)
+                | PublishError::TimedOut(_)
+                | PublishError::Unconfirmed
+        )
+    }
 }
 
 /// A confirmed publisher on one channel. Publishes made on [`Self::channel`]

@@ -2,11 +2,16 @@
 //! consume, and hand each delivery to its own task; reconnect with backoff
 //! when the session is lost; one drain when the process stops.
 
-use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    panic::AssertUnwindSafe,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use futures_util::{FutureExt as _, StreamExt};
 use lapin::{
-    Channel, Connection, Consumer,
+    Channel, Connection, Consumer, Event,
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::FieldTable,
 };
@@ -27,7 +32,17 @@ pub enum SessionError {
     Unreachable(#[from] Unreachable),
     #[error("the decisions consumer was cancelled by the broker")]
     ConsumerEnded,
+    #[error("the broker closed a channel of this session: {0}")]
+    ChannelClosed(lapin::Error),
+    #[error("a publish of this session failed in a way only a new session mends")]
+    PublishLost,
 }
+
+/// A session that consumed at least this long was healthy: the next loss
+/// starts the reconnect backoff afresh. A shorter one (a broker that closes
+/// the channel at the first publish) keeps growing it, so a fault that
+/// recurs in every session is not retried in a tight loop.
+const STABLE_SESSION: Duration = Duration::from_secs(60);
 
 pub struct Session {
     nodes: Nodes,
@@ -37,6 +52,7 @@ pub struct Session {
     reconnect: RetryDelays,
     drain_timeout: Duration,
     max_delay: Duration,
+    confirm_timeout: Duration,
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 }
@@ -61,6 +77,7 @@ impl Session {
             },
             drain_timeout: settings.worker.drain_timeout,
             max_delay: settings.retry.horizon,
+            confirm_timeout: settings.worker.confirm_timeout,
             readiness,
             shutdown,
         }
@@ -90,7 +107,7 @@ impl Session {
                 Ok(conn) => break Some(conn),
                 Err(e) => {
                     self.readiness.disconnected();
-                    failures += 1;
+                    failures = failures.saturating_add(1);
                     metrics::counter!("approval_broker_reconnects_total").increment(1);
                     let wait = self
                         .reconnect
@@ -134,6 +151,43 @@ impl Session {
             .await?;
         *next_node = node + 1;
         let node = self.nodes.redacted(node);
+        // Before any channel opens, so no channel's closing goes unheard.
+        let events = conn.events_listener();
+        match self
+            .session(&conn, &node, events, in_flight, failures, handle)
+            .await
+        {
+            Ok(parts) => Ok(Open {
+                conn,
+                _setup: parts._setup,
+                _handles: parts._handles,
+                _consumer: parts._consumer,
+            }),
+            Err(e) => {
+                // Closing returns every unacknowledged decision to the
+                // queue at once, for the next session.
+                if let Err(close) = conn.close(320, "session lost".into()).await {
+                    debug!(error = %close, "connection close after a lost session");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn session<H, F>(
+        &self,
+        conn: &Connection,
+        node: &str,
+        events: impl futures_util::Stream<Item = Event> + Send + 'static,
+        in_flight: &TaskTracker,
+        failures: &mut u32,
+        handle: &H,
+    ) -> Result<OpenParts, SessionError>
+    where
+        H: Fn(Delivery) -> F,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let mut events = Box::pin(events);
         let setup = conn.create_channel().await?;
         self.topology.declare(&setup).await?;
         let consume = conn.create_channel().await?;
@@ -143,6 +197,8 @@ impl Session {
             outcomes: self.topology.outcomes(),
             topology: self.topology.clone(),
             max_delay: self.max_delay,
+            confirm_timeout: self.confirm_timeout,
+            lost: CancellationToken::new(),
         });
         consume
             .basic_qos(self.prefetch, BasicQosOptions::default())
@@ -156,8 +212,13 @@ impl Session {
                 FieldTable::default(),
             )
             .await?;
-        self.readiness.consuming(&node);
-        *failures = 0;
+        self.readiness.consuming(node);
+        let since = Instant::now();
+        let healthy = |failures: &mut u32| {
+            if since.elapsed() >= STABLE_SESSION {
+                *failures = 0;
+            }
+        };
         info!(
             broker = %node,
             queue = %self.topology.decisions(),
@@ -173,7 +234,21 @@ impl Session {
                     if let Err(e) = consume.basic_cancel(tag.into(), BasicCancelOptions::default()).await {
                         warn!(error = %e, "could not cancel the consumer");
                     }
-                    return Ok(Open { conn, _setup: setup, _handles: session, _consumer: consumer });
+                    return Ok(OpenParts { _setup: setup, _handles: session, _consumer: consumer });
+                }
+                // A channel closed by the broker (any of this session's:
+                // setup, consume or publish) ends the session now, rather
+                // than at the next failed publish.
+                Some(event) = events.next() => {
+                    if let Event::Error(e) = event {
+                        healthy(failures);
+                        session.lost.cancel();
+                        return Err(SessionError::ChannelClosed(e));
+                    }
+                }
+                _ = session.lost.cancelled() => {
+                    healthy(failures);
+                    return Err(SessionError::PublishLost);
                 }
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
@@ -185,8 +260,16 @@ impl Session {
                             metrics::gauge!("approval_in_flight").decrement(1.0);
                         });
                     }
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Err(SessionError::ConsumerEnded),
+                    Some(Err(e)) => {
+                        healthy(failures);
+                        session.lost.cancel();
+                        return Err(e.into());
+                    }
+                    None => {
+                        healthy(failures);
+                        session.lost.cancel();
+                        return Err(SessionError::ConsumerEnded);
+                    }
                 }
             }
         }
@@ -248,6 +331,12 @@ struct Open {
     _consumer: Consumer,
 }
 
+/// What a session keeps open besides its connection.
+struct OpenParts {
+    _setup: Channel,
+    _handles: Arc<SessionHandles>,
+    _consumer: Consumer,
+}
 impl Open {
     async fn close(self) {
         if let Err(e) = self.conn.close(200, "worker shutdown".into()).await {
@@ -282,6 +371,8 @@ mod tests {
             outcomes: topology.outcomes(),
             topology,
             max_delay: Duration::from_secs(60),
+            confirm_timeout: Duration::from_secs(30),
+            lost: CancellationToken::new(),
         });
         let queue = consume
             .queue_declare(

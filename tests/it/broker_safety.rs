@@ -180,3 +180,93 @@ async fn frame_max() -> usize {
     let _ = conn.close(200, "done".into()).await;
     frame_max
 }
+
+/// The value of an unlabelled-or-summed Prometheus counter in `text`.
+fn counter(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// After the broker closed the channel outcomes are published on (here: the
+/// outcomes exchange was deleted), the old session went on applying the
+/// decision, failing its publish and requeueing it every 500 ms, with
+/// `/readyz` at 200 throughout. The session must end at once, report not
+/// ready, reconnect and redeclare, and the decision be applied once more
+/// (same idempotency key), not in a loop.
+#[tokio::test]
+async fn a_closed_publish_channel_ends_the_session_without_a_loop() {
+    use wiremock::{
+        Mock,
+        matchers::{method, path_regex},
+    };
+
+    use crate::helpers::{
+        mock,
+        qonto::{self, Auth},
+    };
+
+    let app = spawn_app(App::qonto("bs-pubch", Auth::ApiKey).without_worker()).await;
+    let (broker, provider) = (&app.broker, app.qonto());
+    Mock::given(method("POST"))
+        .and(path_regex("^/v2/requests/transfers/.*/decline$"))
+        .respond_with(qonto::answer("declined"))
+        .mount(provider)
+        .await;
+    let mut worker = app.run(&["run"]);
+    broker.wait_consumer().await;
+    let readyz = format!("{}/readyz", app.admin_url());
+    let ready = || async {
+        reqwest::get(&readyz)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    };
+    wait_for("the worker to be ready", DEADLINE, || async {
+        ready().await.then_some(())
+    })
+    .await;
+
+    broker.delete_outcomes_exchange().await;
+    let first = qonto::decline("pub-1", &qonto::request_id());
+    broker.publish(&first).await;
+    wait_for("readiness to turn 503", DEADLINE, || async {
+        (!ready().await).then_some(())
+    })
+    .await;
+    let outcomes = broker.topology.outcomes();
+    wait_for("the worker to redeclare and be ready", DEADLINE, || async {
+        (broker.exchange_exists(&outcomes).await && ready().await).then_some(())
+    })
+    .await;
+    broker.rebind_capture().await;
+    let second = qonto::decline("pub-2", &qonto::request_id());
+    broker.publish(&second).await;
+    broker.outcome("pub-2", "applied").await;
+    let decisions = broker.topology.decisions();
+    wait_for("the first decision acknowledged", DEADLINE, || async {
+        (broker.queue_counts(&decisions).await.0 == 0).then_some(())
+    })
+    .await;
+
+    let metrics = reqwest::get(format!("{}/metrics", app.admin_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    worker.signal(libc::SIGTERM);
+    worker.wait(DEADLINE).await;
+    let output = worker.output();
+    let rid = first["target"]["request_id"].as_str().unwrap();
+    let calls = mock::calls_to(provider, &format!("/v2/requests/transfers/{rid}/decline")).await;
+    assert_eq!(
+        calls.len(),
+        2,
+        "applied once before the channel closed and once after the reconnect: {output}"
+    );
+    assert!(
+        counter(&metrics, "approval_publish_failures_total") >= 1.0,
+        "{metrics}"
+    );
+}

@@ -181,6 +181,47 @@ impl TestBroker {
         .remove(0)
     }
 
+    /// Deletes the outcomes exchange under the worker, as a careless
+    /// operator would: its next outcome publish closes its channel.
+    pub async fn delete_outcomes_exchange(&self) {
+        self.channel
+            .exchange_delete(self.topology.outcomes().into(), Default::default())
+            .await
+            .unwrap();
+    }
+
+    /// Binds the capture queue to the outcomes exchange again, once the
+    /// worker declared it anew.
+    pub async fn rebind_capture(&self) {
+        self.channel
+            .queue_bind(
+                self.capture.as_str().into(),
+                self.topology.outcomes().into(),
+                "#".into(),
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Whether the exchange `name` exists (on a channel of its own: a
+    /// passive declare of a missing exchange closes the channel).
+    pub async fn exchange_exists(&self, name: &str) -> bool {
+        let conn = connect("test exchange probe").await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let passive = lapin::options::ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let found = ch
+            .exchange_declare(name.into(), lapin::ExchangeKind::Topic, passive, FieldTable::default())
+            .await
+            .is_ok();
+        let _ = conn.close(200, "probe done".into()).await;
+        found
+    }
+
     /// Ready messages and consumers of a queue.
     pub async fn queue_counts(&self, queue: &str) -> (u32, u32) {
         let q = self
