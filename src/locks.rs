@@ -28,7 +28,11 @@ impl ProviderShares {
     /// A place among `provider`'s deliveries, waiting at most `wait`:
     /// `None` when it stayed full, so the caller can move the decision
     /// aside instead of holding its delivery slot longer.
-    pub async fn acquire(&self, provider: &'static str, wait: Duration) -> Option<OwnedSemaphorePermit> {
+    pub async fn acquire(
+        &self,
+        provider: &'static str,
+        wait: Duration,
+    ) -> Option<OwnedSemaphorePermit> {
         let slots = self
             .map
             .lock()

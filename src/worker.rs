@@ -211,7 +211,10 @@ async fn dispatch<'a>(
     let provider = call.provider();
     let wait = shared.settings.worker.call_wait;
     let ending = match shared.shares.acquire(provider, wait).await {
-        None => dispatch.deferred("busy", "its provider's share of the prefetch window stayed full"),
+        None => dispatch.deferred(
+            "busy",
+            "its provider's share of the prefetch window stayed full",
+        ),
         Some(_share) => {
             let target = call.target_key();
             let run = async {

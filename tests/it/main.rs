@@ -7,6 +7,7 @@ mod helpers;
 
 mod admin;
 mod broker_safety;
+mod budget;
 mod faults;
 mod inputs;
 mod limits;

@@ -19,6 +19,8 @@ pub struct App {
     providers: Providers,
     env: Vec<(String, String)>,
     start_worker: bool,
+    /// Simulator faults for one provider, instead of the app's.
+    faults_for: Vec<(String, Faults)>,
 }
 
 enum Providers {
@@ -34,6 +36,7 @@ impl App {
             providers,
             env: Vec::new(),
             start_worker: true,
+            faults_for: Vec::new(),
         }
     }
 
@@ -50,6 +53,12 @@ impl App {
     /// No provider configured: every one is disabled.
     pub fn without_providers(name: &str) -> Self {
         Self::new(name, Providers::None)
+    }
+
+    /// On the simulator, `provider` gets `faults` instead of the app's.
+    pub fn faults_for(mut self, provider: &str, faults: Faults) -> Self {
+        self.faults_for.push((provider.to_owned(), faults));
+        self
     }
 
     /// One more setting, overriding the defaults of [`worker_env`].
@@ -95,6 +104,7 @@ pub async fn spawn_app(app: App) -> TestApp {
             for p in sim::providers() {
                 config.faults.insert(p.to_string(), faults);
             }
+            config.faults.extend(app.faults_for);
             let handle = sim::start(config, "127.0.0.1:0".parse().unwrap())
                 .await
                 .unwrap();

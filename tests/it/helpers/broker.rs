@@ -215,7 +215,12 @@ impl TestBroker {
             ..Default::default()
         };
         let found = ch
-            .exchange_declare(name.into(), lapin::ExchangeKind::Topic, passive, FieldTable::default())
+            .exchange_declare(
+                name.into(),
+                lapin::ExchangeKind::Topic,
+                passive,
+                FieldTable::default(),
+            )
             .await
             .is_ok();
         let _ = conn.close(200, "probe done".into()).await;
