@@ -3,7 +3,9 @@
 //! One token request at a time (the lock is held across the fetch, so a
 //! burst of decisions causes one token call, not hundreds), refreshed ahead
 //! of expiry, and invalidated only if the token that got a 401 is still the
-//! cached one, so concurrent 401s cause one refresh.
+//! cached one, so concurrent 401s cause one refresh. A failed fetch is
+//! remembered briefly: the callers that queued behind it get its error
+//! instead of each repeating it (each waiting its full timeout in turn).
 
 use std::{
     future::Future,
@@ -32,6 +34,11 @@ pub struct Token {
 /// to live, so one answer cannot make every call fetch anew.
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 const MIN_TOKEN_TTL: Duration = Duration::from_secs(5);
+
+/// How long a failed fetch answers for the next ones, unless the provider
+/// asked for a longer wait (bounded by [`MAX_FAILURE_MEMORY`]).
+const FAILURE_MEMORY: Duration = Duration::from_secs(2);
+const MAX_FAILURE_MEMORY: Duration = Duration::from_secs(30);
 
 /// When a token issued at `now` for `ttl` dies, clamped to the bounds above.
 fn expiry(now: Instant, ttl: Duration) -> Instant {
@@ -69,7 +76,14 @@ pub struct TokenCache {
     /// Renew this long before expiry, so a call never leaves with a token
     /// that dies in flight.
     margin: Duration,
-    state: Mutex<Option<Cached>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    token: Option<Cached>,
+    /// The last fetch's failure, and until when it answers for a fetch.
+    failed: Option<(CallError, Instant)>,
 }
 
 impl TokenCache {
@@ -77,7 +91,7 @@ impl TokenCache {
         Self {
             provider,
             margin,
-            state: Mutex::new(None),
+            state: Mutex::default(),
         }
     }
 
@@ -91,22 +105,40 @@ impl TokenCache {
         let mut state = self.state.lock().await;
         let now = Instant::now();
         let renew_after = now.checked_add(self.margin).unwrap_or(now);
-        if let Some(c) = state.as_ref()
+        if let Some(c) = state.token.as_ref()
             && c.expires_at > renew_after
         {
             return Ok(c.access.clone());
         }
+        if let Some((error, until)) = &state.failed
+            && *until > now
+        {
+            return Err(error.clone());
+        }
         let refresh = state
+            .token
             .as_ref()
             .and_then(|c| c.refresh.as_ref())
             .filter(|(_, until)| *until > renew_after)
             .map(|(t, _)| t.clone());
         metrics::counter!("approval_token_refreshes_total", "provider" => self.provider)
             .increment(1);
-        let token = fetch(refresh).await?;
+        let token = match fetch(refresh).await {
+            Ok(token) => token,
+            Err(error) => {
+                let memory = error
+                    .retry_after
+                    .unwrap_or_default()
+                    .clamp(FAILURE_MEMORY, MAX_FAILURE_MEMORY);
+                let now = Instant::now();
+                state.failed = Some((error.clone(), now.checked_add(memory).unwrap_or(now)));
+                return Err(error);
+            }
+        };
         let now = Instant::now();
         let access = token.access.clone();
-        *state = Some(Cached {
+        state.failed = None;
+        state.token = Some(Cached {
             access: token.access,
             expires_at: expiry(now, token.expires_in),
             refresh: token.refresh.map(|(t, ttl)| (t, expiry(now, ttl))),
@@ -145,9 +177,10 @@ impl TokenCache {
     pub async fn invalidate(&self, stale: &SecretString) {
         let mut state = self.state.lock().await;
         if state
+            .token
             .as_ref()
             .is_some_and(|c| c.access.expose_secret() == stale.expose_secret())
-            && let Some(c) = state.as_mut()
+            && let Some(c) = state.token.as_mut()
         {
             c.expires_at = Instant::now();
         }
@@ -195,6 +228,40 @@ mod tests {
             assert_eq!(t.await.unwrap(), "t0");
         }
         assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    }
+
+    /// Fifty callers behind a token endpoint that fails slowly used to
+    /// fetch fifty times, one after another (fifty timeouts in a row for
+    /// the last caller); now the failure answers the whole queue.
+    #[tokio::test]
+    async fn a_failed_fetch_answers_the_waiting_callers() {
+        const SLOW: Duration = Duration::from_millis(200);
+        let cache = Arc::new(TokenCache::new("test", Duration::from_secs(1)));
+        let fetches = Arc::new(AtomicU32::new(0));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let (cache, fetches) = (cache.clone(), fetches.clone());
+            tasks.push(tokio::spawn(async move {
+                let fetch = |_| async move {
+                    fetches.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(SLOW).await;
+                    let class = crate::retry::ErrorClass::Retryable;
+                    Err::<Token, _>(CallError::new(class, "token endpoint timed out"))
+                };
+                cache.get(fetch).await.is_err()
+            }));
+        }
+        for t in tasks {
+            assert!(t.await.unwrap(), "every caller gets the error");
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        // Fifty fetches in a row would take ten seconds.
+        assert!(
+            started.elapsed() < FAILURE_MEMORY,
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
@@ -250,7 +317,7 @@ mod tests {
         let t = cache.get(|_| async { Ok(huge) }).await.unwrap();
         assert_eq!(t.expose_secret(), "t0");
         let state = cache.state.lock().await;
-        let c = state.as_ref().unwrap();
+        let c = state.token.as_ref().unwrap();
         let now = Instant::now();
         assert!(c.expires_at <= now + MAX_TOKEN_TTL);
         assert!(c.refresh.as_ref().unwrap().1 <= now + MAX_TOKEN_TTL);

@@ -497,7 +497,17 @@ async fn failing_token_calls_are_auth_or_retryable_and_never_echo_the_answer() {
     assert!(e.message.contains("Invalid credentials"), "{}", e.message);
     assert!(e.response.is_none());
     assert!(!e.message.contains(KEY_SECRET));
+    // Remembered briefly: a call right after gets the same answer without
+    // asking the token endpoint again.
+    let again = p
+        .apply(&decision("reject", "r-1"), &ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(again.class, ErrorClass::Auth);
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
 
+    // A fresh client meets the endpoint's second answer.
+    let p = provider(&server.uri());
     let e = p
         .apply(&decision("reject", "r-1"), &ctx())
         .await
