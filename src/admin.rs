@@ -1,6 +1,7 @@
 //! The admin endpoint: `/healthz` (alive), `/readyz` (connected, topology
-//! declared, consuming, not draining) and `/metrics` (Prometheus text,
-//! rendered by metrics-exporter-prometheus).
+//! declared, consuming, not draining), `/metrics` (Prometheus text,
+//! rendered by metrics-exporter-prometheus) and `/status` (JSON for people:
+//! the broker node in use, or why there is none).
 
 use std::sync::{Arc, OnceLock};
 
@@ -83,6 +84,7 @@ pub fn router(health: Arc<Readiness>, metrics: PrometheusHandle) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render))
+        .route("/status", get(status))
         .with_state(AdminState { health, metrics })
 }
 
@@ -92,6 +94,17 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
     }
+}
+
+async fn status(State(s): State<AdminState>) -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({
+        "ready": s.health.ready(),
+        "draining": s.health.draining(),
+        "broker": {
+            "node": s.health.broker_node(),
+            "problem": s.health.problem(),
+        },
+    }))
 }
 
 async fn render(State(s): State<AdminState>) -> ([(&'static str, &'static str); 1], String) {

@@ -14,6 +14,8 @@ pub struct Readiness {
     draining: AtomicBool,
     /// The consuming session's node, password masked.
     node: Mutex<Option<String>>,
+    /// Why the last session ended or could not start, until one consumes.
+    problem: Mutex<Option<String>>,
 }
 
 impl Readiness {
@@ -29,10 +31,25 @@ impl Readiness {
         self.node.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Why the last session ended or could not start, while no session
+    /// consumes (a topology mismatch names the queue here).
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether the process is draining for a stop.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     /// The session declared its topology on `node` (redacted) and consumes
     /// decisions.
     pub(crate) fn consuming(&self, node: &str) {
         *self.node.lock().unwrap_or_else(|e| e.into_inner()) = Some(node.to_owned());
+        *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.set(true, true);
     }
 
@@ -40,6 +57,13 @@ impl Readiness {
     pub(crate) fn disconnected(&self) {
         *self.node.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.set(false, false);
+    }
+
+    /// The session was lost, or could not start, because of `problem`
+    /// (a text without secrets: node URLs are redacted).
+    pub(crate) fn lost(&self, problem: String) {
+        *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = Some(problem);
+        self.disconnected();
     }
 
     fn set(&self, connected: bool, consuming: bool) {

@@ -106,7 +106,7 @@ impl Session {
             {
                 Ok(conn) => break Some(conn),
                 Err(e) => {
-                    self.readiness.disconnected();
+                    self.readiness.lost(e.to_string());
                     failures = failures.saturating_add(1);
                     metrics::counter!("approval_broker_reconnects_total").increment(1);
                     let wait = self

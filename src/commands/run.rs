@@ -34,7 +34,7 @@ pub async fn run(settings: Settings) -> ExitCode {
         eprintln!("approval-worker: could not install signal handlers: {e}");
         return ExitCode::FAILURE;
     }
-    tracing::info!(%bind, "admin endpoint: /healthz /readyz /metrics");
+    tracing::info!(%bind, "admin endpoint: /healthz /readyz /metrics /status");
     let worker = Worker::new(settings, registry, stop);
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(admin, worker.health(), admin_stop.clone()));

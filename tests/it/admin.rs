@@ -61,6 +61,15 @@ async fn health_readiness_and_metrics_follow_the_work() {
     })
     .await;
     assert_eq!(get(&format!("{base}/healthz")).await.unwrap().0, 200);
+    let (code, status) = get(&format!("{base}/status")).await.unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(status["ready"], true, "{status}");
+    assert_eq!(
+        status["broker"]["node"], "amqp://guest:***@127.0.0.1:5672/%2f",
+        "the node in use, password masked: {status}"
+    );
+    assert!(status["broker"]["problem"].is_null(), "{status}");
 
     for i in 0..3 {
         broker
