@@ -22,8 +22,21 @@ use tracing::warn;
 use super::{PublishError, Publisher, Topology, headers};
 use crate::outcome::{OutcomeEvent, rfc3339};
 
-/// Pause before a decision whose publishes failed is handed back.
+/// Pause before a decision whose publishes failed is handed back, doubled
+/// for each earlier delivery of the message up to [`MAX_REQUEUE_PAUSE`]: a
+/// publish that keeps failing (a full queue refusing it) must not have its
+/// decision re-applied every half second until the delivery limit parks it.
 const REQUEUE_PAUSE: Duration = Duration::from_millis(500);
+const MAX_REQUEUE_PAUSE: Duration = Duration::from_secs(30);
+
+/// The pause before handing back a message delivered `redeliveries` times
+/// before.
+fn requeue_pause(redeliveries: i64) -> Duration {
+    let doublings = u32::try_from(redeliveries.clamp(0, 16)).unwrap_or(0);
+    REQUEUE_PAUSE
+        .saturating_mul(1 << doublings)
+        .min(MAX_REQUEUE_PAUSE)
+}
 
 /// The broker side of one session, shared by its delivery tasks through
 /// one `Arc` (not a channel clone per delivery).
@@ -280,12 +293,19 @@ impl Delivery {
     /// not spun on.
     async fn requeue(&self) {
         self.held.settled.store(true, Ordering::Release);
-        requeue(&self.session, self.held.message.delivery_tag).await;
+        requeue(&self.session, &self.held.message).await;
     }
 }
 
-async fn requeue(session: &SessionHandles, tag: u64) {
-    tokio::time::sleep(REQUEUE_PAUSE).await;
+async fn requeue(session: &SessionHandles, message: &lapin::message::Delivery) {
+    // The broker's own count (quorum queues): a publisher's copy of the
+    // header only lengthens its own pause.
+    let redeliveries = headers::get_int(
+        message.properties.headers().as_ref(),
+        headers::DELIVERY_COUNT,
+    );
+    tokio::time::sleep(requeue_pause(redeliveries.unwrap_or(0))).await;
+    let tag = message.delivery_tag;
     let requeue = BasicNackOptions {
         requeue: true,
         ..BasicNackOptions::default()
@@ -325,7 +345,7 @@ impl Unsettled {
     /// limit, so one that always panics ends parked, not looping.
     pub(crate) async fn requeue(self) {
         if !self.held.settled.swap(true, Ordering::AcqRel) {
-            requeue(&self.session, self.held.message.delivery_tag).await;
+            requeue(&self.session, &self.held.message).await;
         }
     }
 }
@@ -384,6 +404,16 @@ pub fn outcome_properties(event_id: &str, decision_id: Option<&str>) -> BasicPro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requeue_pauses_grow_with_redeliveries_and_stay_bounded() {
+        assert_eq!(requeue_pause(0), Duration::from_millis(500));
+        assert_eq!(requeue_pause(1), Duration::from_secs(1));
+        assert_eq!(requeue_pause(4), Duration::from_secs(8));
+        assert_eq!(requeue_pause(6), MAX_REQUEUE_PAUSE);
+        assert_eq!(requeue_pause(i64::MAX), MAX_REQUEUE_PAUSE);
+        assert_eq!(requeue_pause(-5), REQUEUE_PAUSE);
+    }
 
     #[test]
     fn expirations_stay_between_one_ms_and_the_maximum() {
