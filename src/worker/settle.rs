@@ -261,6 +261,27 @@ impl Settle {
         match self {
             Settle::Final(mut event) => {
                 event.completed_at = rfc3339(OffsetDateTime::now_utc());
+                let outcome = delivery.publish_outcome(&event);
+                if event.status.is_parked() {
+                    let kind = event.error.as_ref().map_or(ErrorKind::Invalid, |e| e.kind);
+                    let error = event.error.as_ref().map_or("", |e| e.message.as_str());
+                    let park = delivery.park(history, event.attempts, kind.as_str(), error);
+                    // Parking and retries are the rare paths: their second publish
+                    // lives on the heap, so every in-flight decision's task stays
+                    // the size of the common single publish.
+                    tokio::try_join!(Box::pin(outcome), Box::pin(park))?;
+                    metrics::counter!("approval_parked_total", "kind" => kind.as_str())
+                        .increment(1);
+                    info!(
+                        status = event.status.as_str(),
+                        error_kind = kind.as_str(),
+                        "parked"
+                    );
+                } else {
+                    outcome.await?;
+                }
+                // Counted once the broker confirmed the event: a publish
+                // that failed is redelivered and would be counted twice.
                 metrics::counter!(
                     "approval_decisions_total",
                     "provider" => labels::provider(registry, event.provider.as_deref()),
@@ -268,23 +289,6 @@ impl Settle {
                     "status" => event.status.as_str(),
                 )
                 .increment(1);
-                let outcome = delivery.publish_outcome(&event);
-                if !event.status.is_parked() {
-                    return outcome.await;
-                }
-                let kind = event.error.as_ref().map_or(ErrorKind::Invalid, |e| e.kind);
-                let error = event.error.as_ref().map_or("", |e| e.message.as_str());
-                let park = delivery.park(history, event.attempts, kind.as_str(), error);
-                // Parking and retries are the rare paths: their second publish
-                // lives on the heap, so every in-flight decision's task stays
-                // the size of the common single publish.
-                tokio::try_join!(Box::pin(outcome), Box::pin(park))?;
-                metrics::counter!("approval_parked_total", "kind" => kind.as_str()).increment(1);
-                info!(
-                    status = event.status.as_str(),
-                    error_kind = kind.as_str(),
-                    "parked"
-                );
                 Ok(())
             }
             Settle::Later {

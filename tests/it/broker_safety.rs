@@ -269,4 +269,14 @@ async fn a_closed_publish_channel_ends_the_session_without_a_loop() {
         counter(&metrics, "approval_publish_failures_total") >= 1.0,
         "{metrics}"
     );
+    // Only confirmed outcomes count: the failed publish of the first
+    // decision is not counted as a settled decision.
+    assert_eq!(
+        counter(
+            &metrics,
+            "approval_decisions_total{provider=\"qonto\",action=\"reject\",status=\"applied\"}"
+        ),
+        2.0,
+        "{metrics}"
+    );
 }

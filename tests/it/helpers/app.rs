@@ -154,12 +154,6 @@ impl TestApp {
         worker.as_ref().and_then(|w| w.broker_node())
     }
 
-    /// Whether the in-process worker reports ready.
-    pub fn ready(&self) -> bool {
-        let worker = self.worker.lock().unwrap();
-        worker.as_ref().is_some_and(|w| w.ready())
-    }
-
     /// Stops the in-process worker gracefully, within the deadline.
     pub async fn stop_worker(&self) {
         let worker = self.worker.lock().unwrap().take();

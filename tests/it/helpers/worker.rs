@@ -42,11 +42,6 @@ impl InProcessWorker {
         self.readiness.broker_node()
     }
 
-    /// Whether it reports ready (what `/readyz` answers).
-    pub fn ready(&self) -> bool {
-        self.readiness.ready()
-    }
-
     /// Asks for a graceful stop and waits for it, within the deadline.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
