@@ -62,6 +62,9 @@ pub enum ErrorKind {
     /// A human confirmation step (a strong customer authentication session)
     /// was denied or expired.
     ConfirmationDenied,
+    /// A challenge the provider gave to sign was for another action or
+    /// request; nothing was signed (CONTRACT.md section 4).
+    ChallengeMismatch,
 }
 
 impl ErrorKind {
@@ -75,6 +78,7 @@ impl ErrorKind {
             ErrorKind::Exhausted => "exhausted",
             ErrorKind::Poison => "poison",
             ErrorKind::ConfirmationDenied => "confirmation_denied",
+            ErrorKind::ChallengeMismatch => "challenge_mismatch",
         }
     }
 }

@@ -26,6 +26,10 @@ pub enum ErrorClass {
     Auth,
     /// The provider refused this decision for good.
     Permanent,
+    /// What the provider asked us to sign or confirm is not what the
+    /// decision decides (another action, another request): nothing was
+    /// signed or sent, and nothing ever will be for this decision.
+    ChallengeMismatch,
 }
 
 /// One failed provider call, with what the outcome event needs to report it.

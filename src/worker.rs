@@ -313,6 +313,9 @@ impl Dispatch<'_> {
                 ErrorClass::Auth => {
                     return refused(ErrorKind::Unauthorized, error, Resolution::Call);
                 }
+                ErrorClass::ChallengeMismatch => {
+                    return refused(ErrorKind::ChallengeMismatch, error, Resolution::Call);
+                }
                 ErrorClass::Ambiguous => match self.call.read_state().await {
                     Ok(observed) => match settle::reconciled(observed) {
                         Some(ending) => return ending,
