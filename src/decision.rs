@@ -77,9 +77,83 @@ impl Decision {
     }
 }
 
-pub fn derived_key(decision_id: &str, provider: &str, action: Action) -> String {
-    let name = format!("{decision_id}\n{provider}\n{}", action.as_str());
+/// The idempotency key of a decision that names none (CONTRACT v2 section
+/// 4): a UUIDv5 of `decision_id`, `provider`, `action` and the target's
+/// canonical JSON (keys sorted, no whitespace), so a redelivery reuses the
+/// key while a `decision_id` reused for another target gets another.
+pub fn derived_key(
+    decision_id: &str,
+    provider: &str,
+    action: Action,
+    target: &Map<String, Value>,
+) -> String {
+    // serde_json's map keeps keys sorted (no `preserve_order`), and its
+    // compact writer adds no whitespace: that is the canonical form.
+    let target = serde_json::to_string(target).unwrap_or_default();
+    let name = format!("{decision_id}\n{provider}\n{}\n{target}", action.as_str());
     Uuid::new_v5(&NAMESPACE, name.as_bytes()).to_string()
+}
+
+/// A JSON value read with every object's keys checked for repeats: a body
+/// with `"action":"reject", ..., "action":"approve"` means one thing to one
+/// reader and another to the next, so it is refused, not read as the last
+/// key wins.
+struct Unique(Value);
+
+impl<'de> serde::Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueVisitor).map(Unique)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Unique(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut obj = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let Unique(value) = map.next_value()?;
+            if obj.contains_key(&key) {
+                let shown: String = key.chars().filter(|c| !c.is_control()).take(40).collect();
+                return Err(serde::de::Error::custom(format!("duplicate key {shown:?}")));
+            }
+            obj.insert(key, value);
+        }
+        Ok(Value::Object(obj))
+    }
 }
 
 /// Parses and checks the provider-independent shape of a decision.
@@ -100,7 +174,7 @@ pub(crate) fn parse(body: &[u8]) -> Result<Decision, Invalid> {
     }
     let text =
         std::str::from_utf8(body).map_err(|e| fail(&echo, format!("body is not UTF-8: {e}")))?;
-    let value: Value = serde_json::from_str(text)
+    let Unique(value) = serde_json::from_str(text)
         .map_err(|e| fail(&echo, format!("body is not valid JSON: {e}")))?;
     let Value::Object(obj) = value else {
         return Err(fail(&echo, "body must be a JSON object".to_owned()));
@@ -164,15 +238,16 @@ pub(crate) fn parse(body: &[u8]) -> Result<Decision, Invalid> {
             "decided_at must be an RFC 3339 time".to_owned(),
         ));
     }
+    // Derived once here: every redelivery and retry reuses the same key.
+    let idempotency_key =
+        idempotency_key.unwrap_or_else(|| derived_key(decision_id, provider, action, &target));
     Ok(Decision {
         decision_id: decision_id.to_owned(),
         provider: provider.to_owned(),
         action,
         target,
         reason,
-        // Derived once here: every redelivery and retry reuses the same key.
-        idempotency_key: idempotency_key
-            .unwrap_or_else(|| derived_key(decision_id, provider, action)),
+        idempotency_key,
         decided_by,
         decided_at,
     })
@@ -292,18 +367,59 @@ mod tests {
     }
 
     #[test]
-    fn derived_key_is_stable_and_distinct_per_action() {
+    fn derived_key_is_stable_and_distinct_per_action_and_target() {
         let d = ok(GOOD);
+        let target = d.target.clone();
         assert_eq!(
             d.idempotency_key,
-            derived_key("d-1", "acme", Action::Reject)
+            derived_key("d-1", "acme", Action::Reject, &target)
         );
         assert_ne!(
             d.idempotency_key,
-            derived_key("d-1", "acme", Action::Approve)
+            derived_key("d-1", "acme", Action::Approve, &target)
+        );
+        // The same decision_id reused for another request gets another key.
+        let other = ok(&GOOD.replace("7b6f4c1e", "8c7f5d2f"));
+        assert_ne!(other.idempotency_key, d.idempotency_key);
+        // Key order and whitespace in the target do not matter.
+        let reordered = ok(&GOOD.replace(
+            r#""target":{"request_type":"transfers","request_id":"7b6f4c1e-3c55-4a56-9f5e-0d6a1c1f2a3b"}"#,
+            r#""target":{ "request_id" : "7b6f4c1e-3c55-4a56-9f5e-0d6a1c1f2a3b", "request_type":"transfers" }"#,
+        ));
+        assert_eq!(reordered.idempotency_key, d.idempotency_key);
+        // Pinned: outcome consumers and operators may compute it themselves.
+        let pinned = derived_key(
+            "d-1",
+            "qonto",
+            Action::Reject,
+            serde_json::json!({"request_id": "r-1", "request_type": "transfers"})
+                .as_object()
+                .unwrap(),
+        );
+        let name = "d-1\nqonto\nreject\n{\"request_id\":\"r-1\",\"request_type\":\"transfers\"}";
+        assert_eq!(
+            pinned,
+            Uuid::new_v5(&NAMESPACE, name.as_bytes()).to_string()
         );
         let given = ok(&GOOD.replace("\"reason\"", "\"idempotency_key\":\"k-9\",\"reason\""));
         assert_eq!(given.idempotency_key, "k-9");
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_at_any_depth() {
+        let twice = GOOD.replace(
+            r#""action":"reject","#,
+            r#""action":"reject","reason":"x","action":"approve","#,
+        );
+        let p = problem(twice.as_bytes());
+        assert!(p.contains("duplicate key \"action\""), "{p}");
+        let nested = GOOD.replace(
+            r#""request_type":"transfers","#,
+            r#""request_type":"transfers","request_type":"cards","#,
+        );
+        assert!(problem(nested.as_bytes()).contains("duplicate key"));
+        // Equal keys in different objects are fine.
+        ok(&GOOD.replace(r#""reason":"no""#, r#""reason":"no","x":{"reason":1}"#));
     }
 
     #[test]

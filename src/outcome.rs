@@ -136,7 +136,7 @@ impl OutcomeEvent {
     /// even their event ids are stable across redeliveries.
     pub fn new(echo: Echo, status: Status, received_at: OffsetDateTime, raw_body: &[u8]) -> Self {
         Self {
-            event_id: event_id(echo.decision_id.as_deref(), status, raw_body),
+            event_id: event_id(echo.decision_id.as_deref(), None, status, raw_body),
             decision_id: echo.decision_id,
             provider: echo.provider,
             action: echo.action,
@@ -154,6 +154,14 @@ impl OutcomeEvent {
             decided_by: echo.decided_by,
             decided_at: echo.decided_at,
         }
+    }
+
+    /// Sets the idempotency key that was sent, and the event id that
+    /// depends on it.
+    pub fn with_key(mut self, key: &str) -> Self {
+        self.event_id = event_id(self.decision_id.as_deref(), Some(key), self.status, &[]);
+        self.idempotency_key = Some(key.to_owned());
+        self
     }
 
     /// `<provider>.<status>`, with `unknown` when the provider is unreadable.
@@ -178,9 +186,23 @@ impl OutcomeEvent {
     }
 }
 
-pub fn event_id(decision_id: Option<&str>, status: Status, raw_body: &[u8]) -> Uuid {
+/// The event's id (CONTRACT v2 section 5): a UUIDv5 of `decision_id`, the
+/// idempotency key (empty when the decision was refused before one was
+/// known) and `status`, so a redelivered decision's event repeats its id and
+/// a `decision_id` reused for another target does not. Without a readable
+/// `decision_id`, the raw body stands in for both.
+pub fn event_id(
+    decision_id: Option<&str>,
+    idempotency_key: Option<&str>,
+    status: Status,
+    raw_body: &[u8],
+) -> Uuid {
     match decision_id {
-        Some(id) => Uuid::new_v5(&NAMESPACE, format!("{id}\n{}", status.as_str()).as_bytes()),
+        Some(id) => {
+            let key = idempotency_key.unwrap_or_default();
+            let name = format!("{id}\n{key}\n{}", status.as_str());
+            Uuid::new_v5(&NAMESPACE, name.as_bytes())
+        }
         None => {
             let mut name = raw_body.to_vec();
             name.extend_from_slice(b"\n");
@@ -286,15 +308,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn event_id_is_stable_per_decision_and_status() {
-        let a = event_id(Some("d1"), Status::Applied, b"x");
-        assert_eq!(a, event_id(Some("d1"), Status::Applied, b"other body"));
-        assert_ne!(a, event_id(Some("d1"), Status::Failed, b"x"));
-        assert_ne!(a, event_id(Some("d2"), Status::Applied, b"x"));
-        assert_eq!(
-            event_id(None, Status::Invalid, b"b"),
-            event_id(None, Status::Invalid, b"b")
+    fn event_id_is_stable_per_decision_key_and_status() {
+        let k = Some("k1");
+        let a = event_id(Some("d1"), k, Status::Applied, b"x");
+        assert_eq!(a, event_id(Some("d1"), k, Status::Applied, b"other body"));
+        assert_ne!(a, event_id(Some("d1"), k, Status::Failed, b"x"));
+        assert_ne!(a, event_id(Some("d2"), k, Status::Applied, b"x"));
+        assert_ne!(
+            a,
+            event_id(Some("d1"), Some("k2"), Status::Applied, b"x"),
+            "another target (so another key) under a reused decision_id"
         );
+        assert_eq!(
+            a,
+            Uuid::new_v5(&NAMESPACE, b"d1\nk1\napplied"),
+            "pinned for consumers"
+        );
+        assert_eq!(
+            event_id(None, None, Status::Invalid, b"b"),
+            event_id(None, None, Status::Invalid, b"b")
+        );
+        let e = OutcomeEvent::new(
+            Echo {
+                decision_id: Some("d1".into()),
+                ..Echo::default()
+            },
+            Status::Applied,
+            OffsetDateTime::now_utc(),
+            b"",
+        )
+        .with_key("k1");
+        assert_eq!((e.event_id, e.idempotency_key.as_deref()), (a, Some("k1")));
     }
 
     #[test]

@@ -341,8 +341,8 @@ pub(super) fn poison(decision: &Decision, history: &History) -> Settle {
 }
 
 fn base_event(d: &Decision, history: &History, status: Status) -> OutcomeEvent {
-    let mut e = OutcomeEvent::new(d.echo(), status, history.received_at, &[]);
-    e.idempotency_key = Some(d.idempotency_key.clone());
+    let mut e =
+        OutcomeEvent::new(d.echo(), status, history.received_at, &[]).with_key(&d.idempotency_key);
     e.attempts = history.attempts;
     e
 }

@@ -21,13 +21,15 @@ async fn app(name: &str) -> TestApp {
     spawn_app(App::qonto(name, qonto::Auth::ApiKey)).await
 }
 
-fn derived_key(decision_id: &str, action: &str) -> String {
-    let action = if action == "approve" {
+/// The key the worker derives for decision `d` (CONTRACT v2 section 4).
+fn derived_key(d: &Value) -> String {
+    let action = if d["action"] == "approve" {
         approval_worker::decision::Action::Approve
     } else {
         approval_worker::decision::Action::Reject
     };
-    approval_worker::decision::derived_key(decision_id, "qonto", action)
+    let id = d["decision_id"].as_str().unwrap();
+    approval_worker::decision::derived_key(id, "qonto", action, d["target"].as_object().unwrap())
 }
 
 #[tokio::test]
@@ -63,7 +65,7 @@ async fn decline_is_sent_exactly_and_reported_applied() {
     assert_eq!(header(call, "x-qonto-staging-token"), Some(STAGING_TOKEN));
     assert_eq!(
         header(call, "x-qonto-idempotency-key"),
-        Some(derived_key("dec-1", "reject").as_str())
+        Some(derived_key(&d).as_str())
     );
     assert_eq!(header(call, "content-type"), Some("application/json"));
     let reason = d["reason"].as_str().unwrap();
@@ -78,7 +80,7 @@ async fn decline_is_sent_exactly_and_reported_applied() {
     assert_eq!(b["provider_state"], "declined");
     assert_eq!(b["attempts"], 1);
     assert_eq!(b["error"], Value::Null);
-    assert_eq!(b["idempotency_key"], derived_key("dec-1", "reject"));
+    assert_eq!(b["idempotency_key"], derived_key(&d));
     assert_eq!(b["target"]["request_id"], rid);
     assert_eq!(b["decided_by"], d["decided_by"]);
     assert_eq!(b["decided_at"], d["decided_at"]);
@@ -117,16 +119,15 @@ async fn approve_sends_debit_iban_and_the_given_key() {
             "idempotency_key": "given-key-1",
         }))
         .await;
-    broker
-        .publish(&json!({
-            "decision_id": "app-2", "provider": "qonto", "action": "approve",
-            "target": {"request_type": "flash_card", "request_id": r2},
-        }))
-        .await;
+    let app2 = json!({
+        "decision_id": "app-2", "provider": "qonto", "action": "approve",
+        "target": {"request_type": "flash_card", "request_id": r2},
+    });
+    broker.publish(&app2).await;
     let o1 = broker.outcome("app-1", "applied").await;
     let o2 = broker.outcome("app-2", "applied").await;
     assert_eq!(o1.body["idempotency_key"], "given-key-1");
-    assert_eq!(o2.body["idempotency_key"], derived_key("app-2", "approve"));
+    assert_eq!(o2.body["idempotency_key"], derived_key(&app2));
 
     let c1 = calls_to(
         provider,
@@ -147,7 +148,7 @@ async fn approve_sends_debit_iban_and_the_given_key() {
     assert!(c2[0].body.is_empty(), "no body without debit_iban");
     assert_eq!(
         header(&c2[0], "x-qonto-idempotency-key"),
-        Some(derived_key("app-2", "approve").as_str())
+        Some(derived_key(&app2).as_str())
     );
     app.stop_worker().await;
 }
@@ -193,12 +194,13 @@ async fn transient_failures_are_retried_with_one_key() {
         .mount(provider)
         .await;
 
-    broker.publish(&decline("retry-1", &request_id())).await;
+    let d = decline("retry-1", &request_id());
+    broker.publish(&d).await;
     let o = broker.outcome("retry-1", "applied").await;
     assert_eq!(o.body["attempts"], 3);
     let calls = mock::requests(provider).await;
     assert_eq!(calls.len(), 3);
-    let key = derived_key("retry-1", "reject");
+    let key = derived_key(&d);
     assert!(
         calls
             .iter()
