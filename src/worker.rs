@@ -143,8 +143,46 @@ async fn decide(
 ) -> Result<Settle, Settle> {
     let decision = parse(body, history)?;
     let call = validate(shared, &decision, body, history)?;
+    // The broker's own delivery limit dead-letters without our headers; park
+    // one delivery earlier, with the reason, so the parking lot explains it.
+    if history.delivery_count + 1 >= i64::from(shared.settings.amqp.delivery_limit) {
+        return poisoned(&decision, call.as_ref(), history, deadline).await;
+    }
     let (dispatched, ending) = dispatch(shared, &decision, call.as_ref(), history, deadline).await;
     Ok(dispatched.classify(ending))
+}
+
+/// A decision delivered too often without settling is not called again,
+/// but its target is read first: one that already shows the decided state
+/// (applied before a crash that kept recurring) is reported as it is, not
+/// parked as if nothing had happened.
+async fn poisoned(
+    decision: &Decision,
+    call: &dyn Bound,
+    history: &History,
+    deadline: Instant,
+) -> Result<Settle, Settle> {
+    let read = tokio::time::timeout_at(deadline, call.read_state()).await;
+    let ending = match read {
+        Ok(Ok(observed)) => settle::reconciled(observed),
+        Ok(Err(e)) => {
+            warn!(error = %e, "state read of a poison decision failed");
+            None
+        }
+        Err(_) => None,
+    };
+    match ending {
+        Some(ending) => {
+            let dispatched = Dispatched {
+                decision,
+                history,
+                provider: call.provider(),
+                attempts: history.attempts,
+            };
+            Ok(dispatched.classify(ending))
+        }
+        None => Err(settle::poison(decision, history)),
+    }
 }
 
 fn parse(body: &[u8], history: &History) -> Result<Decision, Settle> {
@@ -180,15 +218,9 @@ fn validate<'a>(
             return Err(invalid(ErrorKind::Invalid, problem));
         }
     };
-    let call = client
+    client
         .bind(decision)
-        .map_err(|problem| invalid(ErrorKind::Invalid, problem))?;
-    // The broker's own delivery limit dead-letters without our headers; park
-    // one delivery earlier, with the reason, so the parking lot explains it.
-    if history.delivery_count + 1 >= i64::from(shared.settings.amqp.delivery_limit) {
-        return Err(settle::poison(decision, history));
-    }
-    Ok(call)
+        .map_err(|problem| invalid(ErrorKind::Invalid, problem))
 }
 
 /// Runs the decision against its provider, one decision per target at a

@@ -10,6 +10,8 @@ use wiremock::{
     matchers::{header, method, path, path_regex},
 };
 
+use approval_worker::tools::sim::{Faults, samples};
+
 use crate::helpers::{
     app::{App, spawn_app},
     broker::Outcome,
@@ -320,6 +322,31 @@ async fn an_unexpected_422_is_reconciled_into_already_applied() {
         read.headers["authorization"],
         format!("Bearer {ACCESS_TOKEN}")
     );
+    app.stop_worker().await;
+}
+
+/// The delivery-limit guard used to park without a look at the target: a
+/// decision applied before a crash that kept recurring was reported failed
+/// (poison). The target is read first now, and the decided state reported.
+#[tokio::test]
+async fn a_poison_decision_whose_target_shows_the_decided_state_is_already_applied() {
+    let app = spawn_app(App::simulator("r-poison-read", Faults::default())).await;
+    let broker = &app.broker;
+    let d = samples::decision("ledger_v1", "reject", "poison-read-1");
+    broker.publish(&d).await;
+    broker.outcome("poison-read-1", "applied").await;
+
+    // As if the broker had delivered it 19 times without an ack (limit 20).
+    let mut headers = FieldTable::default();
+    headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(19));
+    broker
+        .publish_with_headers("ledger_v1.reject", d.to_string().as_bytes(), headers)
+        .await;
+    let o = broker.outcome("poison-read-1", "already_applied").await;
+    assert_eq!(o.body["resolution"], "reconciled", "{:?}", o.body);
+    assert_eq!(o.body["attempts"], 0, "no call for the poison copy");
+    let dead = broker.topology.dead();
+    assert_eq!(broker.queue_counts(&dead).await.0, 0, "nothing parked");
     app.stop_worker().await;
 }
 
