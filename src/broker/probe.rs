@@ -4,7 +4,10 @@
 //! outcome or parked copy fails, after its decision was applied at the
 //! provider.
 
-use lapin::{BasicProperties, Connection, options::BasicPublishOptions, protocol::AMQPErrorKind};
+use lapin::{
+    BasicProperties, ChannelState, Connection, options::BasicPublishOptions,
+    protocol::AMQPErrorKind,
+};
 
 use super::Topology;
 
@@ -26,25 +29,25 @@ pub(crate) enum ProbeError {
 /// transaction that is rolled back, so nothing is ever routed. RabbitMQ
 /// checks write permission and the exchange's existence when a publish
 /// arrives, not at commit, and answers a refusal by closing the channel:
-/// the rollback that follows then fails with the broker's reply.
+/// the rollback that follows then fails with the broker's reply. Both checks
+/// are per exchange, whatever the routing key, so one publish on the default
+/// exchange stands for the copies to `P.dead` and to every retry tier.
 ///
-/// One rollback per exchange, on one channel: it costs a round trip more
-/// than a single rollback and tells which exchange refused without reading
-/// the broker's reply text.
+/// One rollback per exchange, on one channel: a round trip more than a
+/// single rollback, and it tells which exchange refused without reading the
+/// broker's reply text.
 pub(crate) async fn may_publish(conn: &Connection, topology: &Topology) -> Result<(), ProbeError> {
     let ch = conn.create_channel().await?;
     ch.tx_select().await?;
-    let mut copies = vec![topology.dead()];
-    copies.extend(topology.retry_queues());
     let targets = [
         (
             topology.outcomes(),
-            vec![PROBE_KEY.to_owned()],
+            PROBE_KEY.to_owned(),
             format!("exchange {}", topology.outcomes()),
         ),
         (
             String::new(),
-            copies,
+            topology.dead(),
             format!(
                 "the default exchange (amq.default), which carries the copies to {} and {}",
                 topology.dead(),
@@ -52,18 +55,16 @@ pub(crate) async fn may_publish(conn: &Connection, topology: &Topology) -> Resul
             ),
         ),
     ];
-    for (exchange, keys, target) in targets {
+    for (exchange, key, target) in targets {
         let probed = async {
-            for key in &keys {
-                ch.basic_publish(
-                    exchange.as_str().into(),
-                    key.as_str().into(),
-                    BasicPublishOptions::default(),
-                    b"",
-                    BasicProperties::default().with_type("approval-worker.probe".into()),
-                )
-                .await?;
-            }
+            ch.basic_publish(
+                exchange.as_str().into(),
+                key.as_str().into(),
+                BasicPublishOptions::default(),
+                b"",
+                BasicProperties::default().with_type("approval-worker.probe".into()),
+            )
+            .await?;
             ch.tx_rollback().await
         }
         .await;
@@ -88,6 +89,15 @@ fn refusal(target: String, e: lapin::Error) -> ProbeError {
                     .chars()
                     .filter(|c| !c.is_control())
                     .collect(),
+            }
+        }
+        // The broker's close overtook the rollback: lapin refuses to send on
+        // a closing channel and keeps the reason to itself. Only a refusal
+        // closes the channel here, so the target is still known.
+        lapin::ErrorKind::InvalidChannelState(ChannelState::Closing | ChannelState::Closed, _) => {
+            ProbeError::Refused {
+                target,
+                reply: "the broker closed the channel on the probe".to_owned(),
             }
         }
         _ => ProbeError::Broker(e),

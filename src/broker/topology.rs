@@ -36,9 +36,10 @@ const V1_RETRY_TIERS: &[&str] = &["1s", "5s", "30s", "2m", "10m"];
 /// `P.dead`'s delivery limit. RabbitMQ 4.0 to 4.2 give every quorum queue a
 /// default limit of 20 that counts every return (a `dead-letters list` run
 /// returns what it reads), and `P.dead` has no dead-letter target, so the
-/// parking lot would be dropped after 20 reads. 3.10 refuses a negative
-/// value (4.x reads -1 as unlimited), so a limit no parked message reaches:
-/// the largest value every version and every integer field type accept.
+/// parking lot would be dropped after 20 reads. 4.x reads -1 as unlimited,
+/// but 3.x documents no such meaning (3.10.8 accepts -1 without a word, so
+/// nothing would warn), so a limit no parked message reaches: the largest
+/// value every version and every integer field type accept.
 const DEAD_DELIVERY_LIMIT: i64 = i32::MAX as i64;
 
 /// How many events `P.outcomes.unrouted` keeps: enough for hours of a
