@@ -5,6 +5,7 @@
 
 pub(crate) mod delivery;
 pub(crate) mod headers;
+pub(crate) mod probe;
 pub(crate) mod publisher;
 pub(crate) mod session;
 mod topology;
@@ -18,7 +19,7 @@ use tracing::warn;
 pub(crate) use delivery::{Delivery, History, PendingConfirmation, outcome_properties};
 pub(crate) use publisher::{PublishError, Publisher};
 pub(crate) use session::Session;
-pub use topology::Topology;
+pub use topology::{Mismatch, Topology, TopologyError};
 
 use crate::settings::{AmqpNodes, Settings};
 

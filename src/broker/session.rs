@@ -28,6 +28,8 @@ use crate::{readiness::Readiness, retry::RetryDelays, settings::Settings};
 pub enum SessionError {
     #[error("broker connection failed: {0}")]
     Broker(#[from] lapin::Error),
+    #[error("{0}")]
+    Topology(#[from] super::TopologyError),
     #[error("no broker node answered: {0}")]
     Unreachable(#[from] Unreachable),
     #[error("the decisions consumer was cancelled by the broker")]

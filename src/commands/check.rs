@@ -1,12 +1,13 @@
 //! `approval-worker check`: validate the configuration, build every
-//! provider, reach every broker node and declare the topology there. The
-//! report goes to stdout; warnings met on the way (a partial credential set)
+//! provider, reach every broker node, declare the topology there and make
+//! sure the worker may publish everywhere it must. The report goes to
+//! stdout; warnings met on the way (a partial credential set) and problems
 //! to stderr.
 
 use std::process::ExitCode;
 
 use crate::{
-    broker::{Nodes, Topology},
+    broker::{Nodes, Topology, probe},
     providers::Registry,
     settings::Settings,
 };
@@ -44,18 +45,21 @@ pub async fn run(settings: Settings) -> ExitCode {
                 continue;
             }
         };
-        let declared = async {
-            let ch = conn.create_channel().await?;
-            topology.declare(&ch).await
-        }
-        .await;
+        // Every mismatched object at once (a v1 deployment has several),
+        // and the probe only on a topology that is in place.
+        let checked = match topology.declare_all(&conn).await {
+            Ok(()) => probe::may_publish(&conn, &topology)
+                .await
+                .map_err(|e| format!("on {node}: {e}")),
+            Err(e) => Err(format!("topology could not be declared on {node}: {e}")),
+        };
         let _ = conn.close(200, "check done".into()).await;
-        match declared {
+        match checked {
             Ok(()) => println!(
-                "broker {node}: ok (topology {}.* declared)",
+                "broker {node}: ok (topology {}.* declared, publishing allowed)",
                 topology.prefix()
             ),
-            Err(e) => problems.push(format!("topology could not be declared on {node}: {e}")),
+            Err(problem) => problems.push(problem),
         }
     }
     if problems.is_empty() {

@@ -33,6 +33,8 @@ pub enum DemoError {
     #[error("broker error during the demo: {0}")]
     Broker(#[from] lapin::Error),
     #[error("{0}")]
+    Topology(#[from] crate::broker::TopologyError),
+    #[error("{0}")]
     Setup(String),
     #[error("timed out: {0} decision(s) did not settle within {1:?}")]
     Timeout(usize, Duration),

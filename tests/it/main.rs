@@ -16,3 +16,4 @@ mod process;
 mod providers_e2e;
 mod qonto;
 mod recovery;
+mod topology;

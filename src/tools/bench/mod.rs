@@ -53,6 +53,8 @@ pub enum BenchError {
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
     #[error("{0}")]
+    Topology(#[from] crate::broker::TopologyError),
+    #[error("{0}")]
     Setup(String),
     #[error("timed out in phase {0}: {1} of {2} results arrived")]
     Timeout(&'static str, usize, usize),
