@@ -30,6 +30,10 @@ pub enum SessionError {
     Broker(#[from] lapin::Error),
     #[error("{0}")]
     Topology(#[from] super::TopologyError),
+    /// Checked before consuming: a decision is never applied by a session
+    /// that could not report it.
+    #[error("{0}")]
+    MayNotPublish(#[from] super::probe::ProbeError),
     #[error("no broker node answered: {0}")]
     Unreachable(#[from] Unreachable),
     #[error("the decisions consumer was cancelled by the broker")]
@@ -192,6 +196,7 @@ impl Session {
         let mut events = Box::pin(events);
         let setup = conn.create_channel().await?;
         self.topology.declare(&setup).await?;
+        super::probe::may_publish(conn, &self.topology).await?;
         let consume = conn.create_channel().await?;
         let session = Arc::new(SessionHandles {
             publisher: Publisher::new(conn.create_channel().await?).await?,
