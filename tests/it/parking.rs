@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::helpers::{
     app::{App, TestApp, spawn_app},
     broker::{AMQP_URL, Parked},
-    wait::DEADLINE,
+    wait::{DEADLINE, wait_for},
 };
 
 const DELIVERY_COUNT: &str = "x-delivery-count";
@@ -451,5 +451,39 @@ async fn replay_honours_limit_and_filters_and_the_rest_keeps_its_place() {
     let after = lot.drain(&dead).await;
     assert_never_redelivered(&after);
     assert_eq!(ids(&after), ["n-2", "n-4", "n-5"]);
+    lot.close().await;
+}
+
+#[tokio::test]
+async fn an_interrupted_list_stops_between_messages_and_loses_nothing() {
+    let app = spawn_app(App::without_providers("pk-sigint").without_worker()).await;
+    let lot = Lot::open(&app).await;
+    let total = 300;
+    let parked: Vec<_> = (0..total)
+        .map(|i| ToPark::new(&format!("s-{i:03}"), "qonto", "exhausted"))
+        .collect();
+    lot.park(&parked).await;
+
+    let mut list = app.run(&["dead-letters", "list"]);
+    wait_for("the first listed line", DEADLINE, || async {
+        list.output().contains("s-000").then_some(())
+    })
+    .await;
+    list.signal(libc::SIGINT);
+    let status = list.wait(DEADLINE).await;
+    let out = list.output();
+    assert_eq!(status.code(), Some(0), "{out}");
+    assert!(out.contains(&format!("of {total}")), "{out}");
+
+    // Nothing was in hand when it stopped, so nothing was handed back
+    // (counted) or copied twice; the kept ones moved behind the rest.
+    let dead = lot.topology.dead();
+    app.broker.wait_ready(&dead, total as u32).await;
+    let after = lot.drain(&dead).await;
+    assert_never_redelivered(&after);
+    let mut seen = ids(&after);
+    seen.sort();
+    let want: Vec<_> = (0..total).map(|i| format!("s-{i:03}")).collect();
+    assert_eq!(seen, want, "each message exactly once");
     lot.close().await;
 }

@@ -17,11 +17,20 @@
 //! A replayed message is acknowledged in `P.dead` only after its republish
 //! was confirmed, so interrupting a replay can at worst leave a message in
 //! both queues (harmless: the decision's idempotency key and reconciliation
-//! absorb the repeat), never in neither.
+//! absorb the repeat), never in neither. A first SIGINT or SIGTERM stops
+//! the walk between two messages, so nothing is in hand; a second one
+//! exits at once.
 
 mod parked;
 
-use std::{io::Write, process::ExitCode};
+use std::{
+    io::Write,
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use lapin::{
     BasicProperties, Channel, Confirmation,
@@ -89,6 +98,10 @@ struct Counts {
     skipped: usize,
     /// Of `skipped`, the `confirmation_denied` ones a replay held back.
     denied: usize,
+    /// Parked when the walk started.
+    parked_at_start: usize,
+    /// Visited before a signal stopped the walk, if one did.
+    interrupted_after: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +134,13 @@ pub async fn run(settings: Settings, cmd: DeadLetters) -> ExitCode {
     };
     let topology = Topology::new(&settings.amqp.prefix, settings.amqp.delivery_limit);
     let mut counts = Counts::default();
+    let stop = match stop_on_signal() {
+        Ok(stop) => stop,
+        Err(e) => {
+            eprintln!("dead-letters: cannot handle signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = async {
         let channel = conn.create_channel().await?;
         topology.declare(&channel).await?;
@@ -141,6 +161,7 @@ pub async fn run(settings: Settings, cmd: DeadLetters) -> ExitCode {
             filter: &filter,
             mode,
             replay_to: publisher.as_ref(),
+            stop: &stop,
         };
         walk.run(&mut out, &mut counts).await
     }
@@ -162,6 +183,8 @@ fn summary(mode: Mode, counts: &Counts, topology: &Topology) -> String {
         chosen,
         skipped,
         denied,
+        parked_at_start,
+        interrupted_after,
     } = counts;
     let done = match mode {
         Mode::List => format!("{chosen} decision(s) listed, left in {}", topology.dead()),
@@ -178,7 +201,40 @@ fn summary(mode: Mode, counts: &Counts, topology: &Topology) -> String {
             kind = ErrorKind::ConfirmationDenied.as_str()
         ));
     }
+    if let Some(visited) = interrupted_after {
+        line.push_str(&format!(
+            "; interrupted after {visited} of {parked_at_start}: \
+             those kept now wait behind the others, none was lost"
+        ));
+    }
     line
+}
+
+/// Set by the first SIGINT or SIGTERM; the second exits at once (130, as a
+/// shell reports an interrupted command), for a broker that stopped
+/// answering in the middle of a message.
+fn stop_on_signal() -> std::io::Result<Arc<AtomicBool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        for _ in 0..2 {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if flag.swap(true, Ordering::AcqRel) {
+                eprintln!(
+                    "dead-letters: stopped at once; a message in hand goes back to the parking lot"
+                );
+                std::process::exit(130);
+            }
+            eprintln!("dead-letters: stopping after this message (again to stop at once)");
+        }
+    });
+    Ok(stop)
 }
 
 /// One pass over the parking lot.
@@ -190,6 +246,8 @@ struct Walk<'a> {
     mode: Mode,
     /// Set for a replay that is not a dry run.
     replay_to: Option<&'a Publisher>,
+    /// Asks the walk to stop before its next message.
+    stop: &'a AtomicBool,
 }
 
 impl Walk<'_> {
@@ -208,7 +266,12 @@ impl Walk<'_> {
             .queue_declare(dead.as_str().into(), passive, FieldTable::default())
             .await?
             .message_count();
-        for _ in 0..parked_at_start {
+        counts.parked_at_start = usize::try_from(parked_at_start).unwrap_or(usize::MAX);
+        for visited in 0..counts.parked_at_start {
+            if self.stop.load(Ordering::Acquire) {
+                counts.interrupted_after = Some(visited);
+                break;
+            }
             let Some(msg) = self
                 .channel
                 .basic_get(dead.as_str().into(), BasicGetOptions::default())
@@ -217,32 +280,34 @@ impl Walk<'_> {
                 break;
             };
             let delivery = &msg.delivery;
-            let result = self.visit(delivery, out, counts).await;
-            if result.is_err() {
-                // Handing it back counts one delivery; better than keeping
-                // a copy we could not confirm.
-                let requeue = BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                };
-                let _ = self
-                    .channel
-                    .basic_nack(delivery.delivery_tag, requeue)
-                    .await;
+            match self.visit(delivery, counts).await {
+                // Printed once settled: a line on the terminal means done.
+                Ok(Some(line)) => writeln!(out, "{line}")?,
+                Ok(None) => {}
+                Err(e) => {
+                    // Handing it back counts one delivery; better than
+                    // keeping a copy we could not confirm.
+                    let requeue = BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    };
+                    let _ = self
+                        .channel
+                        .basic_nack(delivery.delivery_tag, requeue)
+                        .await;
+                    return Err(e);
+                }
             }
-            result?;
         }
         Ok(())
     }
 
-    /// Settles one message: keeps it or replays it, and prints it when
-    /// chosen.
+    /// Settles one message, kept or replayed; gives its line when chosen.
     async fn visit(
         &self,
         delivery: &Delivery,
-        out: &mut impl Write,
         counts: &mut Counts,
-    ) -> Result<(), DeadLetterError> {
+    ) -> Result<Option<String>, DeadLetterError> {
         let parked = Parked::read(delivery);
         let held_back = self.mode != Mode::List && self.holds_back(&parked);
         let chosen = self.filter.matches(&parked)
@@ -254,7 +319,7 @@ impl Walk<'_> {
             if held_back && self.filter.matches(&parked) {
                 counts.denied += 1;
             }
-            return Ok(());
+            return Ok(None);
         }
         match self.replay_to {
             Some(publisher) => {
@@ -269,9 +334,7 @@ impl Walk<'_> {
             None => keep(self.channel, &self.topology.dead(), delivery).await?,
         }
         counts.chosen += 1;
-        // Printed once settled: a line on the terminal means it is done.
-        writeln!(out, "{}", parked.line())?;
-        Ok(())
+        Ok(Some(parked.line()))
     }
 
     /// A `confirmation_denied` decision is one a person refused: replaying
@@ -434,7 +497,12 @@ mod tests {
         let without_user = copy.with_user_id("upstream".into());
         assert_eq!(without_user, rebuilt);
         assert!(matches!(
-            rebuilt.headers().as_ref().unwrap().inner().get(headers::ERROR_KIND),
+            rebuilt
+                .headers()
+                .as_ref()
+                .unwrap()
+                .inner()
+                .get(headers::ERROR_KIND),
             Some(AMQPValue::LongString(_))
         ));
     }
@@ -446,6 +514,7 @@ mod tests {
             chosen: 2,
             skipped: 3,
             denied: 1,
+            ..Counts::default()
         };
         let line = summary(Mode::Replay, &counts, &topology);
         assert_eq!(
@@ -455,5 +524,13 @@ mod tests {
         );
         let line = summary(Mode::DryRun, &Counts::default(), &topology);
         assert!(line.contains("would be replayed") && line.contains("nothing changed"));
+        let counts = Counts {
+            chosen: 4,
+            parked_at_start: 10,
+            interrupted_after: Some(4),
+            ..Counts::default()
+        };
+        let line = summary(Mode::List, &counts, &topology);
+        assert!(line.contains("interrupted after 4 of 10"), "{line}");
     }
 }
