@@ -282,7 +282,13 @@ impl Walk<'_> {
             let delivery = &msg.delivery;
             match self.visit(delivery, counts).await {
                 // Printed once settled: a line on the terminal means done.
-                Ok(Some(line)) => writeln!(out, "{line}")?,
+                Ok(Some(line)) => {
+                    if let Err(e) = writeln!(out, "{line}") {
+                        // The reader went away (`| head`): no point going on.
+                        counts.interrupted_after = Some(visited + 1);
+                        return Err(e.into());
+                    }
+                }
                 Ok(None) => {}
                 Err(e) => {
                     // Handing it back counts one delivery; better than
