@@ -199,6 +199,24 @@ fn assert_never_redelivered(parked: &[Parked]) {
     );
 }
 
+/// Waits until `queue` holds exactly `n` ready messages (settling reaches
+/// a quorum queue asynchronously); at the deadline, fails naming the count
+/// it last saw.
+async fn wait_settled(app: &TestApp, queue: &str, n: u32) {
+    let until = std::time::Instant::now() + DEADLINE;
+    loop {
+        let (ready, consumers) = app.broker.queue_counts(queue).await;
+        if ready == n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{queue}: {ready} ready (want {n}), {consumers} consumer(s)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Runs the binary's `dead-letters` with `args`, expecting success.
 async fn dead_letters(app: &TestApp, args: &[&str]) -> String {
     let mut all = vec!["dead-letters"];
@@ -230,7 +248,7 @@ async fn listing_25_times_leaves_the_parking_lot_exactly_as_it_was() {
             "{out}"
         );
     }
-    app.broker.wait_ready(&dead, 4).await;
+    wait_settled(&app, &dead, 4).await;
     let after = lot.drain(&dead).await;
     assert_never_redelivered(&after);
     assert_eq!(ids(&after), ["l-1", "l-2", "l-3", "l-4"], "same order");
@@ -282,7 +300,7 @@ async fn list_filters_limits_and_escapes_control_characters() {
     assert_eq!(listed, [r"e-1\u{1b}[2J\u{1b}]0;pwned\u{7}", "e-3"], "{out}");
 
     let dead = lot.topology.dead();
-    app.broker.wait_ready(&dead, 4).await;
+    wait_settled(&app, &dead, 4).await;
     let after = lot.drain(&dead).await;
     assert_never_redelivered(&after);
     assert_eq!(ids(&after), [hostile_id, "e-2", "e-3", "e-4"]);
@@ -362,7 +380,7 @@ async fn replay_ends_when_what_it_replays_is_parked_again_at_once() {
     assert!(out.contains("5 decision(s) replayed"), "{out}");
 
     let dead = lot.topology.dead();
-    app.broker.wait_ready(&dead, 5).await;
+    wait_settled(&app, &dead, 5).await;
     stop.cancel();
     assert_eq!(reparker.await.unwrap(), 5, "each replayed exactly once");
     let after = lot.drain(&dead).await;
@@ -386,8 +404,8 @@ async fn replay_skips_confirmation_denied_unless_asked_for_it() {
     let out = dead_letters(&app, &["replay"]).await;
     assert!(out.contains("2 decision(s) replayed"), "{out}");
     assert!(out.contains("--kind confirmation_denied"), "{out}");
-    app.broker.wait_ready(&decisions, 2).await;
-    app.broker.wait_ready(&dead, 2).await;
+    wait_settled(&app, &decisions, 2).await;
+    wait_settled(&app, &dead, 2).await;
     let replayed = lot.drain(&decisions).await;
     assert_eq!(ids(&replayed), ["d-1", "d-3"]);
     for r in &replayed {
@@ -400,8 +418,8 @@ async fn replay_skips_confirmation_denied_unless_asked_for_it() {
 
     let out = dead_letters(&app, &["replay", "--kind", "confirmation_denied"]).await;
     assert!(out.contains("2 decision(s) replayed"), "{out}");
-    app.broker.wait_ready(&dead, 0).await;
-    app.broker.wait_ready(&decisions, 2).await;
+    wait_settled(&app, &dead, 0).await;
+    wait_settled(&app, &decisions, 2).await;
     assert_eq!(ids(&lot.drain(&decisions).await), ["d-2", "d-4"]);
     lot.close().await;
 }
@@ -422,7 +440,7 @@ async fn replay_dry_run_changes_nothing() {
     assert!(out.contains("y-1") && out.contains("y-3"), "{out}");
     assert!(out.contains("2 decision(s) would be replayed"), "{out}");
     assert_eq!(app.broker.queue_counts(&decisions).await.0, 0);
-    app.broker.wait_ready(&dead, 3).await;
+    wait_settled(&app, &dead, 3).await;
     let after = lot.drain(&dead).await;
     assert_never_redelivered(&after);
     assert_eq!(ids(&after), ["y-1", "y-2", "y-3"]);
@@ -445,9 +463,9 @@ async fn replay_honours_limit_and_filters_and_the_rest_keeps_its_place() {
 
     let out = dead_letters(&app, &["replay", "--provider", "qonto", "--limit", "2"]).await;
     assert!(out.contains("2 decision(s) replayed"), "{out}");
-    app.broker.wait_ready(&decisions, 2).await;
+    wait_settled(&app, &decisions, 2).await;
     assert_eq!(ids(&lot.drain(&decisions).await), ["n-1", "n-3"]);
-    app.broker.wait_ready(&dead, 3).await;
+    wait_settled(&app, &dead, 3).await;
     let after = lot.drain(&dead).await;
     assert_never_redelivered(&after);
     assert_eq!(ids(&after), ["n-2", "n-4", "n-5"]);
@@ -478,7 +496,7 @@ async fn an_interrupted_list_stops_between_messages_and_loses_nothing() {
     // Nothing was in hand when it stopped, so nothing was handed back
     // (counted) or copied twice; the kept ones moved behind the rest.
     let dead = lot.topology.dead();
-    app.broker.wait_ready(&dead, total as u32).await;
+    wait_settled(&app, &dead, total as u32).await;
     let after = lot.drain(&dead).await;
     assert_never_redelivered(&after);
     let mut seen = ids(&after);

@@ -163,7 +163,16 @@ pub async fn run(settings: Settings, cmd: DeadLetters) -> ExitCode {
             replay_to: publisher.as_ref(),
             stop: &stop,
         };
-        walk.run(&mut out, &mut counts).await
+        let walked = walk.run(&mut out, &mut counts).await;
+        // Closing the channel first waits until the broker has handled
+        // every acknowledgement sent on it. Closing only the connection
+        // lets a busy broker end the channel with the last acks still
+        // queued, which hands back originals whose kept copies were
+        // already confirmed: duplicates, each counted as a delivery.
+        let closed = channel.close(200, "dead-letters done".into()).await;
+        walked?;
+        closed?;
+        Ok::<_, DeadLetterError>(())
     }
     .await;
     let _ = conn.close(200, "dead-letters done".into()).await;
