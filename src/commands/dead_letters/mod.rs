@@ -10,9 +10,11 @@
 //! confirm, then the original is acknowledged. Walking exactly the number
 //! of messages parked when the command started brings every one of them
 //! back to where it was, in the same order, never delivered (see
-//! [`keep`]); whatever the worker parks meanwhile lands behind them and
-//! is left for the next run, so a replay whose decisions are parked again
-//! at once still ends.
+//! [`keep`]). Whatever the worker parks meanwhile goes to the tail too,
+//! behind the copies kept so far: the walk never reaches it (it is left
+//! for the next run, so a replay whose decisions are parked again at once
+//! still ends), and it ends up among the earlier messages, their own order
+//! unchanged.
 //!
 //! A replayed message is acknowledged in `P.dead` only after its republish
 //! was confirmed, so interrupting a replay can at worst leave a message in
@@ -407,12 +409,16 @@ async fn keep(channel: &Channel, dead: &str, delivery: &Delivery) -> Result<(), 
     Ok(())
 }
 
+/// Headers quorum queues set on a message handed back before: 3.x counts
+/// every return in `x-delivery-count`, 4.x also `x-acquired-count`.
+const BROKER_COUNTS: &[&str] = &[headers::DELIVERY_COUNT, "x-acquired-count"];
+
 /// The original's properties for its kept copy: all of them, headers
 /// included (the parking reason, the broker's `x-death`), except
 /// `user_id`, which the broker checks against the publishing connection's
 /// user and would refuse by closing the channel (a message the broker
-/// dead-lettered itself keeps its publisher's), and `x-delivery-count`,
-/// the broker's count of the original's deliveries: the copy has had
+/// dead-lettered itself keeps its publisher's), and [`BROKER_COUNTS`],
+/// the broker's counts of the original's deliveries: the copy has had
 /// none. The copy fits a frame: the broker just sent the same properties
 /// on this connection.
 fn identical_properties(p: &BasicProperties) -> BasicProperties {
@@ -420,7 +426,7 @@ fn identical_properties(p: &BasicProperties) -> BasicProperties {
     if let Some(h) = p.headers() {
         let mut kept = FieldTable::default();
         for (k, v) in h.inner() {
-            if k.as_str() != headers::DELIVERY_COUNT {
+            if !BROKER_COUNTS.contains(&k.as_str()) {
                 kept.insert(k.clone(), v.clone());
             }
         }
@@ -482,6 +488,7 @@ mod tests {
         headers::set_str(&mut h, headers::ERROR_KIND, "exhausted");
         headers::set_str(&mut h, "x-first-death-reason", "delivery_limit");
         headers::set_int(&mut h, headers::DELIVERY_COUNT, 4);
+        headers::set_int(&mut h, "x-acquired-count", 5);
         let original = BasicProperties::default()
             .with_headers(h)
             .with_content_type("application/json".into())
@@ -497,6 +504,7 @@ mod tests {
         assert_eq!(*copy.user_id(), None);
         let h = copy.headers().as_ref();
         assert_eq!(headers::get_int(h, headers::DELIVERY_COUNT), None);
+        assert_eq!(headers::get_int(h, "x-acquired-count"), None);
         assert_eq!(
             headers::get_str(h, "x-first-death-reason").as_deref(),
             Some("delivery_limit")
@@ -504,7 +512,7 @@ mod tests {
         // Everything else is the original's.
         let mut expected = FieldTable::default();
         for (k, v) in original.headers().as_ref().unwrap().inner() {
-            if k.as_str() != headers::DELIVERY_COUNT {
+            if !BROKER_COUNTS.contains(&k.as_str()) {
                 expected.insert(k.clone(), v.clone());
             }
         }
