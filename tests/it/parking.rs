@@ -505,3 +505,105 @@ async fn an_interrupted_list_stops_between_messages_and_loses_nothing() {
     assert_eq!(seen, want, "each message exactly once");
     lot.close().await;
 }
+
+/// A broker user for one test, deleted when dropped (even on panic).
+struct TempUser {
+    name: String,
+    password: String,
+}
+
+impl TempUser {
+    fn create(prefix: &str) -> Self {
+        let user = Self {
+            name: format!("{prefix}-user"),
+            password: uuid::Uuid::new_v4().simple().to_string(),
+        };
+        let ctl = |args: &[&str]| {
+            let out = std::process::Command::new("rabbitmqctl")
+                .args(args)
+                .output()
+                .expect("rabbitmqctl is installed");
+            assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+        };
+        ctl(&["add_user", &user.name, &user.password]);
+        ctl(&["set_permissions", "-p", "/", &user.name, ".*", ".*", ".*"]);
+        user
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)
+    }
+}
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .output();
+    }
+}
+
+/// A message the broker dead-lettered itself keeps its publisher's
+/// `user_id`; copying that property verbatim makes the broker refuse the
+/// copy (the tool runs as another user) and close the channel.
+#[tokio::test]
+async fn a_message_the_broker_dead_lettered_is_kept_whole() {
+    let app = spawn_app(App::without_providers("pk-dlx").without_worker()).await;
+    let lot = Lot::open(&app).await;
+    let (dead, decisions) = (lot.topology.dead(), lot.topology.decisions());
+    let upstream = TempUser::create(&app.broker.prefix);
+    let conn = Connection::connect(&upstream.url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut h = FieldTable::default();
+    h.insert("x-custom".into(), long_string("kept"));
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_user_id(upstream.name.as_str().into())
+        .with_headers(h);
+    let body = ToPark::new("x-1", "qonto", "exhausted").body();
+    channel
+        .basic_publish(
+            "".into(),
+            decisions.as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let _ = conn.close(200, "test done".into()).await;
+    let msg = lot
+        .channel
+        .basic_get(decisions.as_str().into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .expect("the decision is queued");
+    let reject = lapin::options::BasicRejectOptions { requeue: false };
+    msg.delivery.reject(reject).await.unwrap();
+    wait_settled(&app, &dead, 1).await;
+
+    for _ in 0..2 {
+        let out = dead_letters(&app, &["list"]).await;
+        assert!(
+            out.contains("x-1") && out.contains("kind=rejected"),
+            "{out}"
+        );
+    }
+    wait_settled(&app, &dead, 1).await;
+    let after = lot.drain(&dead).await;
+    assert_never_redelivered(&after);
+    assert_eq!(after[0].body, body);
+    let h = &after[0].headers;
+    assert_eq!(h["x-custom"], "kept");
+    assert_eq!(h["x-first-death-reason"], "rejected");
+    assert!(h.contains_key("x-death"), "{h:?}");
+    lot.close().await;
+}
