@@ -12,6 +12,7 @@ mod faults;
 mod inputs;
 mod limits;
 mod nodes;
+mod parking;
 mod process;
 mod providers_e2e;
 mod qonto;
