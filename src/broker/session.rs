@@ -344,8 +344,21 @@ struct OpenParts {
     _handles: Arc<SessionHandles>,
     _consumer: Consumer,
 }
+
 impl Open {
     async fn close(self) {
+        // The acks go first: a loaded broker closing the connection at once
+        // was seen to drop the last acks of a channel and redeliver
+        // decisions already settled (by the dead-letters tool, which closes
+        // the same way).
+        if let Err(e) = self
+            ._handles
+            .consume
+            .close(200, "worker shutdown".into())
+            .await
+        {
+            debug!(error = %e, "consume channel close");
+        }
         if let Err(e) = self.conn.close(200, "worker shutdown".into()).await {
             debug!(error = %e, "connection close");
         }

@@ -110,6 +110,8 @@ struct Counts {
 enum DeadLetterError {
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
+    #[error("{0}")]
+    Topology(#[from] crate::broker::TopologyError),
     #[error("republish failed, the message stays parked: {0}")]
     Publish(#[from] PublishError),
     #[error("could not write the listing: {0}")]
