@@ -11,6 +11,15 @@
 //!
 //! Rate limiting answers HTTP 420 (not 429) with `Retry-After` /
 //! `X-RateLimit-Reset`. Errors are `{message, name, status_code}`.
+//!
+//! A 2xx is not taken on trust: the transaction it returns must be ours (its
+//! integer `id`) and show the decided status (for an approve, a status after
+//! approval, or `PENDING_APPROVAL` while the quorum is incomplete); anything
+//! else is ambiguous and reconciled by reading the transaction. With the API
+//! user's id configured (`user_id`), a read that shows the transaction still
+//! pending is checked against its request's governance status
+//! (`GET /requests/{last_request}/governance-status`): our approval recorded
+//! there counts as already applied, so it is never sent twice.
 
 pub mod sim;
 #[cfg(test)]
@@ -62,12 +71,15 @@ const WAITING: &[&str] = &["PENDING_APPROVAL", "PENDING_FIRST_APPROVAL"];
 struct LedgerV1Settings {
     base_url: String,
     api_key: Option<Credential>,
+    /// The API user's id as governance approvals name it (`user.id`).
+    user_id: Option<String>,
 }
 
 pub struct LedgerV1 {
     http: Http,
     base: Url,
     api_key: SecretString,
+    user_id: Option<String>,
 }
 
 /// This provider's registry line: its name in decisions, its client, and
@@ -91,6 +103,10 @@ pub fn build(
         http: http.clone(),
         base,
         api_key: api_key.clone(),
+        user_id: s
+            .user_id
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty()),
     })))
 }
 
@@ -200,6 +216,55 @@ fn status_of(body: &Value) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// At most this much of a provider's text goes into one of our messages.
+fn clip(text: &str) -> String {
+    text.chars().take(80).collect()
+}
+
+/// Why `body` is not about transaction `id`, if it is not. Ids are
+/// integers: a string, a float or a number beyond `u64` names another.
+fn other_transaction(body: &Value, id: u64) -> Option<String> {
+    match body.get("id") {
+        Some(Value::Number(n)) if n.as_u64() == Some(id) => None,
+        Some(named) => Some(format!("it names transaction {}", clip(&named.to_string()))),
+        None => Some("it names no transaction".to_owned()),
+    }
+}
+
+/// Why the answer to our `action` call does not prove it was applied to
+/// transaction `id`, if it does not. An approve answered `PENDING_APPROVAL`
+/// is Ledger's documented answer while other quorum approvals are missing:
+/// the answer to our own call, naming our transaction, records our vote.
+fn unproven(action: Action, id: u64, body: &Value) -> Option<String> {
+    if let Some(problem) = other_transaction(body, id) {
+        return Some(problem);
+    }
+    let Some(status) = status_of(body) else {
+        return Some("it has no status".to_owned());
+    };
+    match verdict(action, &status) {
+        Verdict::AsDecided => None,
+        Verdict::Pending if action == Action::Approve => None,
+        _ => Some(format!("the transaction is {}", clip(&status))),
+    }
+}
+
+/// Whether a governance status records an `APPROVE` by `user` in any step.
+fn approved_by(governance: &Value, user: &str) -> bool {
+    let steps = governance.get("governance_steps").and_then(Value::as_array);
+    steps.into_iter().flatten().any(|step| {
+        let approvals = step.get("approvals").and_then(Value::as_array);
+        approvals.into_iter().flatten().any(|a| {
+            let by = match a.pointer("/user/id") {
+                Some(Value::Number(n)) => Some(n.to_string()),
+                Some(Value::String(s)) => Some(s.clone()),
+                _ => None,
+            };
+            a.get("type").and_then(Value::as_str) == Some("APPROVE") && by.as_deref() == Some(user)
+        })
+    })
+}
+
 impl LedgerV1 {
     fn request(&self, method: Method, url: Url) -> reqwest::RequestBuilder {
         self.http
@@ -265,9 +330,19 @@ impl Provider for LedgerV1 {
         if !response.status.is_success() {
             return Err(Self::classify(&response));
         }
-        // An approve may answer PENDING_APPROVAL while other quorum
-        // approvals are missing: our approval was recorded, so it counts
-        // as applied (PROVIDERS.md 7.1).
+        if let Some(problem) = unproven(d.action, t.id, &response.body) {
+            return Err(CallError {
+                response: Some(bound_response(response.body)),
+                ..CallError::new(
+                    ErrorClass::Ambiguous,
+                    format!(
+                        "the {verb} answer (HTTP {}) does not show the {verb} applied to transaction {}: {problem}",
+                        response.status.as_u16(),
+                        t.id
+                    ),
+                )
+            });
+        }
         Ok(Reply::Done {
             state: status_of(&response.body),
             response: response.body,
@@ -287,19 +362,78 @@ impl Provider for LedgerV1 {
         if !response.status.is_success() {
             return Err(Self::classify(&response));
         }
-        let Some(state) = status_of(&response.body) else {
-            return Err(CallError {
-                response: Some(bound_response(response.body)),
-                ..CallError::new(
-                    ErrorClass::Ambiguous,
-                    format!("transaction {id} was read without a status field"),
-                )
-            });
+        let unread = |problem: String, body: Value| CallError {
+            response: Some(bound_response(body)),
+            ..CallError::new(
+                ErrorClass::Ambiguous,
+                format!("the read of transaction {id} does not show its status: {problem}"),
+            )
         };
+        if let Some(problem) = other_transaction(&response.body, id) {
+            return Err(unread(problem, response.body));
+        }
+        let Some(state) = status_of(&response.body) else {
+            return Err(unread("it has no status".to_owned(), response.body));
+        };
+        let mut verdict = verdict(d.action, &state);
+        if verdict == Verdict::Pending && d.action == Action::Approve {
+            // A quorum approval made before a crash or timeout leaves the
+            // transaction pending: a second approve would be refused.
+            if let Some(user) = &self.user_id
+                && self.approval_recorded(id, &response.body, user).await?
+            {
+                verdict = Verdict::AsDecided;
+            }
+        }
         Ok(Observed {
-            verdict: verdict(d.action, &state),
+            verdict,
             state,
             response: response.body,
         })
+    }
+}
+
+impl LedgerV1 {
+    /// Whether the governance status of the transaction's request records
+    /// an approval by `user`. A transaction without a readable
+    /// `last_request` cannot tell, so it records none.
+    async fn approval_recorded(
+        &self,
+        id: u64,
+        transaction: &Value,
+        user: &str,
+    ) -> Result<bool, CallError> {
+        let Some(request) = transaction.get("last_request").and_then(Value::as_u64) else {
+            return Ok(false);
+        };
+        let url = http::join(
+            &self.base,
+            &format!("/requests/{request}/governance-status"),
+        );
+        let response = self
+            .http
+            .send(NAME, "governance", self.request(Method::GET, url))
+            .await?;
+        if !response.status.is_success() {
+            return Err(Self::classify(&response));
+        }
+        // Where it names its transaction, it must be ours.
+        match response.body.pointer("/request/target_id") {
+            None | Some(Value::Null) => {}
+            Some(Value::Number(n)) if n.as_u64() == Some(id) => {}
+            Some(other) => {
+                return Err(CallError {
+                    response: Some(bound_response(response.body.clone())),
+                    ..CallError::new(
+                        ErrorClass::Ambiguous,
+                        format!(
+                            "the governance status of request {request} is for transaction {}, not {id}",
+                            clip(&other.to_string())
+                        ),
+                    )
+                });
+            }
+        }
+        Ok(approved_by(&response.body, user))
     }
 }

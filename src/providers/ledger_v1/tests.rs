@@ -145,7 +145,9 @@ async fn approve_passes_coin_fields_through() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/transactions/7/approve"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"status": "APPROVED"})))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"id": 7, "status": "APPROVED"})),
+        )
         .mount(&server)
         .await;
     let p = provider(&server.uri());
@@ -335,9 +337,282 @@ fn the_api_key_header_is_sensitive() {
         .unwrap(),
         base: Url::parse("http://x").unwrap(),
         api_key: SecretString::from("k"),
+        user_id: None,
     };
     let req = p.request(Method::GET, p.transaction_url(1, ""));
     http::assert_sensitive(req, &["X-Ledger-API-Key"]);
+}
+
+/// The API user's id, as governance approvals name it (`user.id`).
+const USER: &str = "5";
+
+fn provider_with(base_url: &str, user_id: Option<&str>, timeout: Duration) -> Arc<dyn Client> {
+    let mut vars = vec![
+        (
+            "APPROVAL_PROVIDERS__LEDGER_V1__BASE_URL".to_owned(),
+            base_url.to_owned(),
+        ),
+        (
+            "APPROVAL_PROVIDERS__LEDGER_V1__API_KEY".to_owned(),
+            API_KEY.to_owned(),
+        ),
+    ];
+    if let Some(user) = user_id {
+        vars.push((
+            "APPROVAL_PROVIDERS__LEDGER_V1__USER_ID".to_owned(),
+            user.to_owned(),
+        ));
+    }
+    let settings = Settings::load_from(None, vars).unwrap();
+    let http = Http::new(timeout, timeout).unwrap();
+    build(&settings.providers, &http).unwrap().expect("enabled")
+}
+
+/// A 2xx whose transaction is another one (or whose id is of the wrong
+/// type or out of range), or in another status, is ambiguous: the worker
+/// reads the transaction. Never a panic.
+#[tokio::test]
+async fn a_2xx_that_does_not_show_the_decision_applied_is_ambiguous() {
+    let cases = [
+        (
+            "reject",
+            json!({"id": 43, "status": "REJECTED"}),
+            "it names transaction 43",
+        ),
+        (
+            "reject",
+            json!({"id": "42", "status": "REJECTED"}),
+            r#"it names transaction "42""#,
+        ),
+        (
+            "reject",
+            json!({"id": 1e30, "status": "REJECTED"}),
+            "it names transaction 1e+30",
+        ),
+        (
+            "reject",
+            json!({"id": 42.5, "status": "REJECTED"}),
+            "it names transaction 42.5",
+        ),
+        (
+            "reject",
+            json!({"status": "REJECTED"}),
+            "it names no transaction",
+        ),
+        ("reject", json!({"id": 42}), "it has no status"),
+        (
+            "reject",
+            json!({"id": 42, "status": "APPROVED"}),
+            "the transaction is APPROVED",
+        ),
+        (
+            "reject",
+            json!({"id": 42, "status": "PENDING_APPROVAL"}),
+            "the transaction is PENDING_APPROVAL",
+        ),
+        (
+            "approve",
+            json!({"id": 42, "status": "REJECTED"}),
+            "the transaction is REJECTED",
+        ),
+        (
+            "approve",
+            json!({"id": 41, "status": "APPROVED"}),
+            "it names transaction 41",
+        ),
+    ];
+    for (verb, answer, problem) in cases {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path(format!("/transactions/42/{verb}")))
+            .respond_with(ResponseTemplate::new(200).set_body_json(answer.clone()))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let p = provider(&server.uri());
+        let d = if verb == "approve" {
+            decision("approve", approve_target())
+        } else {
+            decision("reject", json!({"transaction_id": 42}))
+        };
+        let e = p.apply(&d, &ctx()).await.unwrap_err();
+        assert_eq!(e.class, ErrorClass::Ambiguous, "{verb} {answer}");
+        assert!(
+            e.message.contains(problem),
+            "{verb} {answer}: {}",
+            e.message
+        );
+        assert!(e.message.contains("HTTP 200"), "{}", e.message);
+        assert_eq!(e.http_status, None);
+        assert_eq!(e.response, Some(answer));
+    }
+}
+
+fn governance(approver: u64, target: Value) -> Value {
+    json!({
+        "governance_steps": [{
+            "approvals": [{"created_on": "2026-12-01T10:00:00Z", "type": "APPROVE", "user": {"id": approver}}],
+            "approvers": [{"id": approver}, {"id": 77}],
+            "group": null, "quorum": 2, "step_index": 0
+        }],
+        "is_complete": false,
+        "request": {"id": 9, "status": "PENDING_APPROVAL", "target_id": target, "target_type": "TRANSACTION"}
+    })
+}
+
+async fn mount_pending_read(server: &MockServer, last_request: Value) {
+    Mock::given(method("GET"))
+        .and(path("/transactions/42"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"id": 42, "status": "PENDING_APPROVAL", "last_request": last_request}),
+        ))
+        .mount(server)
+        .await;
+}
+
+/// Issue 13 item 4a: the approve reached Ledger but its answer was lost.
+/// The transaction is still pending its quorum, and its request's
+/// governance status records our approval: the decision is applied, so no
+/// second approve is due.
+#[tokio::test]
+async fn a_quorum_approval_recorded_before_a_timeout_reads_as_applied() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/transactions/42/approve"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": 42, "status": "PENDING_APPROVAL"}))
+                .set_delay(Duration::from_secs(3)),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    mount_pending_read(&server, json!(9)).await;
+    Mock::given(method("GET"))
+        .and(path("/requests/9/governance-status"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(governance(5, json!(42))))
+        .mount(&server)
+        .await;
+    let p = provider_with(&server.uri(), Some(USER), Duration::from_secs(1));
+    let d = decision("approve", approve_target());
+
+    let e = p.apply(&d, &ctx()).await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Ambiguous, "{e:?}");
+    let seen = p.read_state(&d).await.unwrap();
+    assert_eq!(seen.state, "PENDING_APPROVAL");
+    assert_eq!(seen.verdict, Verdict::AsDecided);
+
+    let calls = server.received_requests().await.unwrap();
+    let seen: Vec<(&str, &str)> = calls
+        .iter()
+        .map(|r| (r.method.as_str(), r.url.path()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("POST", "/transactions/42/approve"),
+            ("GET", "/transactions/42"),
+            ("GET", "/requests/9/governance-status"),
+        ]
+    );
+    for r in &calls[1..] {
+        assert_eq!(header(r, "x-ledger-api-key"), Some(API_KEY));
+        assert!(r.body.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn only_our_own_recorded_approval_counts() {
+    let server = MockServer::start().await;
+    mount_pending_read(&server, json!(9)).await;
+    Mock::given(method("GET"))
+        .and(path("/requests/9/governance-status"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(governance(77, json!(42))))
+        .mount(&server)
+        .await;
+    let p = provider_with(&server.uri(), Some(USER), Duration::from_secs(5));
+    let seen = p
+        .read_state(&decision("approve", approve_target()))
+        .await
+        .unwrap();
+    assert_eq!(seen.verdict, Verdict::Pending);
+    // A reject is never decided by an approval, and asks no governance.
+    let seen = p
+        .read_state(&decision("reject", json!({"transaction_id": 42})))
+        .await
+        .unwrap();
+    assert_eq!(seen.verdict, Verdict::Pending);
+    // Without our user id nothing can be told to be ours: no governance read.
+    let p = provider_with(&server.uri(), None, Duration::from_secs(5));
+    let seen = p
+        .read_state(&decision("approve", approve_target()))
+        .await
+        .unwrap();
+    assert_eq!(seen.verdict, Verdict::Pending);
+    let governance_reads = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.url.path().starts_with("/requests/"))
+        .count();
+    assert_eq!(governance_reads, 1);
+}
+
+/// Issue 13 item 7: ids of the wrong type or out of range in a read are
+/// errors or "cannot tell", never a panic.
+#[tokio::test]
+async fn malformed_ids_in_reads_are_never_panics() {
+    for answer in [
+        json!({"id": "42", "status": "APPROVED"}),
+        json!({"id": 1e30, "status": "APPROVED"}),
+        json!({"id": -42, "status": "APPROVED"}),
+        json!({"status": "APPROVED"}),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path("/transactions/42"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(answer.clone()))
+            .mount(&server)
+            .await;
+        let p = provider(&server.uri());
+        let e = p
+            .read_state(&decision("approve", approve_target()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.class, ErrorClass::Ambiguous, "{answer}");
+        assert_eq!(e.response, Some(answer));
+    }
+
+    // A `last_request` that is no request id: no governance read, pending.
+    for last_request in [json!(1e30), json!("9"), json!(-1), json!(null)] {
+        let server = MockServer::start().await;
+        mount_pending_read(&server, last_request.clone()).await;
+        let p = provider_with(&server.uri(), Some(USER), Duration::from_secs(5));
+        let seen = p
+            .read_state(&decision("approve", approve_target()))
+            .await
+            .unwrap();
+        assert_eq!(seen.verdict, Verdict::Pending, "{last_request}");
+        assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    }
+
+    // A governance status naming another transaction is not ours.
+    for target in [json!(43), json!("42"), json!(1e30)] {
+        let server = MockServer::start().await;
+        mount_pending_read(&server, json!(9)).await;
+        Mock::given(method("GET"))
+            .and(path("/requests/9/governance-status"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(governance(5, target.clone())))
+            .mount(&server)
+            .await;
+        let p = provider_with(&server.uri(), Some(USER), Duration::from_secs(5));
+        let e = p
+            .read_state(&decision("approve", approve_target()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.class, ErrorClass::Ambiguous, "{target}");
+    }
 }
 
 /// The simulator half, driven over HTTP like the worker drives it.

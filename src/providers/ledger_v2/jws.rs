@@ -90,7 +90,7 @@ fn parse_pem(pem: &str) -> Result<SigningKey, JwsError> {
 
 /// Decodes a challenge as Ledger sends it: base64url, padded or not. Standard
 /// base64 is accepted as a fallback because some samples use it.
-fn decode_challenge(challenge: &str) -> Result<Vec<u8>, JwsError> {
+pub fn decode_challenge(challenge: &str) -> Result<Vec<u8>, JwsError> {
     let unpadded = challenge.trim().trim_end_matches('=');
     URL_SAFE_NO_PAD
         .decode(unpadded)

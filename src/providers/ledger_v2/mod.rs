@@ -2,13 +2,26 @@
 //! seed 000).
 //!
 //! Approve and reject are both three calls under one bearer token:
-//! 1. `GET {challenge_path}` (configurable, UNCONFIRMED publicly: default
-//!    `/rest/requests/{request_id}/challenge`) answers `{"challenge"}` (or
-//!    `{"data":{"challenge"}}`);
-//! 2. the decoded challenge bytes are signed as an ES256 compact JWS with
-//!    the API user's P-256 key ([`jws`]);
+//! 1. the action's own challenge: `GET {challenge_path}` for an approve,
+//!    `GET {reject_challenge_path}` for a reject (both configurable and
+//!    UNCONFIRMED publicly; the defaults `/rest/requests/{request_id}/challenge`
+//!    and `.../challenge/reject` are the paths Ledger v1 documents), answered
+//!    `{"challenge"}` (or `{"data":{"challenge"}}`);
+//! 2. the decoded challenge is checked against the decision: the HSM acts on
+//!    what is signed, not on the call it is sent with, so a challenge whose
+//!    `type` is not the decision's action, or that names another request, is
+//!    never signed ([`ErrorClass::ChallengeMismatch`]); the bytes are then
+//!    signed as an ES256 compact JWS with the API user's P-256 key ([`jws`]);
 //! 3. `POST /rest/requests/{request_id}/approve` (or `/reject`) with
 //!    `{"data":{"signature":"<jws>","challengeType":"API"}}`.
+//!
+//! A 2xx is not taken on trust: the answer must name the decision's request
+//! and show the decided state, or for an approve a pending state with our
+//! approval among its `reviews`; anything else is ambiguous and reconciled by
+//! reading the request. Our own review is recognised by the API user's id
+//! (`user_id`, optional): with it, a read that shows the request pending with
+//! our approval recorded counts as already applied (a quorum approval that
+//! timed out), so it is never sent twice.
 //!
 //! The challenge read and the decision call carry the decision's
 //! `Idempotency-Key`; Ledger documents no idempotency, so the worker reads
@@ -75,6 +88,9 @@ const AFTER_REJECTION: &[&str] = &["REJECTED", "ABORTED"];
 struct LedgerV2Settings {
     base_url: String,
     challenge_path: String,
+    reject_challenge_path: String,
+    /// The API user's id as Ledger names it in `reviews[].userId`.
+    user_id: Option<String>,
     workspace: Option<Credential>,
     api_key_id: Option<Credential>,
     api_key_secret: Option<Credential>,
@@ -86,6 +102,8 @@ pub struct LedgerV2 {
     http: Http,
     base: Url,
     challenge_path: String,
+    reject_challenge_path: String,
+    user_id: Option<String>,
     workspace: String,
     api_key_id: SecretString,
     api_key_secret: SecretString,
@@ -108,6 +126,12 @@ pub fn build(
     let s: LedgerV2Settings = sections.section(NAME)?;
     let base = check_base_url(NAME, &s.base_url)?;
     check_path_template(NAME, "challenge_path", &s.challenge_path, "{request_id}")?;
+    check_path_template(
+        NAME,
+        "reject_challenge_path",
+        &s.reject_challenge_path,
+        "{request_id}",
+    )?;
     let secret = |key| present(key).map(ExposeSecret::expose_secret);
     let Some([workspace, api_key_id, api_key_secret, signing_key]) = credentials(
         NAME,
@@ -131,6 +155,11 @@ pub fn build(
         http: http.clone(),
         base,
         challenge_path: s.challenge_path,
+        reject_challenge_path: s.reject_challenge_path,
+        user_id: s
+            .user_id
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty()),
         workspace: workspace.to_owned(),
         api_key_id: SecretString::from(api_key_id.to_owned()),
         api_key_secret: SecretString::from(api_key_secret.to_owned()),
@@ -183,17 +212,22 @@ fn lifetime_or(v: Option<&Value>, default_secs: u64) -> Duration {
         .unwrap_or(Duration::from_secs(default_secs))
 }
 
-fn verdict(action: Action, state: &str) -> Verdict {
+/// How a request's state reads for the decision; `ours_recorded` says
+/// whether the request's reviews show our own approval.
+fn verdict(action: Action, state: &str, ours_recorded: bool) -> Verdict {
     let state = state.to_ascii_uppercase();
     let decided = match action {
         Action::Approve => AFTER_APPROVAL,
         Action::Reject => AFTER_REJECTION,
     };
     if WAITING.contains(&state.as_str()) {
-        // Like v1, a request stays pending after our approval while the
-        // quorum is incomplete; `reviews[]` would tell, but we do not know
-        // our own user id, so this stays Pending.
-        Verdict::Pending
+        // A request stays pending after our approval while the quorum is
+        // incomplete: approving again would be refused and reported failed.
+        if action == Action::Approve && ours_recorded {
+            Verdict::AsDecided
+        } else {
+            Verdict::Pending
+        }
     } else if decided.contains(&state.as_str()) {
         Verdict::AsDecided
     } else {
@@ -221,6 +255,93 @@ fn error_fields(body: &Value) -> (Option<String>, Option<String>) {
 
 fn state_of(body: &Value) -> Option<String> {
     body.get("state").and_then(Value::as_str).map(str::to_owned)
+}
+
+/// At most this much of a provider's text goes into one of our messages.
+fn clip(text: &str) -> String {
+    text.chars().take(80).collect()
+}
+
+/// A value as the name of something, for comparing and quoting: a string
+/// as is, a number in decimal; anything else names nothing.
+fn name_of(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Whether a review's `status` records an approval. The review status enum
+/// is not public (only `PENDING` is shown), so both verb forms count.
+fn approves(review: &Value) -> bool {
+    review
+        .get("status")
+        .and_then(Value::as_str)
+        .is_some_and(|s| s.eq_ignore_ascii_case("APPROVED") || s.eq_ignore_ascii_case("APPROVE"))
+}
+
+/// Whether `reviews[]` holds an approval by `user` (by anyone when `None`).
+fn approval_recorded(body: &Value, user: Option<&str>) -> bool {
+    let Some(reviews) = body.get("reviews").and_then(Value::as_array) else {
+        return false;
+    };
+    reviews.iter().any(|r| {
+        approves(r) && user.is_none_or(|u| r.get("userId").and_then(name_of).as_deref() == Some(u))
+    })
+}
+
+/// Why an answer about a request is not about request `id`, if it is not.
+/// A request's id is a string: a number or anything else names another.
+fn other_request(body: &Value, id: &str) -> Option<String> {
+    match body.get("id") {
+        Some(Value::String(named)) if named == id => None,
+        Some(Value::String(named)) => Some(format!("it names request {}", clip(named))),
+        Some(other) => Some(format!(
+            "its id is not a string ({})",
+            clip(&other.to_string())
+        )),
+        None => Some("it names no request".to_owned()),
+    }
+}
+
+/// Why the decoded challenge must not be signed for `action` on request
+/// `id`, if it must not. Its `type` must name the action (`APPROVE_...`,
+/// `REJECT_...`); where it names a request (`request_id` or `requestId`, at
+/// the top or under `data`), that must be ours.
+fn challenge_mismatch(payload: &[u8], action: Action, id: &str) -> Option<String> {
+    let Ok(challenge) = serde_json::from_slice::<Value>(payload) else {
+        return Some("it does not decode to a JSON object".to_owned());
+    };
+    let Some(kind) = challenge.get("type").and_then(Value::as_str) else {
+        return Some("it has no type".to_owned());
+    };
+    let wanted = match action {
+        Action::Approve => "APPROVE",
+        Action::Reject => "REJECT",
+    };
+    if !kind.to_ascii_uppercase().starts_with(wanted) {
+        return Some(format!(
+            "its type {} is not a challenge to {}",
+            clip(kind),
+            action.as_str()
+        ));
+    }
+    let places = [Some(&challenge), challenge.get("data")];
+    for named in places
+        .into_iter()
+        .flatten()
+        .flat_map(|v| [v.get("request_id"), v.get("requestId")])
+        .flatten()
+    {
+        if name_of(named).as_deref() != Some(id) {
+            return Some(format!(
+                "it is for request {}",
+                clip(&name_of(named).unwrap_or_else(|| named.to_string()))
+            ));
+        }
+    }
+    None
 }
 
 impl LedgerV2 {
@@ -342,12 +463,48 @@ impl LedgerV2 {
         self.tokens.send(&self.http, operation, fetch, make).await
     }
 
-    async fn challenge(&self, id: &str, ctx: &CallContext) -> Result<String, CallError> {
-        let url = self.url(
-            &self
-                .challenge_path
-                .replace("{request_id}", &http::segment(id)),
-        );
+    /// Whether `body` shows our own approval: by our user id when it is
+    /// configured; without it, a read cannot tell ours from another
+    /// approver's, so only an answer to our own approve call may count any.
+    fn ours_recorded(&self, body: &Value) -> bool {
+        self.user_id
+            .as_deref()
+            .is_some_and(|user| approval_recorded(body, Some(user)))
+    }
+
+    /// Why the answer to our `action` call does not prove it was applied to
+    /// request `id`, if it does not.
+    fn unproven(&self, action: Action, id: &str, body: &Value) -> Option<String> {
+        if let Some(problem) = other_request(body, id) {
+            return Some(problem);
+        }
+        let Some(state) = state_of(body) else {
+            return Some("it has no state".to_owned());
+        };
+        // The answer to our own approve call: without our user id, an
+        // approval recorded in it is taken to be the one just made.
+        let recorded = approval_recorded(body, self.user_id.as_deref());
+        match verdict(action, &state, recorded) {
+            Verdict::AsDecided => None,
+            Verdict::Pending if action == Action::Approve => Some(format!(
+                "the request is {} without our approval among its reviews",
+                clip(&state)
+            )),
+            _ => Some(format!("the request is {}", clip(&state))),
+        }
+    }
+
+    async fn challenge(
+        &self,
+        action: Action,
+        id: &str,
+        ctx: &CallContext,
+    ) -> Result<String, CallError> {
+        let (template, key) = match action {
+            Action::Approve => (&self.challenge_path, "CHALLENGE_PATH"),
+            Action::Reject => (&self.reject_challenge_path, "REJECT_CHALLENGE_PATH"),
+        };
+        let url = self.url(&template.replace("{request_id}", &http::segment(id)));
         let response = self
             .send_authed("challenge", |token| {
                 self.request(Method::GET, url.clone(), token)
@@ -371,7 +528,7 @@ impl LedgerV2 {
                 ..CallError::new(
                     ErrorClass::Permanent,
                     format!(
-                        "the challenge answer for request {id} has no challenge field (check APPROVAL_PROVIDERS__LEDGER_V2__CHALLENGE_PATH)"
+                        "the challenge answer for request {id} has no challenge field (check APPROVAL_PROVIDERS__LEDGER_V2__{key})"
                     ),
                 )
             }),
@@ -401,17 +558,24 @@ impl Provider for LedgerV2 {
         ctx: &CallContext,
     ) -> Result<Reply, CallError> {
         let id = *id;
-        let challenge = self.challenge(id, ctx).await?;
-        // The challenge is signed as received; its content (what the HSM
-        // will act on) is not checked against the decision, as its v2
-        // shape is unconfirmed.
+        let challenge = self.challenge(d.action, id, ctx).await?;
+        let verb = d.action.as_str();
+        let problem = match jws::decode_challenge(&challenge) {
+            Ok(payload) => challenge_mismatch(&payload, d.action, id),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(problem) = problem {
+            return Err(CallError::new(
+                ErrorClass::ChallengeMismatch,
+                format!("the challenge read to {verb} request {id} was not signed: {problem}"),
+            ));
+        }
         let signature = jws::sign_challenge(&self.signing_key, &challenge).map_err(|e| {
             CallError::new(
                 ErrorClass::Permanent,
                 format!("the challenge for request {id} cannot be signed: {e}"),
             )
         })?;
-        let verb = d.action.as_str();
         let url = self.url(&format!("/rest/requests/{}/{verb}", http::segment(id)));
         let body = DecisionBody {
             data: Signed {
@@ -429,8 +593,18 @@ impl Provider for LedgerV2 {
         if !response.status.is_success() {
             return Err(Self::classify(&response));
         }
-        // An approve may leave the request PENDING_APPROVAL while other
-        // quorum approvals are missing: ours was recorded, so it is applied.
+        if let Some(problem) = self.unproven(d.action, id, &response.body) {
+            return Err(CallError {
+                response: Some(bound_response(response.body)),
+                ..CallError::new(
+                    ErrorClass::Ambiguous,
+                    format!(
+                        "the {verb} answer (HTTP {}) does not show the {verb} applied to request {id}: {problem}",
+                        response.status.as_u16()
+                    ),
+                )
+            });
+        }
         Ok(Reply::Done {
             state: state_of(&response.body),
             response: response.body,
@@ -448,19 +622,24 @@ impl Provider for LedgerV2 {
         if !response.status.is_success() {
             return Err(Self::classify(&response));
         }
-        let Some(state) = state_of(&response.body) else {
-            return Err(CallError {
-                response: Some(bound_response(response.body)),
-                ..CallError::new(
-                    ErrorClass::Ambiguous,
-                    format!("request {id} was read without a state field"),
-                )
-            });
+        let problem = match (other_request(&response.body, id), state_of(&response.body)) {
+            (Some(problem), _) => problem,
+            (None, None) => "it has no state".to_owned(),
+            (None, Some(state)) => {
+                let recorded = self.ours_recorded(&response.body);
+                return Ok(Observed {
+                    verdict: verdict(d.action, &state, recorded),
+                    state,
+                    response: response.body,
+                });
+            }
         };
-        Ok(Observed {
-            verdict: verdict(d.action, &state),
-            state,
-            response: response.body,
+        Err(CallError {
+            response: Some(bound_response(response.body)),
+            ..CallError::new(
+                ErrorClass::Ambiguous,
+                format!("the read of request {id} does not show its state: {problem}"),
+            )
         })
     }
 }

@@ -5,9 +5,12 @@
 //! UNCONFIRMED upstream; the sim implements the contract's reading of them.
 //!
 //! Routes, relative to the base URL (`/ledger-v2`): `POST /rest/auth/token`,
-//! `POST /rest/auth/token/refresh`, `GET /rest/requests/{id}/challenge`,
+//! `POST /rest/auth/token/refresh`, `GET /rest/requests/{id}/challenge` (an
+//! `APPROVE_REQUEST` challenge), `GET /rest/requests/{id}/challenge/reject`
+//! (a `REJECT_REQUEST` one, as Ledger v1 documents the pair),
 //! `POST /rest/requests/{id}/approve`, `POST /rest/requests/{id}/reject`,
-//! `GET /rest/requests/{id}`.
+//! `GET /rest/requests/{id}`. A decision signed over the other action's
+//! challenge is refused, as the HSM acts on what was signed.
 
 // Handlers return a ready `Response` as their error: it is the natural early
 // exit in axum, errors are the uncommon path, and boxing would only add noise.
@@ -159,7 +162,11 @@ impl SimUnit for Sim {
             .route("/rest/auth/token", post(token))
             .route("/rest/auth/token/refresh", post(refresh))
             .route("/rest/requests/{id}", get(read))
-            .route("/rest/requests/{id}/challenge", get(challenge))
+            .route("/rest/requests/{id}/challenge", get(approve_challenge))
+            .route(
+                "/rest/requests/{id}/challenge/reject",
+                get(reject_challenge),
+            )
             .route("/rest/requests/{id}/{action}", post(decide))
             .with_state(self)
     }
@@ -362,18 +369,39 @@ async fn read(State(sim): State<Arc<Sim>>, Path(id): Path<String>, headers: Head
     Ok(json(StatusCode::OK, &*store.request(&id)))
 }
 
-/// Issues a fresh challenge for the request and remembers its bytes, which
-/// the signed JWS payload must later equal.
-async fn challenge(
+async fn approve_challenge(
     State(sim): State<Arc<Sim>>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Reply {
-    authorize(&sim, &headers)?;
+    challenge(&sim, id, &headers, "APPROVE_REQUEST")
+}
+
+async fn reject_challenge(
+    State(sim): State<Arc<Sim>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Reply {
+    challenge(&sim, id, &headers, "REJECT_REQUEST")
+}
+
+/// The challenge type that a decision call of `action` must have signed.
+fn challenge_type(action: &str) -> &'static str {
+    if action == "approve" {
+        "APPROVE_REQUEST"
+    } else {
+        "REJECT_REQUEST"
+    }
+}
+
+/// Issues a fresh challenge of `kind` for the request and remembers its
+/// bytes, which the signed JWS payload must later equal.
+fn challenge(sim: &Sim, id: String, headers: &HeaderMap, kind: &str) -> Reply {
+    authorize(sim, headers)?;
     let payload = json!({
         "antireplay": random_hex(32),
         "data": {"request_id": id, "action": "REVIEW"},
-        "type": "APPROVE_REQUEST",
+        "type": kind,
     });
     let bytes = serde_json::to_vec(&payload).unwrap_or_default();
     let encoded = URL_SAFE_NO_PAD.encode(&bytes);
@@ -427,6 +455,16 @@ async fn decide(
         ));
     };
     request.challenges.remove(position);
+    let signed_type = serde_json::from_slice::<Value>(&payload)
+        .ok()
+        .and_then(|c| c.get("type").and_then(Value::as_str).map(str::to_owned));
+    if signed_type.as_deref() != Some(challenge_type(&action)) {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "INVALID_CHALLENGE",
+            "Signed challenge is not for this action",
+        ));
+    }
     let pending = request.state == "PENDING_APPROVAL";
     if !request
         .keys

@@ -13,7 +13,34 @@ use crate::{decision::parse, settings::Settings};
 const WORKSPACE: &str = "ws-1";
 const KEY_ID: &str = "key-id-1";
 const KEY_SECRET: &str = "key-s3cr3t";
-const CHALLENGE_JSON: &str = r#"{"antireplay":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","data":{"request_id":"r-1"},"type":"APPROVE_REQUEST"}"#;
+/// The API user's id, as `reviews[].userId` names it.
+const USER: &str = "api-user-7";
+
+/// A challenge as the simulator issues it: of `kind`, naming request `id`.
+fn challenge_json(kind: &str, id: &str) -> String {
+    format!(
+        r#"{{"antireplay":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","data":{{"request_id":"{id}"}},"type":"{kind}"}}"#
+    )
+}
+
+/// The challenge an action's path serves for request `id`.
+fn challenge_for(verb: &str, id: &str) -> String {
+    let kind = if verb == "approve" {
+        "APPROVE_REQUEST"
+    } else {
+        "REJECT_REQUEST"
+    };
+    challenge_json(kind, id)
+}
+
+/// The challenge path of an action, as the defaults read it.
+fn challenge_path(verb: &str, id_path: &str) -> String {
+    if verb == "approve" {
+        format!("/rest/requests/{id_path}/challenge")
+    } else {
+        format!("/rest/requests/{id_path}/challenge/reject")
+    }
+}
 
 fn env(base_url: &str) -> Vec<(String, String)> {
     [
@@ -66,8 +93,8 @@ fn ctx() -> CallContext {
     }
 }
 
-fn challenge_b64() -> String {
-    URL_SAFE_NO_PAD.encode(CHALLENGE_JSON)
+fn b64(challenge: &str) -> String {
+    URL_SAFE_NO_PAD.encode(challenge)
 }
 
 fn token_answer(access: &str, refresh: &str) -> ResponseTemplate {
@@ -87,24 +114,47 @@ async fn mount_token(server: &MockServer) {
         .await;
 }
 
+/// Serves request `id` its approve and its reject challenge, each on its
+/// own path.
 async fn mount_challenge(server: &MockServer, id: &str) {
-    Mock::given(method("GET"))
-        .and(path(format!("/rest/requests/{id}/challenge")))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"challenge": challenge_b64(), "id": 7})),
-        )
-        .mount(server)
-        .await;
+    for verb in ["approve", "reject"] {
+        Mock::given(method("GET"))
+            .and(path(challenge_path(verb, &http::segment(id))))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({"challenge": b64(&challenge_for(verb, id)), "id": 7})),
+            )
+            .mount(server)
+            .await;
+    }
 }
 
+/// A request object as Ledger answers it, with one review.
+fn request_json(id: &str, state: &str, review_by: &str, review: &str) -> Value {
+    json!({
+        "type": "TRANSACTION", "id": id, "legacyId": 12, "state": state,
+        "reviewSteps": [{"stageName": "Approvers", "quorum": 2}], "currentStepIndex": 0,
+        "targetId": "t-1",
+        "reviews": [{"stepIndex": 0, "userId": review_by, "status": review,
+                     "createdAt": "2026-12-01T10:00:00Z", "updatedAt": "2026-12-01T10:00:00Z"}]
+    })
+}
+
+/// Answers the decision call with request `id` in `state`, our review
+/// showing the decision.
 async fn mount_decision(server: &MockServer, id: &str, verb: &str, state: &str) {
+    let review = if verb == "approve" {
+        "APPROVED"
+    } else {
+        "REJECTED"
+    };
+    mount_answer(server, id, verb, request_json(id, state, USER, review)).await;
+}
+
+async fn mount_answer(server: &MockServer, id: &str, verb: &str, answer: Value) {
     Mock::given(method("POST"))
-        .and(path(format!("/rest/requests/{id}/{verb}")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "type": "TRANSACTION", "id": id, "legacyId": 12, "state": state,
-            "reviewSteps": [], "currentStepIndex": 0, "targetId": "t-1", "reviews": []
-        })))
+        .and(path(format!("/rest/requests/{}/{verb}", http::segment(id))))
+        .respond_with(ResponseTemplate::new(200).set_body_json(answer))
         .mount(server)
         .await;
 }
@@ -129,9 +179,9 @@ fn assert_login(r: &wiremock::Request) {
     assert_eq!(body(r), login_body());
 }
 
-fn assert_challenge_read(r: &wiremock::Request, id_path: &str, bearer: &str) {
+fn assert_challenge_read(r: &wiremock::Request, id_path: &str, verb: &str, bearer: &str) {
     assert_eq!(r.method.as_str(), "GET");
-    assert_eq!(r.url.path(), format!("/rest/requests/{id_path}/challenge"));
+    assert_eq!(r.url.path(), challenge_path(verb, id_path));
     assert_eq!(
         header(r, "authorization"),
         Some(format!("Bearer {bearer}").as_str())
@@ -161,16 +211,16 @@ fn assert_decision_call(r: &wiremock::Request, id_path: &str, verb: &str, bearer
 
 /// The JWS verifies with the demo key's public half, has exactly
 /// PyJWT's header, and its payload is the challenge bytes unchanged.
-fn assert_signed_challenge(jws_text: &str) {
+fn assert_signed_challenge(jws_text: &str, challenge: &str) {
     let key = jws::load_signing_key(sim::DEMO_SIGNING_KEY_PEM).unwrap();
     let payload = jws::verify_jws(key.verifying_key(), jws_text).unwrap();
-    assert_eq!(payload, CHALLENGE_JSON.as_bytes());
+    assert_eq!(payload, challenge.as_bytes());
     let header = jws_text.split('.').next().unwrap();
     assert_eq!(
         URL_SAFE_NO_PAD.decode(header).unwrap(),
         br#"{"alg":"ES256","typ":"JWT"}"#
     );
-    assert_eq!(jws_text.split('.').nth(1).unwrap(), challenge_b64());
+    assert_eq!(jws_text.split('.').nth(1).unwrap(), b64(challenge));
 }
 
 #[tokio::test]
@@ -191,9 +241,9 @@ async fn reject_reads_the_challenge_signs_it_and_posts_the_exact_body() {
     let calls = server.received_requests().await.unwrap();
     assert_eq!(calls.len(), 3);
     assert_login(&calls[0]);
-    assert_challenge_read(&calls[1], "r-1", "at-1");
+    assert_challenge_read(&calls[1], "r-1", "reject", "at-1");
     let jws = assert_decision_call(&calls[2], "r-1", "reject", "at-1");
-    assert_signed_challenge(&jws);
+    assert_signed_challenge(&jws, &challenge_for("reject", "r-1"));
 }
 
 #[tokio::test]
@@ -202,13 +252,12 @@ async fn approve_accepts_a_data_wrapped_challenge_and_encodes_the_id() {
     mount_token(&server).await;
     Mock::given(method("GET"))
         .and(path("/rest/requests/req%3A9%20b/challenge"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"data": {"challenge": challenge_b64()}})),
-        )
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"data": {"challenge": b64(&challenge_for("approve", "req:9 b"))}}),
+        ))
         .mount(&server)
         .await;
-    mount_decision(&server, "req%3A9%20b", "approve", "PENDING_APPROVAL").await;
+    mount_decision(&server, "req:9 b", "approve", "PENDING_APPROVAL").await;
     let p = provider(&server.uri());
     let Reply::Done { state, .. } = p
         .apply(&decision("approve", "req:9 b"), &ctx())
@@ -223,9 +272,9 @@ async fn approve_accepts_a_data_wrapped_challenge_and_encodes_the_id() {
     let calls = server.received_requests().await.unwrap();
     assert_eq!(calls.len(), 3);
     assert_login(&calls[0]);
-    assert_challenge_read(&calls[1], "req%3A9%20b", "at-1");
+    assert_challenge_read(&calls[1], "req%3A9%20b", "approve", "at-1");
     let jws = assert_decision_call(&calls[2], "req%3A9%20b", "approve", "at-1");
-    assert_signed_challenge(&jws);
+    assert_signed_challenge(&jws, &challenge_for("approve", "req:9 b"));
 }
 
 #[tokio::test]
@@ -318,7 +367,7 @@ async fn a_401_refreshes_the_token_once_and_repeats_the_call() {
     let calls = server.received_requests().await.unwrap();
     assert_eq!(calls.len(), 5);
     assert_login(&calls[0]);
-    assert_challenge_read(&calls[1], "r-1", "at-1");
+    assert_challenge_read(&calls[1], "r-1", "reject", "at-1");
     let first = assert_decision_call(&calls[2], "r-1", "reject", "at-1");
     let refresh = &calls[3];
     assert_eq!(refresh.method.as_str(), "POST");
@@ -332,7 +381,7 @@ async fn a_401_refreshes_the_token_once_and_repeats_the_call() {
     // The same signed answer is repeated: the 401 stopped the first call.
     let second = assert_decision_call(&calls[4], "r-1", "reject", "at-2");
     assert_eq!(first, second);
-    assert_signed_challenge(&second);
+    assert_signed_challenge(&second, &challenge_for("reject", "r-1"));
 }
 
 #[tokio::test]
@@ -442,7 +491,7 @@ async fn error_bodies_give_message_issue_and_code() {
         .mount(&server)
         .await;
     Mock::given(method("GET"))
-        .and(path("/rest/requests/gone/challenge"))
+        .and(path("/rest/requests/gone/challenge/reject"))
         .respond_with(ResponseTemplate::new(404).set_body_json(
             json!({"message": "Request not found", "code": "NOT_FOUND", "issues": []}),
         ))
@@ -557,20 +606,23 @@ fn verdicts() {
         "PENDING_APPROVAL",
         "PENDING_FIRST_APPROVAL",
     ] {
-        assert_eq!(verdict(Approve, s), Verdict::Pending, "{s}");
-        assert_eq!(verdict(Reject, s), Verdict::Pending, "{s}");
+        assert_eq!(verdict(Approve, s, false), Verdict::Pending, "{s}");
+        assert_eq!(verdict(Reject, s, false), Verdict::Pending, "{s}");
+        // Our approval recorded while the quorum is incomplete.
+        assert_eq!(verdict(Approve, s, true), Verdict::AsDecided, "{s}");
+        assert_eq!(verdict(Reject, s, true), Verdict::Pending, "{s}");
     }
     for s in ["APPROVED", "SIGNED", "SUBMITTED"] {
-        assert_eq!(verdict(Approve, s), Verdict::AsDecided, "{s}");
-        assert_eq!(verdict(Reject, s), Verdict::Conflict, "{s}");
+        assert_eq!(verdict(Approve, s, false), Verdict::AsDecided, "{s}");
+        assert_eq!(verdict(Reject, s, false), Verdict::Conflict, "{s}");
     }
     for s in ["REJECTED", "ABORTED"] {
-        assert_eq!(verdict(Reject, s), Verdict::AsDecided, "{s}");
-        assert_eq!(verdict(Approve, s), Verdict::Conflict, "{s}");
+        assert_eq!(verdict(Reject, s, false), Verdict::AsDecided, "{s}");
+        assert_eq!(verdict(Approve, s, false), Verdict::Conflict, "{s}");
     }
     for s in ["EXPIRED", "BLOCKED"] {
-        assert_eq!(verdict(Approve, s), Verdict::Conflict, "{s}");
-        assert_eq!(verdict(Reject, s), Verdict::Conflict, "{s}");
+        assert_eq!(verdict(Approve, s, false), Verdict::Conflict, "{s}");
+        assert_eq!(verdict(Reject, s, false), Verdict::Conflict, "{s}");
     }
 }
 
@@ -665,6 +717,8 @@ fn the_bearer_header_is_sensitive() {
         .unwrap(),
         base: Url::parse("http://x").unwrap(),
         challenge_path: "/c/{request_id}".to_owned(),
+        reject_challenge_path: "/c/{request_id}/reject".to_owned(),
+        user_id: None,
         workspace: "w".to_owned(),
         api_key_id: SecretString::from("i"),
         api_key_secret: SecretString::from("s"),
@@ -673,6 +727,439 @@ fn the_bearer_header_is_sensitive() {
     };
     let req = p.request(Method::GET, p.url("/r"), &SecretString::from("t"));
     http::assert_sensitive(req, &["Authorization"]);
+}
+
+fn env_with(base_url: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut vars = env(base_url);
+    vars.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    vars
+}
+
+fn provider_as_user(base_url: &str) -> Arc<dyn Client> {
+    let vars = env_with(
+        base_url,
+        &[("APPROVAL_PROVIDERS__LEDGER_V2__USER_ID", USER)],
+    );
+    build_with(vars).unwrap().expect("enabled")
+}
+
+/// Serves `challenge` (plain JSON text, encoded here) on `at`.
+async fn serve_challenge(server: &MockServer, at: &str, challenge: &str) {
+    Mock::given(method("GET"))
+        .and(path(at))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"challenge": b64(challenge), "id": 7})),
+        )
+        .mount(server)
+        .await;
+}
+
+/// Nothing signed, nothing sent: the token and the one challenge read are
+/// the only calls, and the error is a challenge mismatch.
+async fn assert_not_signed(server: &MockServer, e: &CallError, challenge_at: &str) {
+    assert_eq!(e.class, ErrorClass::ChallengeMismatch, "{e:?}");
+    assert_eq!(e.http_status, None);
+    let calls = server.received_requests().await.unwrap();
+    let seen: Vec<(&str, &str)> = calls
+        .iter()
+        .map(|r| (r.method.as_str(), r.url.path()))
+        .collect();
+    assert_eq!(
+        seen,
+        [("POST", "/rest/auth/token"), ("GET", challenge_at)],
+        "no signing call, no decision call"
+    );
+    assert_login(&calls[0]);
+    assert_eq!(header(&calls[1], "authorization"), Some("Bearer at-1"));
+    assert!(calls[1].body.is_empty());
+}
+
+#[tokio::test]
+async fn a_reject_never_signs_an_approve_challenge() {
+    let server = MockServer::start().await;
+    mount_token(&server).await;
+    // A mix-up serves the approve challenge where the reject one is read.
+    let at = "/rest/requests/r-1/challenge/reject";
+    serve_challenge(&server, at, &challenge_json("APPROVE_REQUEST", "r-1")).await;
+    mount_decision(&server, "r-1", "reject", "REJECTED").await;
+    mount_decision(&server, "r-1", "approve", "APPROVED").await;
+    let p = provider(&server.uri());
+    let e = p
+        .apply(&decision("reject", "r-1"), &ctx())
+        .await
+        .unwrap_err();
+    assert!(
+        e.message
+            .contains("its type APPROVE_REQUEST is not a challenge to reject"),
+        "{}",
+        e.message
+    );
+    assert_not_signed(&server, &e, at).await;
+}
+
+#[tokio::test]
+async fn an_approve_never_signs_a_reject_challenge() {
+    let server = MockServer::start().await;
+    mount_token(&server).await;
+    let at = "/rest/requests/r-1/challenge";
+    serve_challenge(&server, at, &challenge_json("REJECT_REQUEST", "r-1")).await;
+    mount_decision(&server, "r-1", "approve", "APPROVED").await;
+    let p = provider(&server.uri());
+    let e = p
+        .apply(&decision("approve", "r-1"), &ctx())
+        .await
+        .unwrap_err();
+    assert_not_signed(&server, &e, at).await;
+}
+
+#[tokio::test]
+async fn a_challenge_for_another_request_is_never_signed() {
+    for named in [
+        r#""data":{"request_id":"r-2"}"#,
+        r#""requestId":"r-2""#,
+        r#""data":{"requestId":12}"#,
+    ] {
+        let server = MockServer::start().await;
+        mount_token(&server).await;
+        let at = "/rest/requests/r-1/challenge";
+        let challenge = format!(r#"{{"antireplay":"00ff",{named},"type":"APPROVE_REQUEST"}}"#);
+        serve_challenge(&server, at, &challenge).await;
+        mount_decision(&server, "r-1", "approve", "APPROVED").await;
+        let p = provider(&server.uri());
+        let e = p
+            .apply(&decision("approve", "r-1"), &ctx())
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("it is for request"), "{}", e.message);
+        assert_not_signed(&server, &e, at).await;
+    }
+}
+
+#[tokio::test]
+async fn a_challenge_that_cannot_be_checked_is_never_signed() {
+    for challenge in [
+        "not json at all",
+        r#"{"antireplay":"00ff","data":{}}"#,
+        r#"{"type":42}"#,
+        "[1,2]",
+    ] {
+        let server = MockServer::start().await;
+        mount_token(&server).await;
+        let at = "/rest/requests/r-1/challenge/reject";
+        serve_challenge(&server, at, challenge).await;
+        mount_decision(&server, "r-1", "reject", "REJECTED").await;
+        let p = provider(&server.uri());
+        let e = p
+            .apply(&decision("reject", "r-1"), &ctx())
+            .await
+            .unwrap_err();
+        assert_not_signed(&server, &e, at).await;
+    }
+}
+
+#[tokio::test]
+async fn the_reject_challenge_path_is_a_setting() {
+    let server = MockServer::start().await;
+    mount_token(&server).await;
+    let at = "/rest/v1compat/r-1/reject-challenge";
+    serve_challenge(&server, at, &challenge_for("reject", "r-1")).await;
+    mount_decision(&server, "r-1", "reject", "REJECTED").await;
+    let vars = env_with(
+        &server.uri(),
+        &[(
+            "APPROVAL_PROVIDERS__LEDGER_V2__REJECT_CHALLENGE_PATH",
+            "/rest/v1compat/{request_id}/reject-challenge",
+        )],
+    );
+    let p = build_with(vars).unwrap().unwrap();
+    p.apply(&decision("reject", "r-1"), &ctx()).await.unwrap();
+    let calls = server.received_requests().await.unwrap();
+    let paths: Vec<&str> = calls.iter().map(|r| r.url.path()).collect();
+    assert_eq!(paths, ["/rest/auth/token", at, "/rest/requests/r-1/reject"]);
+    let jws = assert_decision_call(&calls[2], "r-1", "reject", "at-1");
+    assert_signed_challenge(&jws, &challenge_for("reject", "r-1"));
+
+    let vars = env_with(
+        "http://127.0.0.1:9",
+        &[(
+            "APPROVAL_PROVIDERS__LEDGER_V2__REJECT_CHALLENGE_PATH",
+            "/rest/reject-challenge",
+        )],
+    );
+    let Err(err) = build_with(vars) else {
+        panic!("a template without {{request_id}} must not build");
+    };
+    assert!(
+        err.to_string()
+            .contains("APPROVAL_PROVIDERS__LEDGER_V2__REJECT_CHALLENGE_PATH"),
+        "{err}"
+    );
+}
+
+/// A 2xx whose answer is about another request, in another state, or
+/// without our approval is ambiguous (the worker reads the request), and
+/// never a panic whatever the type of its fields.
+#[tokio::test]
+async fn a_2xx_that_does_not_show_the_decision_applied_is_ambiguous() {
+    let cases = [
+        (
+            "reject",
+            request_json("r-2", "REJECTED", USER, "REJECTED"),
+            "it names request r-2",
+        ),
+        (
+            "reject",
+            json!({"id": 12, "state": "REJECTED"}),
+            "its id is not a string (12)",
+        ),
+        (
+            "reject",
+            json!({"id": 1e30, "state": "REJECTED"}),
+            "its id is not a string",
+        ),
+        (
+            "reject",
+            json!({"state": "REJECTED"}),
+            "it names no request",
+        ),
+        (
+            "reject",
+            request_json("r-1", "APPROVED", USER, "APPROVED"),
+            "the request is APPROVED",
+        ),
+        (
+            "reject",
+            json!({"id": "r-1", "state": 7}),
+            "it has no state",
+        ),
+        (
+            "approve",
+            request_json("r-1", "REJECTED", USER, "REJECTED"),
+            "the request is REJECTED",
+        ),
+        (
+            "approve",
+            request_json("r-1", "PENDING_APPROVAL", USER, "PENDING"),
+            "the request is PENDING_APPROVAL without our approval among its reviews",
+        ),
+        (
+            "approve",
+            request_json("r-1", "PENDING_APPROVAL", "someone-else", "APPROVED"),
+            "without our approval",
+        ),
+        (
+            "approve",
+            json!({"id": "r-1", "state": "PENDING_APPROVAL", "reviews": [{"userId": 1e30, "status": "APPROVED"}]}),
+            "without our approval",
+        ),
+    ];
+    for (verb, answer, problem) in cases {
+        let server = MockServer::start().await;
+        mount_token(&server).await;
+        mount_challenge(&server, "r-1").await;
+        mount_answer(&server, "r-1", verb, answer.clone()).await;
+        let p = provider_as_user(&server.uri());
+        let e = p.apply(&decision(verb, "r-1"), &ctx()).await.unwrap_err();
+        assert_eq!(e.class, ErrorClass::Ambiguous, "{verb} {answer}");
+        assert!(
+            e.message.contains(problem),
+            "{verb} {answer}: {}",
+            e.message
+        );
+        assert!(e.message.contains("HTTP 200"), "{}", e.message);
+        // Not a refusal by the provider: if the read shows the request still
+        // pending, the worker may try again.
+        assert_eq!(e.http_status, None);
+        assert_eq!(e.response, Some(answer));
+        assert_eq!(server.received_requests().await.unwrap().len(), 3);
+    }
+}
+
+#[tokio::test]
+async fn a_pending_answer_with_our_approval_recorded_is_applied() {
+    let server = MockServer::start().await;
+    mount_token(&server).await;
+    mount_challenge(&server, "r-1").await;
+    mount_decision(&server, "r-1", "approve", "PENDING_APPROVAL").await;
+    let p = provider_as_user(&server.uri());
+    let Reply::Done { state, .. } = p.apply(&decision("approve", "r-1"), &ctx()).await.unwrap()
+    else {
+        panic!("expected Done");
+    };
+    assert_eq!(state.as_deref(), Some("PENDING_APPROVAL"));
+}
+
+/// Issue 13 item 4a: the approve reached Ledger but its answer was lost.
+/// The read shows the request still pending a quorum, with our approval
+/// recorded: that is the decision applied, so no second approve is due.
+#[tokio::test]
+async fn a_quorum_approval_recorded_before_a_timeout_reads_as_applied() {
+    let server = MockServer::start().await;
+    mount_token(&server).await;
+    mount_challenge(&server, "r-1").await;
+    Mock::given(method("POST"))
+        .and(path("/rest/requests/r-1/approve"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(request_json("r-1", "PENDING_APPROVAL", USER, "APPROVED"))
+                .set_delay(Duration::from_secs(3)),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/rest/requests/r-1"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(request_json(
+            "r-1",
+            "PENDING_APPROVAL",
+            USER,
+            "APPROVED",
+        )))
+        .mount(&server)
+        .await;
+    let settings = Settings::load_from(
+        None,
+        env_with(
+            &server.uri(),
+            &[("APPROVAL_PROVIDERS__LEDGER_V2__USER_ID", USER)],
+        ),
+    )
+    .unwrap();
+    let impatient = Http::new(Duration::from_secs(1), Duration::from_secs(1)).unwrap();
+    let p = build(&settings.providers, &impatient).unwrap().unwrap();
+    let d = decision("approve", "r-1");
+
+    let e = p.apply(&d, &ctx()).await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Ambiguous, "{e:?}");
+    let seen = p.read_state(&d).await.unwrap();
+    assert_eq!(seen.state, "PENDING_APPROVAL");
+    assert_eq!(seen.verdict, Verdict::AsDecided);
+    // Our approval does not make a reject decided.
+    let seen = p.read_state(&decision("reject", "r-1")).await.unwrap();
+    assert_eq!(seen.verdict, Verdict::Pending);
+
+    let calls = server.received_requests().await.unwrap();
+    let seen: Vec<(&str, &str)> = calls
+        .iter()
+        .map(|r| (r.method.as_str(), r.url.path()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("POST", "/rest/auth/token"),
+            ("GET", "/rest/requests/r-1/challenge"),
+            ("POST", "/rest/requests/r-1/approve"),
+            ("GET", "/rest/requests/r-1"),
+            ("GET", "/rest/requests/r-1"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_read_counts_only_our_own_recorded_approval() {
+    let server = MockServer::start().await;
+    mount_token(&server).await;
+    Mock::given(method("GET"))
+        .and(path("/rest/requests/r-1"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(request_json(
+            "r-1",
+            "PENDING_APPROVAL",
+            "someone-else",
+            "APPROVED",
+        )))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/rest/requests/r-2"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(request_json(
+            "r-2",
+            "PENDING_APPROVAL",
+            USER,
+            "APPROVED",
+        )))
+        .mount(&server)
+        .await;
+    let p = provider_as_user(&server.uri());
+    let seen = p.read_state(&decision("approve", "r-1")).await.unwrap();
+    assert_eq!(seen.verdict, Verdict::Pending);
+    // Without our user id, no recorded approval can be told to be ours.
+    let p = provider(&server.uri());
+    let seen = p.read_state(&decision("approve", "r-2")).await.unwrap();
+    assert_eq!(seen.verdict, Verdict::Pending);
+}
+
+/// A read about another request (or with an id of the wrong type) is not
+/// our request's state: ambiguous, never a panic.
+#[tokio::test]
+async fn a_read_of_another_request_is_ambiguous() {
+    for answer in [
+        json!({"id": "r-2", "state": "APPROVED"}),
+        json!({"id": 12, "state": "APPROVED"}),
+        json!({"id": 1e30, "state": "APPROVED"}),
+        json!({"state": "APPROVED"}),
+        json!({"id": "r-1", "state": ["APPROVED"]}),
+    ] {
+        let server = MockServer::start().await;
+        mount_token(&server).await;
+        Mock::given(method("GET"))
+            .and(path("/rest/requests/r-1"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(answer.clone()))
+            .mount(&server)
+            .await;
+        let p = provider(&server.uri());
+        let e = p.read_state(&decision("approve", "r-1")).await.unwrap_err();
+        assert_eq!(e.class, ErrorClass::Ambiguous, "{answer}");
+        assert_eq!(e.response, Some(answer));
+    }
+}
+
+/// Issue 13 item 7: a token answer with a huge lifetime or a token of the
+/// wrong type is handled, never a panic.
+#[tokio::test]
+async fn malformed_token_answers_are_errors_or_clamped_never_panics() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/rest/auth/token"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "accessToken": "at-1",
+            "expiresInSeconds": 1e30,
+            "refreshToken": "rt-1",
+            "refreshExpiresInSeconds": 1e308,
+        })))
+        .mount(&server)
+        .await;
+    mount_challenge(&server, "r-1").await;
+    mount_decision(&server, "r-1", "reject", "REJECTED").await;
+    let p = provider(&server.uri());
+    p.apply(&decision("reject", "r-1"), &ctx()).await.unwrap();
+
+    for answer in [
+        json!({"accessToken": 12345, "expiresInSeconds": 300}),
+        json!({"accessToken": null}),
+        json!({"expiresInSeconds": 300}),
+        json!(["at-1"]),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/rest/auth/token"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(answer.clone()))
+            .mount(&server)
+            .await;
+        let p = provider(&server.uri());
+        let e = p
+            .apply(&decision("reject", "r-1"), &ctx())
+            .await
+            .unwrap_err();
+        assert_eq!(e.class, ErrorClass::Retryable, "{answer}");
+        assert_eq!(e.message, "ledger_v2 token answer has no accessToken");
+        assert!(e.response.is_none());
+        let calls = server.received_requests().await.unwrap();
+        assert!(calls.iter().all(|r| r.url.path() == "/rest/auth/token"));
+    }
 }
 
 /// The simulator half, driven over HTTP like the worker drives it.
@@ -702,8 +1189,15 @@ mod simulator {
         token(sim).await["accessToken"].as_str().unwrap().to_owned()
     }
 
-    async fn challenge(sim: &SimHandle, bearer: &str, id: &str) -> String {
-        let url = format!("{}/rest/requests/{id}/challenge", sim.base_url("ledger_v2"));
+    /// The challenge for `action` on request `id`, read where the sim
+    /// serves that action's challenge.
+    async fn challenge(sim: &SimHandle, bearer: &str, id: &str, action: &str) -> String {
+        let suffix = if action == "approve" {
+            "challenge"
+        } else {
+            "challenge/reject"
+        };
+        let url = format!("{}/rest/requests/{id}/{suffix}", sim.base_url("ledger_v2"));
         let (status, body) =
             parts(client().get(url).bearer_auth(bearer).send().await.unwrap()).await;
         assert_eq!(status, 200, "{body}");
@@ -771,9 +1265,9 @@ mod simulator {
         assert!(sim::public_key("not a key").is_err());
     }
 
-    async fn signed(sim: &SimHandle, bearer: &str, id: &str) -> String {
+    async fn signed(sim: &SimHandle, bearer: &str, id: &str, action: &str) -> String {
         let key = load_signing_key(DEMO_SIGNING_KEY_PEM).unwrap();
-        sign_challenge(&key, &challenge(sim, bearer, id).await).unwrap()
+        sign_challenge(&key, &challenge(sim, bearer, id, action).await).unwrap()
     }
 
     #[tokio::test]
@@ -785,7 +1279,7 @@ mod simulator {
         let bearer = issued["accessToken"].as_str().unwrap();
 
         let approved = new_id();
-        let signature = signed(&sim, bearer, &approved).await;
+        let signature = signed(&sim, bearer, &approved, "approve").await;
         let (status, body) = decide(&sim, bearer, &approved, "approve", &signature).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["state"], "APPROVED");
@@ -794,7 +1288,7 @@ mod simulator {
         assert_eq!(body["reviews"][0]["status"], "APPROVED");
 
         let rejected = new_id();
-        let signature = signed(&sim, bearer, &rejected).await;
+        let signature = signed(&sim, bearer, &rejected, "reject").await;
         let (status, body) = decide(&sim, bearer, &rejected, "reject", &signature).await;
         assert_eq!((status, body["state"].clone()), (200, json!("REJECTED")));
 
@@ -810,7 +1304,7 @@ mod simulator {
         let sim = sim().await;
         let bearer = access_token(&sim).await;
         let id = new_id();
-        let challenge = challenge(&sim, &bearer, &id).await;
+        let challenge = challenge(&sim, &bearer, &id, "approve").await;
 
         let other_key = p256::ecdsa::SigningKey::from_slice(&[7u8; 32]).expect("a valid scalar");
         let forged = sign_challenge(&other_key, &challenge).unwrap();
@@ -821,7 +1315,7 @@ mod simulator {
 
         // Signed correctly, but over bytes the sim never issued for this request.
         let key = load_signing_key(DEMO_SIGNING_KEY_PEM).unwrap();
-        let foreign = signed(&sim, &bearer, &new_id()).await;
+        let foreign = signed(&sim, &bearer, &new_id(), "approve").await;
         let (status, body) = decide(&sim, &bearer, &id, "approve", &foreign).await;
         assert_eq!(
             (status, body["code"].clone()),
@@ -855,18 +1349,64 @@ mod simulator {
         );
     }
 
+    /// Each action has its own challenge, naming the request; a decision
+    /// signed over the other action's challenge is refused and changes
+    /// nothing, as the HSM would act on what was signed.
+    #[tokio::test]
+    async fn a_decision_signed_over_the_other_actions_challenge_is_refused() {
+        let sim = sim().await;
+        let bearer = access_token(&sim).await;
+        let id = new_id();
+        for (action, kind) in [("approve", "APPROVE_REQUEST"), ("reject", "REJECT_REQUEST")] {
+            let encoded = challenge(&sim, &bearer, &id, action).await;
+            let decoded: Value =
+                serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&encoded).unwrap()).unwrap();
+            assert_eq!(decoded["type"], kind);
+            assert_eq!(decoded["data"]["request_id"], id.as_str());
+        }
+
+        let approve_signature = signed(&sim, &bearer, &id, "approve").await;
+        let (status, body) = decide(&sim, &bearer, &id, "reject", &approve_signature).await;
+        assert_eq!(
+            (status, body["code"].clone()),
+            (403, json!("INVALID_CHALLENGE"))
+        );
+        let reject_signature = signed(&sim, &bearer, &id, "reject").await;
+        let (status, body) = decide(&sim, &bearer, &id, "approve", &reject_signature).await;
+        assert_eq!(
+            (status, body["code"].clone()),
+            (403, json!("INVALID_CHALLENGE"))
+        );
+        assert_eq!(
+            sim.target_state("ledger_v2", &id).as_deref(),
+            Some("PENDING_APPROVAL")
+        );
+        assert_eq!(
+            sim.stats()
+                .provider("ledger_v2")
+                .unwrap()
+                .clone()
+                .state_changes,
+            0
+        );
+
+        let reject_signature = signed(&sim, &bearer, &id, "reject").await;
+        let (status, body) = decide(&sim, &bearer, &id, "reject", &reject_signature).await;
+        assert_eq!((status, body["state"].clone()), (200, json!("REJECTED")));
+    }
+
     #[tokio::test]
     async fn second_opposite_decision_conflicts() {
         let sim = sim().await;
         let bearer = access_token(&sim).await;
         let id = new_id();
-        let signature = signed(&sim, &bearer, &id).await;
+        let signature = signed(&sim, &bearer, &id, "reject").await;
         assert_eq!(
             decide(&sim, &bearer, &id, "reject", &signature).await.0,
             200
         );
 
-        let signature = signed(&sim, &bearer, &id).await;
+        let signature = signed(&sim, &bearer, &id, "approve").await;
         let (status, body) = decide(&sim, &bearer, &id, "approve", &signature).await;
         assert_eq!(
             (status, body["code"].clone()),
@@ -944,7 +1484,7 @@ mod simulator {
         .await;
         let bearer = access_token(&sim).await;
         let id = new_id();
-        let challenge = challenge(&sim, &bearer, &id).await;
+        let challenge = challenge(&sim, &bearer, &id, "approve").await;
         let other_key = p256::ecdsa::SigningKey::from_slice(&[7u8; 32]).expect("a valid scalar");
         let foreign = sign_challenge(&other_key, &URL_SAFE_NO_PAD.encode(b"not issued")).unwrap();
         let (status, _) = decide(&sim, &bearer, &id, "approve", &foreign).await;
