@@ -6,7 +6,7 @@ use std::time::Duration;
 use wiremock::{Mock, ResponseTemplate, matchers::method};
 
 use crate::helpers::{
-    app::{App, spawn_app},
+    app::{App, series, spawn_app},
     mock, qonto,
     wait::wait_for,
 };
@@ -14,28 +14,6 @@ use crate::helpers::{
 async fn get(url: &str) -> Option<(u16, String)> {
     let r = reqwest::get(url).await.ok()?;
     Some((r.status().as_u16(), r.text().await.ok()?))
-}
-
-/// The value of one series in Prometheus text, 0 when absent.
-fn series(metrics: &str, name_and_labels: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            let (series, _) = l.rsplit_once(' ').unwrap_or((l, ""));
-            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
-            let (want_name, want_labels) = name_and_labels
-                .split_once('{')
-                .unwrap_or((name_and_labels, ""));
-            name == want_name
-                && want_labels
-                    .trim_end_matches('}')
-                    .split(',')
-                    .filter(|w| !w.is_empty())
-                    .all(|w| labels.contains(w))
-        })
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use lapin::{
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    app::{App, spawn_app},
+    app::{App, series, spawn_app},
     broker::{AMQP_URL, TestBroker},
     wait::{DEADLINE, wait_for},
 };
@@ -131,17 +131,7 @@ async fn a_header_filling_the_frame_does_not_close_the_connection() {
     // Checked before reading the parking lot: a copy the broker itself
     // dead-lettered after redeliveries carries its x-death history on top of
     // the header, a frame too large for the test's own connection.
-    let metrics = reqwest::get(format!("{}/metrics", app.admin_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let reconnects = metrics
-        .lines()
-        .find(|l| l.starts_with("approval_broker_reconnects_total"))
-        .and_then(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .unwrap_or(0.0);
+    let reconnects = series(&app.metrics().await, "approval_broker_reconnects_total");
     worker.signal(libc::SIGTERM);
     worker.wait(DEADLINE).await;
     let output = worker.output();
@@ -179,14 +169,6 @@ async fn frame_max() -> usize {
     let frame_max = conn.configuration().frame_max() as usize;
     let _ = conn.close(200, "done".into()).await;
     frame_max
-}
-
-/// The value of an unlabelled-or-summed Prometheus counter in `text`.
-fn counter(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
 }
 
 /// After the broker closed the channel outcomes are published on (here: the
@@ -249,12 +231,7 @@ async fn a_closed_publish_channel_ends_the_session_without_a_loop() {
     })
     .await;
 
-    let metrics = reqwest::get(format!("{}/metrics", app.admin_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     worker.signal(libc::SIGTERM);
     worker.wait(DEADLINE).await;
     let output = worker.output();
@@ -266,15 +243,15 @@ async fn a_closed_publish_channel_ends_the_session_without_a_loop() {
         "applied once before the channel closed and once after the reconnect: {output}"
     );
     assert!(
-        counter(&metrics, "approval_publish_failures_total") >= 1.0,
+        series(&metrics, "approval_publish_failures_total") >= 1.0,
         "{metrics}"
     );
     // Only confirmed outcomes count: the failed publish of the first
     // decision is not counted as a settled decision.
     assert_eq!(
-        counter(
+        series(
             &metrics,
-            "approval_decisions_total{provider=\"qonto\",action=\"reject\",status=\"applied\"}"
+            r#"approval_decisions_total{provider="qonto",action="reject",status="applied"}"#
         ),
         2.0,
         "{metrics}"

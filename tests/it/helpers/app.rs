@@ -172,6 +172,12 @@ impl TestApp {
         Process::spawn(args, &env)
     }
 
+    /// The in-process or spawned worker's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let url = format!("{}/metrics", self.admin_url());
+        reqwest::get(url).await.unwrap().text().await.unwrap()
+    }
+
     /// The admin endpoint's base URL.
     pub fn admin_url(&self) -> String {
         let bind = &self
@@ -213,4 +219,26 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The value of one series in Prometheus text, 0 when absent.
+pub fn series(metrics: &str, name_and_labels: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let (series, _) = l.rsplit_once(' ').unwrap_or((l, ""));
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            let (want_name, want_labels) = name_and_labels
+                .split_once('{')
+                .unwrap_or((name_and_labels, ""));
+            name == want_name
+                && want_labels
+                    .trim_end_matches('}')
+                    .split(',')
+                    .filter(|w| !w.is_empty())
+                    .all(|w| labels.contains(w))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
 }
