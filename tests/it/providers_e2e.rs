@@ -84,12 +84,10 @@ async fn ten_decisions(name: &str, http2: bool) -> TestApp {
 #[tokio::test]
 async fn flexpay_without_its_single_read_keeps_reconciling_an_absent_target() {
     // The fake serves no GET there (405), as FlexPay may not.
-    let app = spawn_app(
-        App::simulator("e2e-fx-absent", Faults::default()).env(
-            "APPROVAL_PROVIDERS__FLEXPAY__READ_PATH",
-            "/v1/transactions/{reference}/details",
-        ),
-    )
+    let app = spawn_app(App::simulator("e2e-fx-absent", Faults::default()).env(
+        "APPROVAL_PROVIDERS__FLEXPAY__READ_PATH",
+        "/v1/transactions/{reference}/details",
+    ))
     .await;
     let (broker, sim) = (&app.broker, app.sim());
 

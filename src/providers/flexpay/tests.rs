@@ -632,7 +632,14 @@ async fn absence_from_the_pending_list_leaves_the_state_unknown() {
         let calls = server.received_requests().await.unwrap();
         let seen: Vec<String> = calls
             .iter()
-            .map(|r| format!("{} {}?{}", r.method, r.url.path(), r.url.query().unwrap_or("")))
+            .map(|r| {
+                format!(
+                    "{} {}?{}",
+                    r.method,
+                    r.url.path(),
+                    r.url.query().unwrap_or("")
+                )
+            })
             .collect();
         assert_eq!(
             seen,
@@ -733,7 +740,11 @@ async fn a_200_for_another_transaction_or_state_is_not_proof() {
     for (action, body, message) in cases {
         let server = MockServer::start().await;
         mount_token(&server, oauth_token("jwt-a"), None).await;
-        let verb = if action == "approve" { "accept" } else { "reject" };
+        let verb = if action == "approve" {
+            "accept"
+        } else {
+            "reject"
+        };
         Mock::given(method("POST"))
             .and(path(format!("/api/v1/transactions/{REFERENCE}/{verb}")))
             .respond_with(ResponseTemplate::new(200).set_body_json(&body))
@@ -848,7 +859,13 @@ async fn token_endpoint_error_bodies_are_not_echoed() {
 /// or a bounded value, an error where it matters, never a panic.
 #[tokio::test]
 async fn huge_or_malformed_numbers_are_handled() {
-    for expires_in in [json!(1e30), json!(-5), json!("1e999"), json!(u64::MAX), json!([1])] {
+    for expires_in in [
+        json!(1e30),
+        json!(-5),
+        json!("1e999"),
+        json!(u64::MAX),
+        json!([1]),
+    ] {
         let server = MockServer::start().await;
         mount_token(
             &server,
@@ -864,10 +881,17 @@ async fn huge_or_malformed_numbers_are_handled() {
             .await;
         let p = provider(&server);
         let d = decision("reject", REFERENCE, Some("Wrong payment"));
-        assert!(matches!(p.apply(&d, &ctx()).await, Ok(Reply::Done { .. })), "{expires_in}");
+        assert!(
+            matches!(p.apply(&d, &ctx()).await, Ok(Reply::Done { .. })),
+            "{expires_in}"
+        );
         // The token is kept (clamped), not fetched again per call.
         p.apply(&d, &ctx()).await.unwrap();
-        assert_eq!(server.received_requests().await.unwrap().len(), 3, "{expires_in}");
+        assert_eq!(
+            server.received_requests().await.unwrap().len(),
+            3,
+            "{expires_in}"
+        );
     }
 
     // A negative or absurd Retry-After is ignored or bounded.

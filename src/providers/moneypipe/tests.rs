@@ -127,10 +127,10 @@ async fn approve_links_the_transactions() {
     let server = MockServer::start().await;
     Mock::given(method("PUT"))
         .and(path("/v1/operations/op%201/link-transactions"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(operation_named(
-            "op 1",
-            &[("tx-1", "confirmed", true)],
-        )))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(operation_named("op 1", &[("tx-1", "confirmed", true)])),
+        )
         .mount(&server)
         .await;
     // The operation id is percent-encoded into its segment.
@@ -568,10 +568,16 @@ async fn a_transaction_of_another_operation_is_a_conflict() {
     // Under our operation, or not yet under any (a link attaches it).
     let ours = json!({"id": "tx-1", "operation_id": "op-1", "status": "rejected", "linked": false});
     let o = read_one_state("reject", ours).await.unwrap();
-    assert_eq!((o.verdict, o.state.as_str()), (Verdict::AsDecided, "rejected"));
+    assert_eq!(
+        (o.verdict, o.state.as_str()),
+        (Verdict::AsDecided, "rejected")
+    );
     let loose = json!({"id": "tx-1", "operation_id": null, "status": "undefined", "linked": false});
     let o = read_one_state("approve", loose).await.unwrap();
-    assert_eq!((o.verdict, o.state.as_str()), (Verdict::Pending, "undefined"));
+    assert_eq!(
+        (o.verdict, o.state.as_str()),
+        (Verdict::Pending, "undefined")
+    );
 }
 
 /// What a read cannot tie to our operation and transaction proves nothing:
@@ -691,7 +697,11 @@ async fn huge_or_malformed_numbers_are_errors() {
     // Retry-After negative or absurd; error codes past any integer.
     for (retry_after, code, expected) in [
         ("-5", json!(1e30), None),
-        ("1e30", json!(u64::MAX), Some(crate::retry::MAX_PROVIDER_DELAY)),
+        (
+            "1e30",
+            json!(u64::MAX),
+            Some(crate::retry::MAX_PROVIDER_DELAY),
+        ),
     ] {
         let server = MockServer::start().await;
         Mock::given(method("PUT"))
