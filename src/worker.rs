@@ -361,7 +361,12 @@ impl Dispatch<'_> {
                     },
                     Err(read) => {
                         warn!(error = %read, "reconciliation read failed");
-                        if error.http_status.is_some() {
+                        // A read that may pass later leaves the state unknown:
+                        // retry (the repeat reads first where the provider has
+                        // no idempotency) rather than report `failed` on a guess.
+                        let unknown =
+                            matches!(read.class, ErrorClass::Retryable | ErrorClass::Ambiguous);
+                        if error.http_status.is_some() && !unknown {
                             let kind = ErrorKind::RejectedByProvider;
                             return refused(kind, error, Resolution::Call);
                         }

@@ -3,7 +3,10 @@
 
 use approval_worker::tools::sim::{self, Faults, samples};
 
-use crate::helpers::app::{App, TestApp, spawn_app};
+use crate::helpers::{
+    app::{App, TestApp, spawn_app},
+    wait::{DEADLINE, wait_for},
+};
 
 #[tokio::test]
 async fn one_approve_and_one_reject_per_provider_give_ten_applied_events() {
@@ -70,4 +73,76 @@ async fn ten_decisions(name: &str, http2: bool) -> TestApp {
     }
     app.stop_worker().await;
     app
+}
+
+/// FlexPay without its single read (UNCONFIRMED upstream): an approve meets
+/// a transaction someone else accepted meanwhile, so the accept call is
+/// refused as not pending and the transaction is no longer in the pending
+/// list. Absence proves nothing (an accepted transaction leaves the list
+/// too): the worker must keep reconciling within the horizon, never report
+/// `failed` (it used to, at once) nor call the provider again.
+#[tokio::test]
+async fn flexpay_without_its_single_read_keeps_reconciling_an_absent_target() {
+    // The fake serves no GET there (405), as FlexPay may not.
+    let app = spawn_app(App::simulator("e2e-fx-absent", Faults::default()).env(
+        "APPROVAL_PROVIDERS__FLEXPAY__READ_PATH",
+        "/v1/transactions/{reference}/details",
+    ))
+    .await;
+    let (broker, sim) = (&app.broker, app.sim());
+
+    let d = samples::decision("flexpay", "approve", "e2e-fx-absent-1");
+    let reference = samples::target_key(&d);
+    // Someone else accepts the transaction first.
+    let http = reqwest::Client::new();
+    let base = sim.base_url("flexpay");
+    let token: serde_json::Value = http
+        .post(format!("{base}/v1/auth/token"))
+        .json(&serde_json::json!({
+            "client_id": "sim-flexpay-client",
+            "client_secret": "sim-flexpay-secret",
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let bearer = token["data"]["accessToken"].as_str().unwrap();
+    let accepted = http
+        .post(format!("{base}/v1/transactions/{reference}/accept"))
+        .bearer_auth(bearer)
+        .header("Idempotency-Key", "someone-else")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status(), 200);
+
+    broker.publish(&d).await;
+    // Each reconciliation meets the missing single read once: three of them
+    // mean the decision was read, retried later, and read again.
+    wait_for("three reconciliation reads", DEADLINE, || async {
+        let stats = sim.stats();
+        let reads = stats.provider("flexpay")?.by_status.get(&405).copied()?;
+        (reads >= 3).then_some(())
+    })
+    .await;
+    assert!(
+        broker
+            .outcomes()
+            .iter()
+            .all(|o| o.decision_id() != "e2e-fx-absent-1"),
+        "{:#?}",
+        broker.outcomes()
+    );
+    let stats = sim.stats();
+    let flexpay = stats.provider("flexpay").unwrap();
+    // Ours and the worker's single accept: never called again on absence.
+    assert_eq!(flexpay.state_changing_calls, 2, "{flexpay:?}");
+    assert_eq!(flexpay.state_changes, 1, "{flexpay:?}");
+    assert_eq!(
+        sim.target_state("flexpay", &reference).as_deref(),
+        Some("COMPLETED")
+    );
+    app.stop_worker().await;
 }

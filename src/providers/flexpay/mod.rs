@@ -9,11 +9,17 @@
 //! no body. Answers come in an envelope `{success, message, errorCode, data,
 //! errors, timestamp}` where `success: false` fails even on a 2xx.
 //!
+//! A 2xx counts as applied only when its `data` names our reference and
+//! shows the decided state (`COMPLETED` for accept, `REJECTED` for reject);
+//! anything else is ambiguous and reconciled by reading the transaction.
+//!
 //! FlexPay documents no idempotency on accept and reject: we still send
 //! `Idempotency-Key`, and the worker reads the state before any repeat.
 //! The single-transaction read is UNCONFIRMED (configurable `read_path`);
-//! when it does not exist we fall back to the pending list, whose silence
-//! proves nothing about the outcome.
+//! when it does not exist we fall back to the pending list. Found there
+//! means pending; absent proves nothing (an accepted transaction leaves the
+//! list as surely as a rejected or expired one), so the state is unknown
+//! and the read fails as one to repeat later, within the retry horizon.
 
 pub mod sim;
 #[cfg(test)]
@@ -33,7 +39,7 @@ use super::{
 };
 use crate::{
     decision::{Action, Decision, required_reason, target_segment},
-    retry::{CallError, ErrorClass},
+    retry::{self, CallError, ErrorClass},
     settings::{
         Credential, ProviderSections, SettingsError, check_base_url, check_path_template, present,
     },
@@ -173,13 +179,28 @@ fn envelope_error(body: &Value) -> (Option<String>, Option<String>) {
     (code, message)
 }
 
-fn verdict(action: Action, status: &str) -> Verdict {
-    match (action, status) {
-        (_, "AWAITING_ACCEPTANCE") => Verdict::Pending,
-        (Action::Approve, "COMPLETED") | (Action::Reject, "REJECTED") => Verdict::AsDecided,
-        // The other decision, EXPIRED, or a status we do not know.
-        _ => Verdict::Conflict,
+/// The status a transaction shows once the decision is applied.
+fn decided_status(action: Action) -> &'static str {
+    match action {
+        Action::Approve => "COMPLETED",
+        Action::Reject => "REJECTED",
     }
+}
+
+fn verdict(action: Action, status: &str) -> Verdict {
+    if status == "AWAITING_ACCEPTANCE" {
+        Verdict::Pending
+    } else if status == decided_status(action) {
+        Verdict::AsDecided
+    } else {
+        // The other decision, EXPIRED, or a status we do not know.
+        Verdict::Conflict
+    }
+}
+
+/// Provider text quoted in our messages, bounded.
+fn clip(s: &str) -> String {
+    s.chars().take(100).collect()
 }
 
 fn status_of(v: &Value) -> Option<String> {
@@ -249,18 +270,27 @@ impl FlexPay {
             e.http_status = Some(status);
             return Err(e);
         }
-        let (code, message) = envelope_error(&response.body);
-        let class = match status {
-            429 | 500..=599 => ErrorClass::Retryable,
+        let (class, message) = match status {
+            429 | 500..=599 => (
+                ErrorClass::Retryable,
+                format!("FlexPay token exchange failed (HTTP {status})"),
+            ),
             // Refused credentials (or a token endpoint that is not there):
             // retrying cannot fix it.
-            _ => ErrorClass::Auth,
+            _ => (
+                ErrorClass::Auth,
+                format!(
+                    "FlexPay token exchange failed (HTTP {status}): check CLIENT_ID and CLIENT_SECRET"
+                ),
+            ),
         };
-        let message = match message {
-            Some(m) => format!("FlexPay token exchange failed (HTTP {status}): {m}"),
-            None => format!("FlexPay token exchange failed (HTTP {status})"),
-        };
-        Err(http::error(class, &response, code, Some(message)))
+        // Nothing of the body: a token endpoint may echo the client id or
+        // secret in it, and the error travels into outcome events, parked
+        // headers and logs. The status and Retry-After are all we keep.
+        let mut e = CallError::new(class, message);
+        e.http_status = Some(status);
+        e.retry_after = retry::retry_after(&response.headers);
+        Err(e)
     }
 
     fn request(&self, method: Method, url: Url, token: &SecretString) -> RequestBuilder {
@@ -295,7 +325,9 @@ impl FlexPay {
 
     /// Fallback read: walks `GET /v1/transactions/pending`. Found means still
     /// pending; not found proves nothing (accepted, rejected, expired, or
-    /// simply not visible to us), so it is an error, not a verdict.
+    /// simply not visible to us), so it is no verdict but a read to repeat
+    /// later: the worker keeps reconciling within the retry horizon rather
+    /// than report `failed` (or `already_applied`) on a guess.
     async fn read_pending(&self, reference: &str) -> Result<Observed, CallError> {
         for page in 0..MAX_PENDING_PAGES {
             let mut url = http::join(&self.base, "/v1/transactions/pending");
@@ -347,17 +379,19 @@ impl FlexPay {
                 };
             if last {
                 return Err(CallError::new(
-                    ErrorClass::Permanent,
+                    ErrorClass::Retryable,
                     format!(
-                        "FlexPay transaction {reference} is not in the pending list; absence proves nothing"
+                        "FlexPay transaction {reference} is not in the pending list and cannot be \
+                         read alone: its state is unknown (absence proves nothing)"
                     ),
                 ));
             }
         }
         Err(CallError::new(
-            ErrorClass::Permanent,
+            ErrorClass::Retryable,
             format!(
-                "FlexPay transaction {reference} is not in the first {MAX_PENDING_PAGES} pages of the pending list; absence proves nothing"
+                "FlexPay transaction {reference} is not in the first {MAX_PENDING_PAGES} pages of \
+                 the pending list and cannot be read alone: its state is unknown"
             ),
         ))
     }
@@ -387,7 +421,7 @@ impl Provider for FlexPay {
 
     async fn apply(
         &self,
-        _: &Decision,
+        d: &Decision,
         t: &Self::Target<'_>,
         ctx: &CallContext,
     ) -> Result<Reply, CallError> {
@@ -411,10 +445,45 @@ impl Provider for FlexPay {
         if !response.status.is_success() || refused(&response.body) {
             return Err(Self::classify(&response));
         }
-        Ok(Reply::Done {
-            state: response.body.get("data").and_then(status_of),
-            response: response.body,
-        })
+        let decided = decided_status(d.action);
+        let data = response.body.get("data");
+        let status = response.status.as_u16();
+        // A 2xx is proof only of what it names: a reply for another
+        // transaction (a proxy, a cache, a mix-up) or in another state says
+        // nothing about ours, so the worker reads ours.
+        let problem = match data
+            .and_then(|d| d.get("reference"))
+            .and_then(Value::as_str)
+        {
+            None => format!(
+                "FlexPay answered HTTP {status} without naming the transaction (data.reference)"
+            ),
+            Some(named) if named != reference => format!(
+                "FlexPay answered HTTP {status} for transaction {}, not {reference}",
+                clip(named)
+            ),
+            Some(_) => match data.and_then(status_of) {
+                Some(state) if state == decided => {
+                    return Ok(Reply::Done {
+                        state: Some(state),
+                        response: response.body,
+                    });
+                }
+                Some(state) => format!(
+                    "FlexPay answered HTTP {status} but transaction {reference} shows {}, not {decided}",
+                    clip(&state)
+                ),
+                None => format!(
+                    "FlexPay answered HTTP {status} but transaction {reference} shows no status, not {decided}"
+                ),
+            },
+        };
+        Err(http::error(
+            ErrorClass::Ambiguous,
+            &response,
+            None,
+            Some(problem),
+        ))
     }
 
     async fn read_state(&self, d: &Decision, t: &Self::Target<'_>) -> Result<Observed, CallError> {
@@ -437,6 +506,22 @@ impl Provider for FlexPay {
             return Err(Self::classify(&response));
         }
         let data = response.body.get("data").unwrap_or(&Value::Null);
+        let named = match data.get("reference") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(named)) if named == reference => None,
+            Some(Value::String(named)) => Some(clip(named)),
+            Some(_) => Some("a reference that is not a string".to_owned()),
+        };
+        if let Some(named) = named {
+            return Err(http::error(
+                ErrorClass::Ambiguous,
+                &response,
+                None,
+                Some(format!(
+                    "FlexPay's read of transaction {reference} answered for {named}"
+                )),
+            ));
+        }
         let Some(state) = status_of(data) else {
             return Err(http::error(
                 ErrorClass::Ambiguous,

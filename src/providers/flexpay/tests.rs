@@ -429,7 +429,7 @@ async fn refused_credentials_are_an_auth_failure() {
     assert_eq!(e.class, ErrorClass::Auth);
     assert_eq!(
         e.message,
-        "FlexPay token exchange failed (HTTP 401): Invalid client credentials"
+        "FlexPay token exchange failed (HTTP 401): check CLIENT_ID and CLIENT_SECRET"
     );
     assert!(!format!("{e:?}").contains(CLIENT_SECRET));
     assert_eq!(server.received_requests().await.unwrap().len(), 1);
@@ -600,29 +600,352 @@ async fn the_fallback_follows_page_metadata_not_page_length() {
     assert_eq!(server.received_requests().await.unwrap().len(), 4);
 }
 
+/// An accepted transaction leaves the pending list as surely as a rejected
+/// or expired one: without the single read, absence leaves the state
+/// unknown, so the read fails as one to repeat later (never a refusal the
+/// worker would report `failed`, never a verdict).
 #[tokio::test]
-async fn absence_from_the_pending_list_proves_nothing() {
+async fn absence_from_the_pending_list_leaves_the_state_unknown() {
+    for (single_read, action) in [(405, "approve"), (404, "reject"), (501, "approve")] {
+        let server = MockServer::start().await;
+        mount_token(&server, oauth_token("jwt-a"), None).await;
+        Mock::given(method("GET"))
+            .and(path(format!("/api/v1/transactions/{REFERENCE}")))
+            .respond_with(ResponseTemplate::new(single_read))
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/api/v1/transactions/pending"))
+            .respond_with(pending_page(&["TXN-OTHER".to_owned()], 0, true))
+            .mount(&server)
+            .await;
+        let e = observe(&server, action).await.unwrap_err();
+        assert_eq!(e.class, ErrorClass::Retryable, "{single_read} {action}");
+        assert_eq!(
+            e.message,
+            format!(
+                "FlexPay transaction {REFERENCE} is not in the pending list and cannot be read \
+                 alone: its state is unknown (absence proves nothing)"
+            )
+        );
+        assert_eq!(e.http_status, None);
+        let calls = server.received_requests().await.unwrap();
+        let seen: Vec<String> = calls
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {}?{}",
+                    r.method,
+                    r.url.path(),
+                    r.url.query().unwrap_or("")
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                "POST /api/v1/auth/token?".to_owned(),
+                format!("GET /api/v1/transactions/{REFERENCE}?"),
+                "GET /api/v1/transactions/pending?page=0&size=100".to_owned(),
+            ]
+        );
+    }
+}
+
+/// The same when the walk stops at its page bound without meeting the end.
+#[tokio::test]
+async fn a_pending_list_longer_than_the_walk_leaves_the_state_unknown() {
     let server = MockServer::start().await;
     mount_token(&server, oauth_token("jwt-a"), None).await;
     Mock::given(method("GET"))
         .and(path(format!("/api/v1/transactions/{REFERENCE}")))
-        .respond_with(ResponseTemplate::new(405))
+        .respond_with(ResponseTemplate::new(404))
+        .mount(&server)
+        .await;
+    let others: Vec<String> = (0..100).map(|i| format!("TXN-OTHER-{i}")).collect();
+    Mock::given(method("GET"))
+        .and(path("/api/v1/transactions/pending"))
+        .respond_with(pending_page(&others, 0, false))
+        .mount(&server)
+        .await;
+    let e = observe(&server, "approve").await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Retryable);
+    assert_eq!(
+        e.message,
+        format!(
+            "FlexPay transaction {REFERENCE} is not in the first {MAX_PENDING_PAGES} pages of the \
+             pending list and cannot be read alone: its state is unknown"
+        )
+    );
+    let pages = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.url.path() == "/api/v1/transactions/pending")
+        .count();
+    assert_eq!(pages, MAX_PENDING_PAGES as usize);
+}
+
+/// A 2xx proves the decision only when its transaction is ours and shows
+/// the decided state: FlexPay answering for another reference, or with
+/// our reference in another state, or without naming either, is ambiguous,
+/// so the worker reads the target instead of reporting `applied`.
+#[tokio::test]
+async fn a_200_for_another_transaction_or_state_is_not_proof() {
+    let answer = |reference: Value, status: Value| {
+        let mut body = envelope("REJECTED");
+        body["data"]["reference"] = reference;
+        body["data"]["status"] = status;
+        body
+    };
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "reject",
+            answer(json!("TXN-16820000-OTHER999"), json!("REJECTED")),
+            "FlexPay answered HTTP 200 for transaction TXN-16820000-OTHER999, not TXN-16820000-AB1C2D3E",
+        ),
+        (
+            "reject",
+            answer(json!(REFERENCE), json!("AWAITING_ACCEPTANCE")),
+            "FlexPay answered HTTP 200 but transaction TXN-16820000-AB1C2D3E shows AWAITING_ACCEPTANCE, not REJECTED",
+        ),
+        (
+            "approve",
+            answer(json!(REFERENCE), json!("REJECTED")),
+            "FlexPay answered HTTP 200 but transaction TXN-16820000-AB1C2D3E shows REJECTED, not COMPLETED",
+        ),
+        (
+            "approve",
+            json!({"success": true, "message": "ok", "data": null}),
+            "FlexPay answered HTTP 200 without naming the transaction (data.reference)",
+        ),
+        (
+            "approve",
+            answer(json!(REFERENCE), Value::Null),
+            "FlexPay answered HTTP 200 but transaction TXN-16820000-AB1C2D3E shows no status, not COMPLETED",
+        ),
+        // Of the wrong type: a provider error, never a match by accident.
+        (
+            "reject",
+            answer(json!(16_820_000), json!("REJECTED")),
+            "FlexPay answered HTTP 200 without naming the transaction (data.reference)",
+        ),
+        (
+            "approve",
+            answer(json!(REFERENCE), json!(1e30)),
+            "FlexPay answered HTTP 200 but transaction TXN-16820000-AB1C2D3E shows no status, not COMPLETED",
+        ),
+    ];
+    for (action, body, message) in cases {
+        let server = MockServer::start().await;
+        mount_token(&server, oauth_token("jwt-a"), None).await;
+        let verb = if action == "approve" {
+            "accept"
+        } else {
+            "reject"
+        };
+        Mock::given(method("POST"))
+            .and(path(format!("/api/v1/transactions/{REFERENCE}/{verb}")))
+            .respond_with(ResponseTemplate::new(200).set_body_json(&body))
+            .mount(&server)
+            .await;
+        let d = decision(action, REFERENCE, Some("Wrong payment"));
+        let e = provider(&server).apply(&d, &ctx()).await.unwrap_err();
+        assert_eq!(e.class, ErrorClass::Ambiguous, "{body}");
+        assert_eq!(e.message, message);
+        assert_eq!(e.http_status, Some(200));
+        assert_eq!(e.response.as_ref(), Some(&body));
+        let calls = server.received_requests().await.unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_token_call(&calls[0]);
+        if action == "reject" {
+            assert_reject_call(&calls[1], "jwt-a");
+        } else {
+            assert_eq!(calls[1].method.as_str(), "POST");
+            assert_eq!(
+                calls[1].url.path(),
+                format!("/api/v1/transactions/{REFERENCE}/accept")
+            );
+            assert_eq!(h(&calls[1], "idempotency-key"), Some("idem-fx-7"));
+            assert!(calls[1].body.is_empty());
+        }
+    }
+}
+
+/// The single read proves a state only for our transaction.
+#[tokio::test]
+async fn a_single_read_of_another_transaction_is_no_verdict() {
+    let server = MockServer::start().await;
+    mount_token(&server, oauth_token("jwt-a"), None).await;
+    let mut body = envelope("COMPLETED");
+    body["data"]["reference"] = json!("TXN-ELSEWHERE");
+    Mock::given(method("GET"))
+        .and(path(format!("/api/v1/transactions/{REFERENCE}")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(&body))
+        .mount(&server)
+        .await;
+    let e = observe(&server, "approve").await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Ambiguous);
+    assert_eq!(
+        e.message,
+        format!("FlexPay's read of transaction {REFERENCE} answered for TXN-ELSEWHERE")
+    );
+}
+
+/// The token endpoint's error body may echo the client id or secret (or
+/// hold anything a proxy puts there): none of it goes into the error, so
+/// none of it reaches an outcome event, a parked header or a log line.
+#[tokio::test]
+async fn token_endpoint_error_bodies_are_not_echoed() {
+    let echo = json!({
+        "success": false,
+        "message": format!("Invalid client_secret {CLIENT_SECRET} for fx-client"),
+        "errorCode": "INVALID_CLIENT",
+        "errors": [format!("client_id=fx-client&client_secret={CLIENT_SECRET}")],
+        "timestamp": "2026-11-21T10:00:00Z",
+    });
+    let cases: Vec<(u16, Value, ErrorClass, &str)> = vec![
+        (
+            401,
+            echo.clone(),
+            ErrorClass::Auth,
+            "FlexPay token exchange failed (HTTP 401): check CLIENT_ID and CLIENT_SECRET",
+        ),
+        (
+            400,
+            json!(format!("bad request: {TOKEN_BODY}")),
+            ErrorClass::Auth,
+            "FlexPay token exchange failed (HTTP 400): check CLIENT_ID and CLIENT_SECRET",
+        ),
+        (
+            200,
+            echo.clone(),
+            ErrorClass::Auth,
+            "FlexPay token exchange failed (HTTP 200): check CLIENT_ID and CLIENT_SECRET",
+        ),
+        (
+            503,
+            echo,
+            ErrorClass::Retryable,
+            "FlexPay token exchange failed (HTTP 503)",
+        ),
+    ];
+    for (status, body, class, message) in cases {
+        let server = MockServer::start().await;
+        mount_token(
+            &server,
+            ResponseTemplate::new(status).set_body_json(&body),
+            None,
+        )
+        .await;
+        let d = decision("approve", REFERENCE, None);
+        let e = provider(&server).apply(&d, &ctx()).await.unwrap_err();
+        assert_eq!(e.class, class, "{status}");
+        assert_eq!(e.message, message);
+        assert_eq!(e.http_status, Some(status));
+        assert_eq!(e.response, None, "{status}");
+        assert_eq!(e.provider_code, None, "{status}");
+        let debug = format!("{e:?}");
+        assert!(!debug.contains(CLIENT_SECRET), "{debug}");
+        assert!(!debug.contains("fx-client"), "{debug}");
+        let calls = server.received_requests().await.unwrap();
+        assert_eq!(calls.len(), 1, "no decision call without a token");
+        assert_token_call(&calls[0]);
+    }
+}
+
+/// Huge or malformed numbers in FlexPay's answers: the documented default
+/// or a bounded value, an error where it matters, never a panic.
+#[tokio::test]
+async fn huge_or_malformed_numbers_are_handled() {
+    for expires_in in [
+        json!(1e30),
+        json!(-5),
+        json!("1e999"),
+        json!(u64::MAX),
+        json!([1]),
+    ] {
+        let server = MockServer::start().await;
+        mount_token(
+            &server,
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"access_token": "jwt-n", "expires_in": expires_in})),
+            None,
+        )
+        .await;
+        Mock::given(method("POST"))
+            .and(path(format!("/api/v1/transactions/{REFERENCE}/reject")))
+            .respond_with(ResponseTemplate::new(200).set_body_json(envelope("REJECTED")))
+            .mount(&server)
+            .await;
+        let p = provider(&server);
+        let d = decision("reject", REFERENCE, Some("Wrong payment"));
+        assert!(
+            matches!(p.apply(&d, &ctx()).await, Ok(Reply::Done { .. })),
+            "{expires_in}"
+        );
+        // The token is kept (clamped), not fetched again per call.
+        p.apply(&d, &ctx()).await.unwrap();
+        assert_eq!(
+            server.received_requests().await.unwrap().len(),
+            3,
+            "{expires_in}"
+        );
+    }
+
+    // A negative or absurd Retry-After is ignored or bounded.
+    for (retry_after, expected) in [
+        ("-5", None),
+        ("1e30", Some(crate::retry::MAX_PROVIDER_DELAY)),
+    ] {
+        let server = MockServer::start().await;
+        mount_token(&server, oauth_token("jwt-a"), None).await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(503).insert_header("Retry-After", retry_after))
+            .mount(&server)
+            .await;
+        let d = decision("approve", REFERENCE, None);
+        let e = provider(&server).apply(&d, &ctx()).await.unwrap_err();
+        assert_eq!((e.class, e.retry_after), (ErrorClass::Retryable, expected));
+    }
+
+    // Page metadata of the wrong type or size, and references that are not
+    // strings, in the pending list.
+    let server = MockServer::start().await;
+    mount_token(&server, oauth_token("jwt-a"), None).await;
+    Mock::given(method("GET"))
+        .and(path(format!("/api/v1/transactions/{REFERENCE}")))
+        .respond_with(ResponseTemplate::new(404))
         .mount(&server)
         .await;
     Mock::given(method("GET"))
         .and(path("/api/v1/transactions/pending"))
-        .respond_with(pending_page(&["TXN-OTHER".to_owned()], 0, true))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "success": true,
+            "data": {
+                "content": [{"reference": 1e30, "status": 7}, {"reference": null}],
+                "totalPages": 1e30,
+                "last": "no",
+            },
+        })))
         .mount(&server)
         .await;
-    let e = observe(&server, "approve").await.unwrap_err();
-    assert_eq!(e.class, ErrorClass::Permanent);
-    assert_eq!(
-        e.message,
-        format!(
-            "FlexPay transaction {REFERENCE} is not in the pending list; absence proves nothing"
-        )
-    );
-    assert_eq!(server.received_requests().await.unwrap().len(), 3);
+    let e = observe(&server, "reject").await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Retryable, "{e}");
+
+    // A status of the wrong type in the single read is no state.
+    let server = MockServer::start().await;
+    mount_token(&server, oauth_token("jwt-a"), None).await;
+    let mut body = envelope("REJECTED");
+    body["data"]["status"] = json!(-1e30);
+    Mock::given(method("GET"))
+        .and(path(format!("/api/v1/transactions/{REFERENCE}")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(&body))
+        .mount(&server)
+        .await;
+    let e = observe(&server, "reject").await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Ambiguous);
 }
 
 #[test]

@@ -9,9 +9,12 @@
 //!
 //! The whole `tx_ids` list goes in one call, as the contract says. What the
 //! provider does with a partly failing batch is UNCONFIRMED, so a success
-//! counts only when every listed transaction shows the decided state in the
-//! returned operation; anything less is ambiguous and gets reconciled with
-//! `GET /transactions/{id}` per transaction.
+//! counts only when the returned operation is ours (`data.id`) and every
+//! listed transaction shows the decided state in it; anything less is
+//! ambiguous and gets reconciled with `GET /transactions/{id}` per
+//! transaction. A read counts a transaction as decided by us only under our
+//! operation: one under another operation is a conflict, and an answer that
+//! cannot be tied to our operation and transaction is no verdict at all.
 
 pub mod sim;
 #[cfg(test)]
@@ -184,7 +187,7 @@ fn status_name(tx: &Value) -> Option<String> {
     }
 }
 
-/// How one transaction relates to the decision.
+/// How one transaction relates to the decision, by its status alone.
 fn tx_verdict(action: Action, tx: &Value) -> Verdict {
     let status = status_name(tx).unwrap_or_default();
     let decided = decided_status(action);
@@ -214,6 +217,84 @@ fn combine(verdicts: impl IntoIterator<Item = Verdict>) -> Verdict {
         }
     }
     combined
+}
+
+/// The operation a transaction names: `Ok(None)` when it names none (not
+/// yet in any operation), `Err` when the field is of the wrong type.
+fn operation_of(tx: &Value) -> Result<Option<&str>, &'static str> {
+    match tx.get("operation_id") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(op)) => Ok(Some(op)),
+        Some(other) => Err(kind_of(other)),
+    }
+}
+
+/// A JSON value's kind, for messages about a field of the wrong type.
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Provider text quoted in our messages, bounded.
+fn clip(s: &str) -> String {
+    s.chars().take(100).collect()
+}
+
+/// One read transaction, tied to the target: its state and verdict, or why
+/// the answer proves nothing about it.
+fn read_verdict(
+    action: Action,
+    operation_id: &str,
+    id: &str,
+    tx: &Value,
+) -> Result<(String, Verdict), String> {
+    match tx.get("id") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(named)) if named == id => {}
+        Some(Value::String(named)) => {
+            return Err(format!(
+                "MoneyPipe's read of transaction {id} answered for {}",
+                clip(named)
+            ));
+        }
+        Some(other) => {
+            return Err(format!(
+                "MoneyPipe's read of transaction {id} answered for {}",
+                kind_of(other)
+            ));
+        }
+    }
+    let Some(status) = status_name(tx) else {
+        return Err(format!(
+            "MoneyPipe's transaction {id} shows no readable status"
+        ));
+    };
+    let operation = operation_of(tx).map_err(|kind| {
+        format!("MoneyPipe's transaction {id} names its operation with {kind}, not a string")
+    })?;
+    let verdict = tx_verdict(action, tx);
+    match operation {
+        // Decided (or waiting) under someone else's operation: whatever
+        // its status, our decision did not and cannot act on it.
+        Some(other) if other != operation_id => Ok((
+            format!("{} under operation {}", clip(&status), clip(other)),
+            Verdict::Conflict,
+        )),
+        Some(_) => Ok((status, verdict)),
+        // A pending transaction may have no operation yet (a link attaches
+        // it); a decided one always has one, so its absence proves nothing.
+        None if verdict == Verdict::AsDecided => Err(format!(
+            "MoneyPipe's transaction {id} shows {} without naming its operation",
+            clip(&status)
+        )),
+        None => Ok((status, verdict)),
+    }
 }
 
 /// `rejected` when every transaction shows it, else `tx-1=confirmed,tx-2=undefined`.
@@ -359,8 +440,14 @@ impl MoneyPipe {
         http::error(class, response, code.map(|c| c.to_string()), Some(message))
     }
 
-    /// Reads one transaction: `GET /transactions/{id}` → its `data` object.
-    async fn read_tx(&self, id: &str) -> Result<Value, CallError> {
+    /// Reads one transaction: `GET /transactions/{id}` → its `data` object,
+    /// its state and how it relates to the decision on `operation_id`.
+    async fn read_tx(
+        &self,
+        action: Action,
+        operation_id: &str,
+        id: &str,
+    ) -> Result<(Value, String, Verdict), CallError> {
         let url = http::join(&self.base, &format!("/transactions/{}", http::segment(id)));
         let response = self
             .http
@@ -369,9 +456,17 @@ impl MoneyPipe {
         if !response.status.is_success() {
             return Err(Self::classify(&response));
         }
-        match response.body.get("data") {
-            Some(data) if data.is_object() => Ok(data.clone()),
-            _ => Err(Self::classify(&response)),
+        let Some(data) = response.body.get("data").filter(|d| d.is_object()) else {
+            return Err(Self::classify(&response));
+        };
+        match read_verdict(action, operation_id, id, data) {
+            Ok((state, verdict)) => Ok((data.clone(), state, verdict)),
+            Err(problem) => Err(http::error(
+                ErrorClass::Ambiguous,
+                &response,
+                None,
+                Some(problem),
+            )),
         }
     }
 }
@@ -443,17 +538,46 @@ impl Provider for MoneyPipe {
             }
             return Err(e);
         };
+        // The answer proves something only about the operation it names.
+        let status = response.status.as_u16();
+        let named = match response.body.pointer("/data/id").and_then(Value::as_str) {
+            None => Some(format!(
+                "MoneyPipe answered HTTP {status} without naming the operation (data.id)"
+            )),
+            Some(op) if op != t.operation_id => Some(format!(
+                "MoneyPipe answered HTTP {status} for operation {}, not {}",
+                clip(op),
+                t.operation_id
+            )),
+            Some(_) => None,
+        };
+        if let Some(problem) = named {
+            return Err(http::error(
+                ErrorClass::Ambiguous,
+                &response,
+                None,
+                Some(problem),
+            ));
+        }
         let decided = decided_status(d.action);
         let missing: Vec<(&str, String)> = tx_ids
             .iter()
             .filter_map(|id| {
-                match transactions
+                let Some(tx) = transactions
                     .iter()
                     .find(|t| t.get("id").and_then(Value::as_str) == Some(id))
-                {
-                    Some(tx) if tx_verdict(d.action, tx) == Verdict::AsDecided => None,
-                    Some(tx) => Some((*id, status_name(tx).unwrap_or_else(|| "no status".into()))),
-                    None => Some((*id, "not in the answer".to_owned())),
+                else {
+                    return Some((*id, "not in the answer".to_owned()));
+                };
+                let status = || status_name(tx).unwrap_or_else(|| "no status".into());
+                match operation_of(tx) {
+                    Err(_) => Some((*id, "operation of the wrong type".to_owned())),
+                    Ok(Some(other)) if other != t.operation_id => Some((
+                        *id,
+                        format!("{} under operation {}", clip(&status()), clip(other)),
+                    )),
+                    Ok(_) if tx_verdict(d.action, tx) == Verdict::AsDecided => None,
+                    Ok(_) => Some((*id, status())),
                 }
             })
             .collect();
@@ -477,20 +601,23 @@ impl Provider for MoneyPipe {
         let tx_ids = &t.tx_ids;
         // Collected first: a closure held across the await would make this
         // future's `Send` bound unprovable for `async_trait`.
-        let reads: Vec<_> = tx_ids.iter().map(|id| self.read_tx(id)).collect();
-        let read: Vec<Value> = stream::iter(reads)
+        let reads: Vec<_> = tx_ids
+            .iter()
+            .map(|id| self.read_tx(d.action, t.operation_id, id))
+            .collect();
+        let read: Vec<(Value, String, Verdict)> = stream::iter(reads)
             .buffered(READ_CONCURRENCY)
             .try_collect()
             .await?;
         let states: Vec<(&str, String)> = tx_ids
             .iter()
             .zip(&read)
-            .map(|(id, tx)| (*id, status_name(tx).unwrap_or_else(|| "unknown".into())))
+            .map(|(id, (_, state, _))| (*id, state.clone()))
             .collect();
         Ok(Observed {
             state: summary(&states),
-            verdict: combine(read.iter().map(|tx| tx_verdict(d.action, tx))),
-            response: Value::Array(read),
+            verdict: combine(read.iter().map(|(_, _, verdict)| *verdict)),
+            response: Value::Array(read.into_iter().map(|(tx, _, _)| tx).collect()),
         })
     }
 }

@@ -51,8 +51,12 @@ fn ctx() -> CallContext {
 }
 
 fn operation(txs: &[(&str, &str, bool)]) -> Value {
+    operation_named("op-1", txs)
+}
+
+fn operation_named(id: &str, txs: &[(&str, &str, bool)]) -> Value {
     json!({"data": {
-        "id": "op-1",
+        "id": id,
         "status": "new",
         "transactions": txs.iter().map(|(id, status, linked)| json!({
             "id": id,
@@ -123,11 +127,10 @@ async fn approve_links_the_transactions() {
     let server = MockServer::start().await;
     Mock::given(method("PUT"))
         .and(path("/v1/operations/op%201/link-transactions"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(operation(&[(
-            "tx-1",
-            "confirmed",
-            true,
-        )])))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(operation_named("op 1", &[("tx-1", "confirmed", true)])),
+        )
         .mount(&server)
         .await;
     // The operation id is percent-encoded into its segment.
@@ -508,6 +511,215 @@ async fn read_state_surfaces_a_missing_transaction() {
     let e = provider(&server).await.read_state(&d).await.unwrap_err();
     assert_eq!(e.class, ErrorClass::Permanent);
     assert_eq!(e.provider_code.as_deref(), Some("6"));
+}
+
+/// One transaction read answering `data` as given.
+async fn read_one(data: Value) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/v1/transactions/tx-1"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({ "data": data })))
+        .mount(&server)
+        .await;
+    server
+}
+
+async fn read_one_state(action: &str, data: Value) -> Result<Observed, CallError> {
+    let server = read_one(data).await;
+    let d = decision(
+        action,
+        json!({"operation_id": "op-1", "tx_ids": ["tx-1"]}),
+        Some("no"),
+    );
+    let result = provider(&server).await.read_state(&d).await;
+    let calls = server.received_requests().await.unwrap();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].method.as_str(), "GET");
+    assert_eq!(calls[0].url.path(), "/v1/transactions/tx-1");
+    assert_eq!(
+        header(&calls[0], "authorization"),
+        Some(&*format!("Bearer {TOKEN}"))
+    );
+    result
+}
+
+/// A transaction in the decided state under another operation was decided
+/// by someone else's call: a conflict, never `already_applied`; and one
+/// still pending under another operation cannot be ours to decide.
+#[tokio::test]
+async fn a_transaction_of_another_operation_is_a_conflict() {
+    for (action, status, linked) in [
+        ("reject", "rejected", false),
+        ("approve", "confirmed", true),
+        ("approve", "undefined", false),
+    ] {
+        let o = read_one_state(
+            action,
+            json!({"id": "tx-1", "tx_id": "hash", "operation_id": "op-2",
+                   "status": status, "linked": linked, "reject_reason": null}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(o.verdict, Verdict::Conflict, "{action} {status}");
+        assert_eq!(o.state, format!("{status} under operation op-2"));
+        assert_eq!(o.response[0]["operation_id"], "op-2");
+    }
+
+    // Under our operation, or not yet under any (a link attaches it).
+    let ours = json!({"id": "tx-1", "operation_id": "op-1", "status": "rejected", "linked": false});
+    let o = read_one_state("reject", ours).await.unwrap();
+    assert_eq!(
+        (o.verdict, o.state.as_str()),
+        (Verdict::AsDecided, "rejected")
+    );
+    let loose = json!({"id": "tx-1", "operation_id": null, "status": "undefined", "linked": false});
+    let o = read_one_state("approve", loose).await.unwrap();
+    assert_eq!(
+        (o.verdict, o.state.as_str()),
+        (Verdict::Pending, "undefined")
+    );
+}
+
+/// What a read cannot tie to our operation and transaction proves nothing:
+/// a decided transaction that names no operation, an operation or id of
+/// the wrong type, an answer for another transaction.
+#[tokio::test]
+async fn a_read_that_cannot_be_tied_to_the_target_is_an_error() {
+    let cases = [
+        (
+            json!({"id": "tx-1", "status": "rejected", "linked": false}),
+            "MoneyPipe's transaction tx-1 shows rejected without naming its operation",
+        ),
+        (
+            json!({"id": "tx-1", "operation_id": 7, "status": "rejected"}),
+            "MoneyPipe's transaction tx-1 names its operation with a number, not a string",
+        ),
+        (
+            json!({"id": "tx-9", "operation_id": "op-1", "status": "rejected"}),
+            "MoneyPipe's read of transaction tx-1 answered for tx-9",
+        ),
+        (
+            json!({"id": 1, "operation_id": "op-1", "status": "rejected"}),
+            "MoneyPipe's read of transaction tx-1 answered for a number",
+        ),
+    ];
+    for (data, message) in cases {
+        let e = read_one_state("reject", data.clone()).await.unwrap_err();
+        assert_eq!(e.class, ErrorClass::Ambiguous, "{data}");
+        assert_eq!(e.message, message);
+        assert_eq!(e.http_status, Some(200));
+    }
+}
+
+/// A 2xx to link or reject proves the decision only when it is the
+/// operation we named and our transactions show the decided state in it.
+#[tokio::test]
+async fn a_2xx_naming_another_operation_is_not_proof() {
+    let linked = |op: Value, tx_op: Value| {
+        json!({"data": {
+            "id": op,
+            "status": "new",
+            "transactions": [{"id": "tx-1", "operation_id": tx_op, "status": "confirmed", "linked": true}],
+        }})
+    };
+    let cases = [
+        (
+            linked(json!("op-2"), json!("op-2")),
+            "MoneyPipe answered HTTP 200 for operation op-2, not op-1",
+        ),
+        (
+            linked(Value::Null, json!("op-1")),
+            "MoneyPipe answered HTTP 200 without naming the operation (data.id)",
+        ),
+        (
+            linked(json!(1), json!("op-1")),
+            "MoneyPipe answered HTTP 200 without naming the operation (data.id)",
+        ),
+        (
+            linked(json!("op-1"), json!("op-2")),
+            "transaction tx-1 (confirmed under operation op-2) does not show confirmed",
+        ),
+        (
+            linked(json!("op-1"), json!(5)),
+            "transaction tx-1 (operation of the wrong type) does not show confirmed",
+        ),
+        // Other transactions only, or ours with an id of the wrong type.
+        (
+            json!({"data": {"id": "op-1", "transactions": [
+                {"id": "tx-2", "status": "confirmed", "linked": true},
+                {"id": 1, "status": "confirmed", "linked": true},
+            ]}}),
+            "transaction tx-1 (not in the answer) does not show confirmed",
+        ),
+    ];
+    for (body, message) in cases {
+        let server = MockServer::start().await;
+        Mock::given(method("PUT"))
+            .and(path("/v1/operations/op-1/link-transactions"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(&body))
+            .mount(&server)
+            .await;
+        let d = decision(
+            "approve",
+            json!({"operation_id": "op-1", "tx_ids": ["tx-1"]}),
+            None,
+        );
+        let e = provider(&server).await.apply(&d, &ctx()).await.unwrap_err();
+        assert_eq!(e.class, ErrorClass::Ambiguous, "{body}");
+        assert_eq!(e.message, message);
+        assert_eq!(e.http_status, Some(200));
+        assert_eq!(e.response.as_ref(), Some(&body));
+        assert_one_call(
+            &server,
+            "PUT",
+            "/v1/operations/op-1/link-transactions",
+            r#"{"tx_id":["tx-1"]}"#,
+        )
+        .await;
+    }
+}
+
+/// Huge or malformed numbers in MoneyPipe's answers: errors, never a panic
+/// and never a verdict.
+#[tokio::test]
+async fn huge_or_malformed_numbers_are_errors() {
+    // A status that is no status code is no state (it was a conflict).
+    for status in [json!(1e30), json!(-4), json!({"code": 4}), Value::Null] {
+        let data = json!({"id": "tx-1", "operation_id": "op-1", "status": status});
+        let e = read_one_state("reject", data).await.unwrap_err();
+        assert_eq!(e.class, ErrorClass::Ambiguous, "{status}");
+        assert_eq!(
+            e.message,
+            "MoneyPipe's transaction tx-1 shows no readable status"
+        );
+    }
+
+    // Retry-After negative or absurd; error codes past any integer.
+    for (retry_after, code, expected) in [
+        ("-5", json!(1e30), None),
+        (
+            "1e30",
+            json!(u64::MAX),
+            Some(crate::retry::MAX_PROVIDER_DELAY),
+        ),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("PUT"))
+            .respond_with(
+                ResponseTemplate::new(429)
+                    .insert_header("Retry-After", retry_after)
+                    .set_body_json(json!({"code": code, "message": "slow down"})),
+            )
+            .mount(&server)
+            .await;
+        let d = decision(
+            "reject",
+            json!({"operation_id": "op-1", "tx_ids": ["tx-1"]}),
+            Some("no"),
+        );
+        let e = provider(&server).await.apply(&d, &ctx()).await.unwrap_err();
+        assert_eq!((e.class, e.retry_after), (ErrorClass::Retryable, expected));
+    }
 }
 
 #[test]
