@@ -184,17 +184,18 @@ async fn the_same_decision_twice_uses_one_key_and_one_event_id() {
 async fn transient_failures_are_retried_with_one_key() {
     let app = app("q-503").await;
     let (broker, provider) = (&app.broker, app.qonto());
+    let rid = request_id();
     let script = Script::new(vec![
         ResponseTemplate::new(503),
         ResponseTemplate::new(503),
-        qonto::answer("declined"),
+        qonto::answer_for(&rid, "declined"),
     ]);
     Mock::given(method("POST"))
         .respond_with(script.clone())
         .mount(provider)
         .await;
 
-    let d = decline("retry-1", &request_id());
+    let d = decline("retry-1", &rid);
     broker.publish(&d).await;
     let o = broker.outcome("retry-1", "applied").await;
     assert_eq!(o.body["attempts"], 3);
@@ -259,16 +260,17 @@ async fn a_permanent_refusal_is_failed_parked_and_called_once() {
 async fn rate_limits_wait_at_least_retry_after() {
     let app = app("q-429").await;
     let (broker, provider) = (&app.broker, app.qonto());
+    let rid = request_id();
     let script = Script::new(vec![
         ResponseTemplate::new(429).insert_header("Retry-After", "1"),
-        qonto::answer("declined"),
+        qonto::answer_for(&rid, "declined"),
     ]);
     Mock::given(method("POST"))
         .respond_with(script.clone())
         .mount(provider)
         .await;
 
-    broker.publish(&decline("rl-1", &request_id())).await;
+    broker.publish(&decline("rl-1", &rid)).await;
     let o = broker.outcome("rl-1", "applied").await;
     assert_eq!(o.body["attempts"], 2);
     let times = script.times();
@@ -455,5 +457,128 @@ async fn the_worker_carries_on_after_its_connection_is_closed() {
     assert_eq!(closed, 1, "the worker's connection was found and closed");
     broker.publish(&decline("after", &request_id())).await;
     broker.outcome("after", "applied").await;
+    app.stop_worker().await;
+}
+
+/// Qonto replays a key's cached success whatever the call names: a 200 for
+/// another request is not `applied`. The worker reads the target and
+/// reports what the read proves: already declined, or still pending (a
+/// failure that names the other request).
+#[tokio::test]
+async fn a_cached_success_for_another_request_is_reconciled_not_applied() {
+    let app = app("q-cached-other").await;
+    let (broker, provider) = (&app.broker, app.qonto());
+    let (other, declined, pending) = (request_id(), request_id(), request_id());
+    Mock::given(method("POST"))
+        .and(path_regex("^/v2/requests/transfers/.*/decline$"))
+        .respond_with(qonto::answer_for(&other, "declined"))
+        .mount(provider)
+        .await;
+    Mock::given(method("GET"))
+        .and(path_regex("^/v2/requests$"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "requests": [
+                {"id": other, "request_type": "transfer", "status": "declined"},
+                {"id": declined, "request_type": "transfer", "status": "declined"},
+                {"id": pending, "request_type": "transfer", "status": "pending"},
+            ],
+            "meta": {"current_page": 1, "next_page": null},
+        })))
+        .mount(provider)
+        .await;
+
+    broker.publish(&decline("cached-a", &declined)).await;
+    broker.publish(&decline("cached-b", &pending)).await;
+    let a = broker.outcome("cached-a", "already_applied").await;
+    let b = broker.outcome("cached-b", "failed").await;
+    assert_eq!(a.body["provider_state"], "declined");
+    assert_eq!(a.body["provider_response"]["id"], declined.as_str());
+    assert_eq!(a.body["error"], Value::Null);
+    assert_eq!(b.body["error"]["kind"], "rejected_by_provider");
+    let message = b.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&other) && message.contains(&pending),
+        "{message}"
+    );
+    assert!(
+        broker.outcomes().iter().all(|o| o.status() != "applied"),
+        "{:#?}",
+        broker.outcomes()
+    );
+
+    // One decision call each, then one filtered read each.
+    let posts = mock::posts(provider).await;
+    assert_eq!(posts.len(), 2);
+    let reads = mock::with_method(provider, "GET").await;
+    assert_eq!(reads.len(), 2);
+    for read in &reads {
+        assert_eq!(read.url.path(), "/v2/requests");
+        assert_eq!(
+            header(read, "authorization"),
+            Some(format!("{LOGIN}:{SECRET_KEY}").as_str())
+        );
+        let query: Vec<(String, String)> = read
+            .url
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let get = |k: &str| {
+            query
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("status[]"), Some("declined"));
+        assert_eq!(get("request_type[]"), Some("transfer"));
+        assert_eq!(get("sort_by"), Some("processed_at:desc"));
+        assert_eq!(get("per_page"), Some("100"));
+        assert_eq!(get("page"), Some("1"));
+        assert!(get("processed_at_from").is_some(), "{query:?}");
+    }
+    app.stop_worker().await;
+}
+
+/// The SCA session token opens the approve: the `awaiting_confirmation`
+/// event (and the one that ends the wait) never carries it.
+#[tokio::test]
+async fn the_sca_session_token_stays_out_of_outcome_events() {
+    let app = app("q-sca-redact").await;
+    let (broker, provider) = (&app.broker, app.qonto());
+    let token = "sca-S3CRET-7e41";
+    Mock::given(method("POST"))
+        .and(path_regex("/approve$"))
+        .respond_with(ResponseTemplate::new(428).set_body_json(json!({
+            "errors": [{
+                "code": "sca_required",
+                "detail": format!("SCA required for session {token}"),
+                "meta": {"sca_session_token": token},
+            }],
+            "sca_session_token": token,
+            "sca_session_expires_at": "2099-01-01T00:00:00Z",
+        })))
+        .mount(provider)
+        .await;
+    Mock::given(method("GET"))
+        .and(path_regex("^/v2/sca_sessions/"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"result": "deny"})))
+        .mount(provider)
+        .await;
+
+    broker
+        .publish(&qonto::decision("sca-redact", "approve"))
+        .await;
+    let waiting = broker.outcome("sca-redact", "awaiting_confirmation").await;
+    assert_eq!(
+        waiting.body["provider_response"]["errors"][0]["code"],
+        "sca_required"
+    );
+    broker.outcome("sca-redact", "failed").await;
+    // The worker polled with the token it kept.
+    let polls = mock::with_method(provider, "GET").await;
+    assert_eq!(polls[0].url.path(), format!("/v2/sca_sessions/{token}"));
+    for o in broker.outcomes() {
+        let text = o.body.to_string();
+        assert!(!text.contains(token), "{text}");
+    }
     app.stop_worker().await;
 }

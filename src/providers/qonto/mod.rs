@@ -15,6 +15,7 @@ use reqwest::{Method, StatusCode, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use time::format_description::well_known::Rfc3339;
 
 use super::{
     contract::{
@@ -25,6 +26,7 @@ use super::{
 };
 use crate::{
     decision::{Action, Decision, required_reason},
+    outcome::bounded_copy,
     retry::{CallError, ErrorClass},
     settings::{Credential, ProviderSections, SettingsError, check_base_url, present},
 };
@@ -43,8 +45,42 @@ const REQUEST_TYPES: &[(&str, &str)] = &[
 /// unexpected 422 (likely "not pending") that calls for reconciliation.
 const PERMANENT_422_CODES: &[&str] = &["kyc_not_accepted", "insufficient_funds", "invalid_iban"];
 
-/// Reconciliation reads the request list; bound the pages we walk.
-const MAX_LIST_PAGES: u32 = 20;
+/// Qonto has no single-request read, so reconciliation reads the request
+/// list, filtered so the target sits on the first page in every usual case,
+/// in these passes, each walked for at most [`PAGES_PER_PASS`] pages of
+/// [`PER_PAGE`]. A target none of them finds is reported unread rather than
+/// walking the whole list (one call per 100 requests against Qonto's
+/// per-IP quota, and never complete for a large organisation).
+const PASSES: &[Pass] = &[
+    Pass::DecidedLately,
+    Pass::StillPending,
+    Pass::DecidedEarlier,
+];
+const PAGES_PER_PASS: u32 = 2;
+/// The most list calls one reconciliation read makes.
+const MAX_LIST_CALLS: u32 = PASSES.len() as u32 * PAGES_PER_PASS;
+/// Qonto's maximum page size.
+const PER_PAGE: &str = "100";
+/// How far back "decided lately" looks. Our own call lands well inside it:
+/// the retry horizon (25 min) plus an SCA wait (15 min) is far shorter.
+const DECIDED_WINDOW: time::Duration = time::Duration::hours(24);
+
+/// One filtered walk of the request list.
+#[derive(Clone, Copy)]
+enum Pass {
+    /// In the decided state, processed within [`DECIDED_WINDOW`], the most
+    /// recent first: where our own call (or a replay of it) puts the target.
+    DecidedLately,
+    /// Still pending, the oldest first: a request waits from its creation,
+    /// so a backlog's newest entries are the last to matter.
+    StillPending,
+    /// Decided either way at any time, the most recent first: a person
+    /// (or another decision) got there before us.
+    DecidedEarlier,
+}
+
+/// What the worker keeps of an answer in place of an SCA session token.
+const REDACTED: &str = "[redacted]";
 
 #[derive(Deserialize)]
 struct QontoSettings {
@@ -235,20 +271,109 @@ fn error_code(body: &Value) -> (Option<String>, Option<String>) {
     (field("code"), detail)
 }
 
-/// The single `request_*` object a 200 wraps.
+/// The single `request_*` object a 200 wraps; none when there are several,
+/// as the answer would not say which one it is about.
 fn wrapped_request(body: &Value) -> Option<&Value> {
-    body.as_object()?
+    let mut wrapped = body
+        .as_object()?
         .iter()
-        .find(|(k, v)| k.starts_with("request") && v.is_object())
-        .map(|(_, v)| v)
+        .filter(|(k, v)| k.starts_with("request") && v.is_object())
+        .map(|(_, v)| v);
+    let first = wrapped.next()?;
+    wrapped.next().is_none().then_some(first)
 }
 
-fn verdict(action: Action, status: &str) -> Verdict {
-    match (action, status) {
-        (_, "pending") => Verdict::Pending,
-        (Action::Approve, "approved") | (Action::Reject, "declined") => Verdict::AsDecided,
-        _ => Verdict::Conflict,
+/// The status Qonto shows once `action` is applied.
+fn decided_status(action: Action) -> &'static str {
+    match action {
+        Action::Approve => "approved",
+        Action::Reject => "declined",
     }
+}
+
+/// `None` for a status Qonto does not document: it proves nothing either way.
+fn verdict(action: Action, status: &str) -> Option<Verdict> {
+    match status {
+        "pending" => Some(Verdict::Pending),
+        s if s == decided_status(action) => Some(Verdict::AsDecided),
+        "approved" | "declined" | "canceled" => Some(Verdict::Conflict),
+        _ => None,
+    }
+}
+
+/// At most this much of a provider's text goes into a message.
+fn clip(text: &str) -> String {
+    text.chars().take(64).collect()
+}
+
+/// Checks that a 2xx proves the decision applied: it must name our request
+/// (Qonto replays a key's cached success for another request, whatever the
+/// new call says) in the decided status. `Err` says what it shows instead.
+fn proven_state(action: Action, t: &Target<'_>, body: &Value) -> Result<String, String> {
+    let request = wrapped_request(body).ok_or("the answer wraps no single request")?;
+    match request.get("id") {
+        Some(Value::String(id)) if id == t.id => {}
+        Some(Value::String(id)) => {
+            return Err(format!(
+                "the answer is for request {}, not {} (a success cached for the same \
+                 idempotency key?)",
+                clip(id),
+                t.id
+            ));
+        }
+        _ => return Err("the answer names no request id".to_owned()),
+    }
+    match request.get("request_type") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(kind)) if kind == t.singular => {}
+        Some(_) => return Err(format!("the answer is not for a {} request", t.singular)),
+    }
+    let decided = decided_status(action);
+    match request.get("status").and_then(Value::as_str) {
+        Some(status) if status == decided => Ok(status.to_owned()),
+        Some(status) => Err(format!(
+            "the answer shows request {} {}, not {decided}",
+            t.id,
+            clip(status)
+        )),
+        None => Err(format!("the answer shows no status for request {}", t.id)),
+    }
+}
+
+/// Removes SCA session tokens from an answer before the worker keeps it (the
+/// event's `provider_response`, an error message): fields named after the
+/// token, and any text quoting one of `tokens`.
+fn redact(value: &mut Value, tokens: &[&str]) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                if key.eq_ignore_ascii_case("sca_session_token") {
+                    *v = Value::String(REDACTED.to_owned());
+                } else {
+                    redact(v, tokens);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| redact(v, tokens)),
+        Value::String(text) => *text = redact_text(text, tokens),
+        _ => {}
+    }
+}
+
+fn redact_text(text: &str, tokens: &[&str]) -> String {
+    tokens
+        .iter()
+        .filter(|t| !t.is_empty())
+        .fold(text.to_owned(), |text, t| text.replace(t, REDACTED))
+}
+
+/// `error` with every trace of `tokens` removed.
+fn redact_error(mut error: CallError, tokens: &[&str]) -> CallError {
+    error.message = redact_text(&error.message, tokens);
+    if let Some(response) = error.response.as_mut() {
+        redact(response, tokens);
+    }
+    error
 }
 
 impl Provider for Qonto {
@@ -288,7 +413,7 @@ impl Provider for Qonto {
             .request(Method::POST, url)
             .header("X-Qonto-Idempotency-Key", &ctx.idempotency_key);
         if let Some(token) = &ctx.confirmation_token {
-            req = req.header("X-Qonto-Sca-Session-Token", token);
+            req = req.secret_header("X-Qonto-Sca-Session-Token", token);
         }
         let body = match t.body {
             Body::Decline { note } => Some(json!({ "declined_note": note })),
@@ -297,20 +422,41 @@ impl Provider for Qonto {
         if let Some(body) = body {
             req = req.json(&body);
         }
-        let response = self.http.send(NAME, verb, req).await?;
-        if response.status.is_success() {
-            let state = wrapped_request(&response.body)
-                .and_then(|r| r.get("status"))
-                .and_then(Value::as_str)
-                .map(str::to_owned);
-            return Ok(Reply::Done {
-                state,
-                response: response.body,
-            });
+        let mut response = self.http.send(NAME, verb, req).await?;
+        // The token we replay with and any a 428 hands out are credentials
+        // for this approve: nothing the worker keeps or logs may quote them.
+        let new_token = sca_token(&response.body);
+        let tokens: Vec<&str> = ctx
+            .confirmation_token
+            .iter()
+            .chain(&new_token)
+            .map(String::as_str)
+            .collect();
+        let proven = response
+            .status
+            .is_success()
+            .then(|| proven_state(d.action, t, &response.body));
+        redact(&mut response.body, &tokens);
+        match proven {
+            Some(Ok(state)) => {
+                return Ok(Reply::Done {
+                    state: Some(state),
+                    response: response.body,
+                });
+            }
+            Some(Err(problem)) => {
+                let problem = redact_text(&problem, &tokens);
+                let mut error = http::error(ErrorClass::Ambiguous, &response, None, None);
+                error.message = format!(
+                    "Qonto answered {verb} with a success that does not prove it: {problem}"
+                );
+                return Err(error);
+            }
+            None => {}
         }
         if response.status == StatusCode::PRECONDITION_REQUIRED
             && d.action == Action::Approve
-            && let Some(token) = sca_token(&response.body)
+            && let Some(token) = new_token
         {
             let expires_at = response
                 .body
@@ -323,48 +469,46 @@ impl Provider for Qonto {
                 response: response.body,
             });
         }
-        Err(Self::classify(&response))
+        Err(redact_error(Self::classify(&response), &tokens))
     }
 
     async fn read_state(&self, d: &Decision, t: &Self::Target<'_>) -> Result<Observed, CallError> {
-        let (singular, id) = (t.singular, t.id);
-        for page in 1..=MAX_LIST_PAGES {
-            let mut url = http::join(&self.base, "/v2/requests");
-            url.query_pairs_mut()
-                .append_pair("request_type[]", singular)
-                .append_pair("per_page", "100")
-                .append_pair("page", &page.to_string());
-            let response = self
-                .http
-                .send(NAME, "read", self.request(Method::GET, url))
-                .await?;
-            if !response.status.is_success() {
-                return Err(Self::classify(&response));
-            }
-            let requests = response.body.get("requests").and_then(Value::as_array);
-            if let Some(found) = requests
-                .into_iter()
-                .flatten()
-                .find(|r| r.get("id").and_then(Value::as_str) == Some(id))
-            {
-                let state = found
-                    .get("status")
-                    .and_then(Value::as_str)
-                    .unwrap_or("unknown");
-                return Ok(Observed {
-                    state: state.to_owned(),
-                    verdict: verdict(d.action, state),
-                    response: found.clone(),
-                });
-            }
-            let next = response.body.pointer("/meta/next_page");
-            if next.is_none_or(Value::is_null) {
-                break;
+        // One time for every pass, so its pages share one window.
+        let since = (time::OffsetDateTime::now_utc() - DECIDED_WINDOW)
+            .replace_nanosecond(0)
+            .ok()
+            .and_then(|at| at.format(&Rfc3339).ok());
+        for &pass in PASSES {
+            for page in 1..=PAGES_PER_PASS {
+                let url = self.list_url(pass, d.action, t.singular, since.as_deref(), page);
+                let response = self
+                    .http
+                    .send(NAME, "read", self.request(Method::GET, url))
+                    .await?;
+                if !response.status.is_success() {
+                    return Err(Self::classify(&response));
+                }
+                let requests = response.body.get("requests").and_then(Value::as_array);
+                if let Some(found) = requests
+                    .into_iter()
+                    .flatten()
+                    .find(|r| r.get("id").and_then(Value::as_str) == Some(t.id))
+                {
+                    return observed(d.action, t.id, found);
+                }
+                let next = response.body.pointer("/meta/next_page");
+                if next.is_none_or(Value::is_null) {
+                    break;
+                }
             }
         }
         Err(CallError::new(
             ErrorClass::Permanent,
-            format!("request {id} is not in Qonto's request list"),
+            format!(
+                "request {} is not among the requests Qonto lists as recently decided, \
+                 pending, or last decided ({MAX_LIST_CALLS} list calls at most)",
+                t.id
+            ),
         ))
     }
 
@@ -378,7 +522,7 @@ impl Provider for Qonto {
             .send(NAME, "sca_poll", self.request(Method::GET, url))
             .await?;
         if !response.status.is_success() {
-            return Err(Self::classify(&response));
+            return Err(redact_error(Self::classify(&response), &[token]));
         }
         Ok(match response.body.get("result").and_then(Value::as_str) {
             Some("allow") => ConfirmationState::Allowed,
@@ -386,6 +530,64 @@ impl Provider for Qonto {
             _ => ConfirmationState::Waiting,
         })
     }
+}
+
+impl Qonto {
+    /// `GET /v2/requests` for one page of `pass`, with Qonto's documented
+    /// filters (`status[]`, `request_type[]`, `processed_at_from`, `sort_by`).
+    fn list_url(
+        &self,
+        pass: Pass,
+        action: Action,
+        singular: &str,
+        since: Option<&str>,
+        page: u32,
+    ) -> Url {
+        let mut url = http::join(&self.base, "/v2/requests");
+        {
+            let mut query = url.query_pairs_mut();
+            let (statuses, window, sort): (&[&str], bool, &str) = match pass {
+                Pass::DecidedLately => (&[decided_status(action)], true, "processed_at:desc"),
+                Pass::StillPending => (&["pending"], false, "created_at:asc"),
+                Pass::DecidedEarlier => (
+                    &["approved", "declined", "canceled"],
+                    false,
+                    "processed_at:desc",
+                ),
+            };
+            for status in statuses {
+                query.append_pair("status[]", status);
+            }
+            query.append_pair("request_type[]", singular);
+            if window && let Some(since) = since {
+                query.append_pair("processed_at_from", since);
+            }
+            query
+                .append_pair("sort_by", sort)
+                .append_pair("per_page", PER_PAGE)
+                .append_pair("page", &page.to_string());
+        }
+        url
+    }
+}
+
+/// The target as the list shows it; a status that is not one of Qonto's
+/// four is a provider error, never taken for a conflict.
+fn observed(action: Action, id: &str, found: &Value) -> Result<Observed, CallError> {
+    let status = found.get("status").and_then(Value::as_str);
+    let Some((state, verdict)) = status.and_then(|s| Some((s, verdict(action, s)?))) else {
+        let mut error = CallError::new(
+            ErrorClass::Permanent,
+            format!("Qonto lists request {id} without a status it documents"),
+        );
+        error.response = Some(bounded_copy(found));
+        return Err(error);
+    };
+    Ok(Observed {
+        state: state.to_owned(),
+        verdict,
+        response: found.clone(),
+    })
 }
 
 /// The SCA session token of a 428, top level or inside the first error.

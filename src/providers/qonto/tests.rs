@@ -155,6 +155,363 @@ fn credential_sets_and_partial_api_keys() {
     }
 }
 
+/// The client against Qonto played by wiremock, answering exactly as each
+/// scenario says.
+mod wire {
+    use std::time::Duration;
+
+    use serde_json::{Value, json};
+    use wiremock::{
+        Mock, MockServer, Request, ResponseTemplate,
+        matchers::{method, path},
+    };
+
+    use super::*;
+
+    pub(super) const RID: &str = "7b6f4c1e-3c55-4a56-9f5e-0d6a1c1f2a3b";
+    const OTHER: &str = "0c9a53f2-1d2e-4f7a-8b6c-5e4d3c2b1a09";
+    const SCA_TOKEN: &str = "sca-S3CRET-5f0c1e";
+
+    pub(super) fn provider(base: &str) -> Arc<dyn Client> {
+        let http = Http::new(Duration::from_secs(5), Duration::from_secs(2)).unwrap();
+        let vars = [
+            ("BASE_URL", base),
+            ("LOGIN", "q-login"),
+            ("SECRET_KEY", "q-secret"),
+        ]
+        .map(|(k, v)| (format!("APPROVAL_PROVIDERS__QONTO__{k}"), v.to_owned()));
+        build(&Settings::load_from(None, vars).unwrap().providers, &http)
+            .unwrap()
+            .expect("enabled")
+    }
+
+    fn reject() -> Decision {
+        decision(
+            &format!(r#"{{"request_type":"transfers","request_id":"{RID}"}}"#),
+            "reject",
+            Some("no"),
+        )
+    }
+
+    fn approve() -> Decision {
+        decision(
+            &format!(r#"{{"request_type":"transfers","request_id":"{RID}"}}"#),
+            "approve",
+            None,
+        )
+    }
+
+    fn ctx(token: Option<&str>) -> CallContext {
+        CallContext {
+            idempotency_key: "idem-q-1".into(),
+            attempt: 1,
+            confirmation_token: token.map(str::to_owned),
+        }
+    }
+
+    fn h<'a>(r: &'a Request, name: &str) -> Option<&'a str> {
+        r.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn assert_decision_call(r: &Request, verb: &str, body: &str) {
+        assert_eq!(r.method.as_str(), "POST");
+        assert_eq!(r.url.path(), format!("/v2/requests/transfers/{RID}/{verb}"));
+        assert_eq!(r.url.query(), None);
+        assert_eq!(h(r, "authorization"), Some("q-login:q-secret"));
+        assert_eq!(h(r, "x-qonto-idempotency-key"), Some("idem-q-1"));
+        assert_eq!(std::str::from_utf8(&r.body).unwrap(), body);
+    }
+
+    async fn answering(verb: &str, reply: ResponseTemplate) -> MockServer {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path(format!("/v2/requests/transfers/{RID}/{verb}")))
+            .respond_with(reply)
+            .mount(&server)
+            .await;
+        server
+    }
+
+    fn ok(body: Value) -> ResponseTemplate {
+        ResponseTemplate::new(200).set_body_json(body)
+    }
+
+    /// Qonto replays a cached success for an idempotency key whatever the
+    /// new call names: a 200 for another request proves nothing about ours.
+    #[tokio::test]
+    async fn a_cached_success_for_another_request_is_ambiguous() {
+        let answer = json!({"request_transfer": {"id": OTHER, "request_type": "transfer", "status": "declined"}});
+        let server = answering("decline", ok(answer)).await;
+        let err = provider(&server.uri())
+            .apply(&reject(), &ctx(None))
+            .await
+            .expect_err("another request's success is not ours");
+        assert_eq!(err.class, ErrorClass::Ambiguous);
+        assert_eq!(err.http_status, Some(200));
+        assert!(err.message.contains(OTHER), "{}", err.message);
+        assert!(err.message.contains(RID), "{}", err.message);
+        let calls = server.received_requests().await.unwrap();
+        assert_eq!(calls.len(), 1);
+        assert_decision_call(&calls[0], "decline", r#"{"declined_note":"no"}"#);
+    }
+
+    /// Our request, but not in the decided state (or no state, or no id):
+    /// the answer does not prove the decision was applied.
+    #[tokio::test]
+    async fn an_answer_without_the_decided_state_is_ambiguous() {
+        let cases = [
+            (
+                "decline",
+                reject(),
+                json!({"request_transfer": {"id": RID, "status": "approved"}}),
+            ),
+            (
+                "decline",
+                reject(),
+                json!({"request_transfer": {"id": RID}}),
+            ),
+            (
+                "decline",
+                reject(),
+                json!({"request_transfer": {"status": "declined"}}),
+            ),
+            (
+                "approve",
+                approve(),
+                json!({"request_transfer": {"id": RID, "status": "pending"}}),
+            ),
+            (
+                "approve",
+                approve(),
+                json!({"request_virtual_card": {"id": RID, "request_type": "virtual_card", "status": "approved"}}),
+            ),
+            ("approve", approve(), json!({"ok": true})),
+            ("approve", approve(), Value::Null),
+        ];
+        for (verb, d, answer) in cases {
+            let server = answering(verb, ok(answer.clone())).await;
+            let err = provider(&server.uri())
+                .apply(&d, &ctx(None))
+                .await
+                .expect_err(&format!("{answer} proves nothing"));
+            assert_eq!(err.class, ErrorClass::Ambiguous, "{answer}");
+        }
+        // The decided state on our own request is the only proof.
+        let answer = json!({"request_transfer": {"id": RID, "request_type": "transfer", "status": "approved"}});
+        let server = answering("approve", ok(answer)).await;
+        let Reply::Done { state, .. } = provider(&server.uri())
+            .apply(&approve(), &ctx(None))
+            .await
+            .unwrap()
+        else {
+            panic!("expected Done");
+        };
+        assert_eq!(state.as_deref(), Some("approved"));
+    }
+
+    /// Numbers where Qonto sends text (ids, statuses) and numbers no type
+    /// holds are provider errors, never a panic.
+    #[tokio::test]
+    async fn an_id_of_the_wrong_type_is_a_provider_error() {
+        for raw in [
+            r#"{"request_transfer":{"id":12345,"status":"declined"}}"#,
+            r#"{"request_transfer":{"id":1e400,"status":"declined"}}"#,
+            r#"{"request_transfer":{"id":{"uuid":"x"},"status":["declined"]}}"#,
+            r#"{"request_transfer":{"id":"7b6f4c1e-3c55-4a56-9f5e-0d6a1c1f2a3b","status":18446744073709551616}}"#,
+        ] {
+            let reply = ResponseTemplate::new(200).set_body_raw(raw, "application/json");
+            let server = answering("decline", reply).await;
+            let err = provider(&server.uri())
+                .apply(&reject(), &ctx(None))
+                .await
+                .expect_err(raw);
+            assert_eq!(err.class, ErrorClass::Ambiguous, "{raw}");
+        }
+
+        // In the list, an entry with a numeric id is not our request, and our
+        // request with a numeric status is unreadable, not a conflict.
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path("/v2/requests"))
+            .respond_with(ok(json!({
+                "requests": [{"id": 7, "status": "approved"}, {"id": RID, "status": 3}],
+                "meta": {"next_page": null},
+            })))
+            .mount(&server)
+            .await;
+        let err = provider(&server.uri())
+            .read_state(&reject())
+            .await
+            .expect_err("a numeric status is no state");
+        assert_ne!(err.class, ErrorClass::Ambiguous);
+        assert!(err.message.contains("status"), "{}", err.message);
+    }
+
+    /// Every reconciliation read is filtered (status, type, time window,
+    /// order) and bounded: against a list that never ends, at most
+    /// `MAX_LIST_CALLS` calls, each with the documented query.
+    #[tokio::test]
+    async fn reconciliation_reads_are_filtered_and_bounded() {
+        let server = MockServer::start().await;
+        let others: Vec<Value> = (0..100)
+            .map(|_| json!({"id": uuid::Uuid::new_v4().to_string(), "request_type": "transfer", "status": "declined"}))
+            .collect();
+        Mock::given(method("GET"))
+            .and(path("/v2/requests"))
+            .respond_with(ok(json!({"requests": others, "meta": {"next_page": 2}})))
+            .mount(&server)
+            .await;
+        let before = time::OffsetDateTime::now_utc();
+        let err = provider(&server.uri())
+            .read_state(&reject())
+            .await
+            .expect_err("not listed");
+        assert!(err.message.contains(RID), "{}", err.message);
+
+        let calls = server.received_requests().await.unwrap();
+        assert_eq!(calls.len(), MAX_LIST_CALLS as usize);
+        let query = |r: &Request| -> Vec<(String, String)> {
+            r.url
+                .query_pairs()
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect()
+        };
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        for r in &calls {
+            assert_eq!(r.method.as_str(), "GET");
+            assert_eq!(h(r, "authorization"), Some("q-login:q-secret"));
+        }
+        // Decided as decided lately: processed within the window, newest first.
+        let first = query(&calls[0]);
+        let since = &first
+            .iter()
+            .find(|(k, _)| k == "processed_at_from")
+            .expect("a time window")
+            .1;
+        let since =
+            time::OffsetDateTime::parse(since, &time::format_description::well_known::Rfc3339)
+                .expect("an RFC 3339 time");
+        let window = before - since;
+        assert!(
+            window >= time::Duration::hours(23) && window <= time::Duration::hours(25),
+            "{window}"
+        );
+        let since = since
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        for (page, call) in [("1", &calls[0]), ("2", &calls[1])] {
+            assert_eq!(
+                query(call),
+                pairs(&[
+                    ("status[]", "declined"),
+                    ("request_type[]", "transfer"),
+                    ("processed_at_from", &since),
+                    ("sort_by", "processed_at:desc"),
+                    ("per_page", "100"),
+                    ("page", page),
+                ])
+            );
+        }
+        // Still pending: oldest first.
+        for (page, call) in [("1", &calls[2]), ("2", &calls[3])] {
+            assert_eq!(
+                query(call),
+                pairs(&[
+                    ("status[]", "pending"),
+                    ("request_type[]", "transfer"),
+                    ("sort_by", "created_at:asc"),
+                    ("per_page", "100"),
+                    ("page", page),
+                ])
+            );
+        }
+        // Decided earlier, either way: the last decisions first.
+        for (page, call) in [("1", &calls[4]), ("2", &calls[5])] {
+            assert_eq!(
+                query(call),
+                pairs(&[
+                    ("status[]", "approved"),
+                    ("status[]", "declined"),
+                    ("status[]", "canceled"),
+                    ("request_type[]", "transfer"),
+                    ("sort_by", "processed_at:desc"),
+                    ("per_page", "100"),
+                    ("page", page),
+                ])
+            );
+        }
+    }
+
+    /// The SCA session token is a credential for the approve: it is kept
+    /// for the replay but appears nowhere in the answer the event carries.
+    #[tokio::test]
+    async fn the_sca_session_token_is_redacted_from_the_confirmation_answer() {
+        let answer = json!({
+            "errors": [{
+                "code": "sca_required",
+                "detail": format!("SCA required, session {SCA_TOKEN}"),
+                "meta": {"sca_session_token": SCA_TOKEN},
+            }],
+            "sca_session_token": SCA_TOKEN,
+            "sca_session_expires_at": "2026-11-21T10:15:00Z",
+        });
+        let server = answering("approve", ResponseTemplate::new(428).set_body_json(answer)).await;
+        let reply = provider(&server.uri())
+            .apply(&approve(), &ctx(None))
+            .await
+            .unwrap();
+        let Reply::NeedsConfirmation {
+            token,
+            expires_at,
+            response,
+        } = reply
+        else {
+            panic!("expected NeedsConfirmation");
+        };
+        assert_eq!(token, SCA_TOKEN);
+        assert_eq!(expires_at.as_deref(), Some("2026-11-21T10:15:00Z"));
+        let text = response.to_string();
+        assert!(!text.contains(SCA_TOKEN), "{text}");
+        assert_eq!(response["errors"][0]["code"], "sca_required");
+        assert_eq!(response["sca_session_expires_at"], "2026-11-21T10:15:00Z");
+    }
+
+    /// The replay after SCA carries the token; whatever Qonto answers
+    /// (a 412 that quotes it, a success that echoes it), the error, its
+    /// message and the kept answer never do.
+    #[tokio::test]
+    async fn the_sca_session_token_never_reaches_an_error_or_an_answer() {
+        let quoting = json!({
+            "errors": [{"code": "sca_session_invalid", "detail": format!("session {SCA_TOKEN} is not allowed")}],
+            "sca_session_token": SCA_TOKEN,
+        });
+        let server = answering("approve", ResponseTemplate::new(412).set_body_json(quoting)).await;
+        let err = provider(&server.uri())
+            .apply(&approve(), &ctx(Some(SCA_TOKEN)))
+            .await
+            .expect_err("412");
+        let calls = server.received_requests().await.unwrap();
+        assert_eq!(h(&calls[0], "x-qonto-sca-session-token"), Some(SCA_TOKEN));
+        let text = format!("{} {:?} {:?}", err.message, err.response, err);
+        assert!(!text.contains(SCA_TOKEN), "{text}");
+
+        let echoing = json!({"request_transfer": {"id": RID, "status": "approved", "sca_session_token": SCA_TOKEN}});
+        let server = answering("approve", ok(echoing)).await;
+        let Reply::Done { response, .. } = provider(&server.uri())
+            .apply(&approve(), &ctx(Some(SCA_TOKEN)))
+            .await
+            .unwrap()
+        else {
+            panic!("expected Done");
+        };
+        assert!(!response.to_string().contains(SCA_TOKEN), "{response}");
+    }
+}
+
 /// The simulator half, driven over HTTP like the worker drives it.
 mod simulator {
     use super::super::sim;
@@ -162,6 +519,7 @@ mod simulator {
 
     use serde_json::{Value, json};
 
+    use crate::providers::contract::Verdict;
     use crate::tools::sim::testkit::{client, new_id, parts, sim, sim_with};
     use crate::tools::sim::{Faults, ScaAuto, SimConfig, SimHandle, SimStats};
 
@@ -768,6 +1126,154 @@ mod simulator {
             (status, body["request_transfer"]["status"].clone()),
             (200, json!("declined"))
         );
+    }
+
+    /// A busy organisation: 2,500 transfer requests approved after the two
+    /// we reconcile (one declined, one still waiting for SCA), so both are
+    /// among the oldest. The filtered read finds each in a call or two,
+    /// where walking the whole list newest first gave up after 2,000.
+    #[tokio::test]
+    async fn targets_among_the_oldest_of_2500_requests_are_found_in_few_calls() {
+        use futures_util::{StreamExt, stream};
+
+        let sim = sim().await;
+        let declined = new_id();
+        let note = Some(json!({"declined_note": "no"}));
+        let (status, _) = decide(&sim, "transfers", &declined, "decline", &new_id(), note).await;
+        assert_eq!(status, 200);
+        let waiting = new_id();
+        sim.require_sca(&waiting, ScaAuto::Manual);
+        let (status, _) = decide(&sim, "transfers", &waiting, "approve", &new_id(), None).await;
+        assert_eq!(status, 428);
+        // One client for them all: building one per call would dominate.
+        let http = client();
+        let approved: Vec<u16> = stream::iter(0..2500)
+            .map(|_| {
+                let url = format!(
+                    "{}/v2/requests/transfers/{}/approve",
+                    sim.base_url("qonto"),
+                    new_id()
+                );
+                let request = http
+                    .post(url)
+                    .header("Authorization", AUTH)
+                    .header("X-Qonto-Idempotency-Key", new_id());
+                async move { request.send().await.unwrap().status().as_u16() }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        assert!(approved.iter().all(|s| *s == 200));
+
+        let clients = crate::tools::sim::testkit::clients(&sim, &[]);
+        for (id, state, verdict, most) in [
+            (&declined, "declined", Verdict::AsDecided, 1),
+            (&waiting, "pending", Verdict::Pending, 2),
+        ] {
+            let d = super::decision(
+                &format!(r#"{{"request_type":"transfers","request_id":"{id}"}}"#),
+                "reject",
+                Some("no"),
+            );
+            let before = qonto(sim.stats()).calls;
+            let observed = crate::tools::sim::testkit::read_state(&clients, &d)
+                .await
+                .unwrap_or_else(|e| panic!("{state} target not found: {e}"));
+            let calls = qonto(sim.stats()).calls - before;
+            assert_eq!(
+                (observed.state.as_str(), observed.verdict),
+                (state, verdict)
+            );
+            assert_eq!(observed.response["id"], id.as_str());
+            assert!(calls <= most, "{calls} list calls for the {state} target");
+        }
+    }
+
+    /// The list filters the client sends, as Qonto documents them: a time
+    /// window on `processed_at` / `created_at` and `sort_by`.
+    #[tokio::test]
+    async fn list_filters_by_time_window_and_sorts() {
+        let sim = sim().await;
+        let ids: Vec<String> = (0..3).map(|_| new_id()).collect();
+        for id in &ids {
+            let (status, _) =
+                decide(&sim, "transfers", id, "decline", &new_id(), decline_note()).await;
+            assert_eq!(status, 200);
+        }
+        let pending = new_id();
+        sim.require_sca(&pending, ScaAuto::Manual);
+        assert_eq!(
+            decide(&sim, "transfers", &pending, "approve", "p", None)
+                .await
+                .0,
+            428
+        );
+
+        let list = |query: String| {
+            let url = format!("{}/v2/requests?{query}", sim.base_url("qonto"));
+            async move {
+                parts(
+                    client()
+                        .get(url)
+                        .header("Authorization", AUTH)
+                        .send()
+                        .await
+                        .unwrap(),
+                )
+                .await
+            }
+        };
+        let listed = |body: &Value| -> Vec<String> {
+            body["requests"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["id"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let fmt = |t: time::OffsetDateTime| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .unwrap()
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let hour_ago = fmt(now - time::Duration::hours(1));
+        let in_an_hour = fmt(now + time::Duration::hours(1));
+
+        let (status, body) = list(format!(
+            "status[]=declined&processed_at_from={hour_ago}&sort_by=processed_at:asc"
+        ))
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(listed(&body), ids);
+        let (_, body) = list(format!("processed_at_from={in_an_hour}")).await;
+        assert_eq!(listed(&body), Vec::<String>::new());
+        // A pending request has no processed_at: outside any processed window.
+        let (_, body) = list(format!(
+            "processed_at_to={in_an_hour}&sort_by=created_at:desc"
+        ))
+        .await;
+        let mut newest_first = ids.clone();
+        newest_first.reverse();
+        assert_eq!(listed(&body), newest_first);
+        let (_, body) = list(format!(
+            "created_at_from={hour_ago}&created_at_to={in_an_hour}&status[]=pending"
+        ))
+        .await;
+        assert_eq!(listed(&body), std::slice::from_ref(&pending));
+        let (_, body) = list(format!("created_at_to={hour_ago}")).await;
+        assert_eq!(body["meta"]["total_count"], 0);
+        let (_, body) = list("sort_by=created_at:asc".into()).await;
+        assert_eq!(listed(&body)[0], ids[0]);
+
+        for bad in [
+            "processed_at_from=yesterday",
+            "sort_by=amount:asc",
+            "sort_by=created_at",
+        ] {
+            let (status, body) = list(bad.into()).await;
+            assert_eq!(status, 422, "{bad}: {body}");
+            assert_eq!(body["errors"][0]["code"], "invalid_parameter", "{bad}");
+        }
     }
 
     #[tokio::test]

@@ -1,9 +1,11 @@
 //! Qonto played by wiremock: the credentials a test worker is given, its
 //! environment, the provider's answers, and sample decisions.
 
+use std::time::Duration;
+
 use approval_worker::tools::sim::samples;
 use serde_json::{Value, json};
-use wiremock::ResponseTemplate;
+use wiremock::{Request, Respond, ResponseTemplate};
 
 // Marked so a test can search logs and events for them.
 pub const LOGIN: &str = "login-S3CRET-a";
@@ -41,15 +43,58 @@ pub fn env(base_url: &str, auth: Auth) -> Vec<(String, String)> {
     env
 }
 
-/// Qonto's answer to a decided transfer request, in `status`.
-pub fn answer(status: &str) -> ResponseTemplate {
+/// Qonto's answer to a decision call: the request the call's path names,
+/// now in `status` (the worker checks that the answer names its request).
+pub fn answer(status: &str) -> Answer {
+    Answer {
+        status: status.to_owned(),
+        delay: None,
+    }
+}
+
+/// Qonto's answer for the transfer request `request_id`, in `status`.
+pub fn answer_for(request_id: &str, status: &str) -> ResponseTemplate {
+    typed_answer("transfer", request_id, status)
+}
+
+/// Qonto's answer for a request of type `singular` (`flash_card`), wrapped
+/// under `request_{singular}` as its examples show.
+fn typed_answer(singular: &str, request_id: &str, status: &str) -> ResponseTemplate {
     ResponseTemplate::new(200).set_body_json(json!({
-        "request_transfer": {
-            "id": "7b6f4c1e-3c55-4a56-9f5e-0d6a1c1f2a3b",
-            "request_type": "transfer",
+        format!("request_{singular}"): {
+            "id": request_id,
+            "request_type": singular,
             "status": status,
         }
     }))
+}
+
+/// See [`answer`].
+pub struct Answer {
+    status: String,
+    delay: Option<Duration>,
+}
+
+impl Answer {
+    pub fn set_delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+}
+
+impl Respond for Answer {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        // `/v2/requests/{plural_type}/{id}/{verb}`
+        let mut segments = request.url.path().rsplit('/').skip(1);
+        let id = segments.next().unwrap_or_default();
+        let plural = segments.next().unwrap_or_default();
+        let singular = plural.strip_suffix('s').unwrap_or(plural);
+        let reply = typed_answer(singular, id, &self.status);
+        match self.delay {
+            Some(delay) => reply.set_delay(delay),
+            None => reply,
+        }
+    }
 }
 
 /// The simulator's sample Qonto decision (a transfer request, new each time).

@@ -5,7 +5,8 @@
 //!
 //! Routes, relative to the base URL (`/qonto`):
 //! `POST /v2/requests/{plural_type}/{id}/decline`,
-//! `POST /v2/requests/{plural_type}/{id}/approve`, `GET /v2/requests`,
+//! `POST /v2/requests/{plural_type}/{id}/approve`, `GET /v2/requests`
+//! (filtered by status, type, `created_at`/`processed_at` window, sorted),
 //! `GET /v2/sca_sessions/{token}`,
 //! `POST /v2/mocked_sca_sessions/{token}/{allow|deny}`.
 
@@ -495,8 +496,99 @@ struct Paging {
     per_page: Option<usize>,
 }
 
-/// `GET /v2/requests?status[]=..&request_type[]=..&page=&per_page=`, newest
-/// first. The filters repeat their key, so they are read as pairs.
+/// A `sort_by` value: `created_at`, `processed_at` or `status`, then `:asc`
+/// or `:desc`.
+#[derive(Clone, Copy)]
+enum SortKey {
+    Created,
+    Processed,
+    Status,
+}
+
+fn sort_by(value: &str) -> Option<(SortKey, bool)> {
+    let (key, order) = value.split_once(':')?;
+    let key = match key {
+        "created_at" => SortKey::Created,
+        "processed_at" => SortKey::Processed,
+        "status" => SortKey::Status,
+        _ => return None,
+    };
+    let descending = match order {
+        "asc" => false,
+        "desc" => true,
+        _ => return None,
+    };
+    Some((key, descending))
+}
+
+/// Qonto's documented order for `sort_by=status:asc`.
+fn status_rank(status: &str) -> u8 {
+    match status {
+        "pending" => 0,
+        "approved" => 1,
+        "declined" => 2,
+        _ => 3,
+    }
+}
+
+fn parse_time(value: &str) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339).ok()
+}
+
+fn invalid_parameter(name: &str, detail: &str) -> Response {
+    error_at(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_parameter",
+        detail,
+        &format!("/{name}"),
+    )
+}
+
+/// A `created_at`/`processed_at` bound pair from the query; a time that is
+/// not ISO 8601 is refused, as Qonto checks its parameters.
+struct Window {
+    from: Option<time::OffsetDateTime>,
+    to: Option<time::OffsetDateTime>,
+}
+
+impl Window {
+    fn read(pairs: &[(String, String)], field: &str) -> Result<Self, Response> {
+        let bound = |suffix: &str| -> Result<Option<time::OffsetDateTime>, Response> {
+            let name = format!("{field}_{suffix}");
+            match pairs.iter().rev().find(|(k, _)| *k == name) {
+                None => Ok(None),
+                Some((_, v)) => parse_time(v).map(Some).ok_or_else(|| {
+                    invalid_parameter(&name, &format!("{name} must be an ISO 8601 date time"))
+                }),
+            }
+        };
+        Ok(Self {
+            from: bound("from")?,
+            to: bound("to")?,
+        })
+    }
+
+    fn is_open(&self) -> bool {
+        self.from.is_none() && self.to.is_none()
+    }
+
+    /// Whether `at` is within the bounds; a missing time is within no
+    /// bounded window (a pending request was never processed).
+    fn holds(&self, at: Option<&str>) -> bool {
+        if self.is_open() {
+            return true;
+        }
+        let Some(at) = at.and_then(parse_time) else {
+            return false;
+        };
+        self.from.is_none_or(|from| at >= from) && self.to.is_none_or(|to| at <= to)
+    }
+}
+
+/// `GET /v2/requests?status[]=..&request_type[]=..&created_at_from=..&
+/// created_at_to=..&processed_at_from=..&processed_at_to=..&sort_by=..&page=&per_page=`,
+/// newest first unless sorted. The filters repeat their key, so they are
+/// read as pairs.
 async fn list(
     State(sim): State<Arc<Sim>>,
     paging: Result<Query<Paging>, QueryRejection>,
@@ -514,6 +606,17 @@ async fn list(
     };
     let statuses = values("status");
     let types = values("request_type");
+    let created = Window::read(&pairs, "created_at")?;
+    let processed = Window::read(&pairs, "processed_at")?;
+    let sort = match values("sort_by").last() {
+        None => None,
+        Some(value) => Some(sort_by(value).ok_or_else(|| {
+            invalid_parameter(
+                "sort_by",
+                "sort_by must be processed_at, created_at or status, then :asc or :desc",
+            )
+        })?),
+    };
     let Ok(Query(paging)) = paging else {
         return Err(error_at(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -534,14 +637,41 @@ async fn list(
     }
 
     let store = sim.store();
-    let matching: Vec<&Request> = store
+    // Oldest first: the creation order.
+    let mut matching: Vec<&Request> = store
         .order
         .iter()
-        .rev()
         .filter_map(|id| store.requests.get(id))
         .filter(|r| statuses.is_empty() || statuses.contains(&r.status))
         .filter(|r| types.is_empty() || types.contains(&r.request_type))
+        .filter(|r| created.holds(Some(&r.created_at)))
+        .filter(|r| processed.holds(r.processed_at.as_deref()))
         .collect();
+    match sort {
+        None | Some((SortKey::Created, true)) => matching.reverse(),
+        Some((SortKey::Created, false)) => {}
+        // Stable sorts: ties keep the creation order. Requests never
+        // processed come last either way.
+        Some((SortKey::Processed, descending)) => {
+            matching.sort_by_cached_key(|r| {
+                let at = r.processed_at.as_deref().and_then(parse_time);
+                let at = at.map(|t| {
+                    if descending {
+                        -t.unix_timestamp_nanos()
+                    } else {
+                        t.unix_timestamp_nanos()
+                    }
+                });
+                (at.is_none(), at)
+            });
+        }
+        Some((SortKey::Status, descending)) => {
+            matching.sort_by_key(|r| {
+                let rank = status_rank(r.status);
+                if descending { u8::MAX - rank } else { rank }
+            });
+        }
+    }
     let total_count = matching.len();
     let total_pages = total_count.div_ceil(per_page);
     let requests: Vec<&Request> = matching
