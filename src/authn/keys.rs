@@ -76,6 +76,8 @@ pub enum KeyProblem {
     SecretLength(usize),
     #[error("{0} keys given, at most 16 are accepted")]
     TooMany(usize),
+    #[error("expected whsec_<base64>, a secret of 24 to 64 bytes")]
+    NotASecret,
 }
 
 impl KeyError {
@@ -120,8 +122,31 @@ impl Keys {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let _ = entries;
-        todo!()
+        let mut keys = Keys::default();
+        let mut count = 0;
+        for (i, entry) in entries.into_iter().enumerate() {
+            let entry = entry.as_ref().trim();
+            if entry.is_empty() {
+                continue;
+            }
+            let position = i + 1;
+            count += 1;
+            if let Some(b64) = entry.strip_prefix(PUBLIC_PREFIX) {
+                let key = parse_public(b64).map_err(|p| KeyError::at(position, p))?;
+                keys.ed25519.push((position, key));
+            } else if let Some(b64) = entry.strip_prefix(SECRET_PREFIX) {
+                let mac = parse_secret_b64(b64).map_err(|p| KeyError::at(position, p))?;
+                keys.hmac.push((position, mac));
+            } else if entry.starts_with(SEED_PREFIX) {
+                return Err(KeyError::at(position, KeyProblem::SigningKeyGiven));
+            } else {
+                return Err(KeyError::at(position, KeyProblem::UnknownVerifyPrefix));
+            }
+        }
+        if count > MAX_KEYS {
+            return Err(KeyProblem::TooMany(count).into());
+        }
+        Ok(keys)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -154,8 +179,19 @@ pub enum SigningKey {
 
 impl SigningKey {
     pub fn parse(s: &str) -> Result<Self, KeyError> {
-        let _ = s;
-        todo!()
+        let s = s.trim();
+        if let Some(b64) = s.strip_prefix(SEED_PREFIX) {
+            let seed = decode_32(b64)?;
+            Ok(SigningKey::Ed25519(ed25519_dalek::SigningKey::from_bytes(
+                &seed,
+            )))
+        } else if let Some(b64) = s.strip_prefix(SECRET_PREFIX) {
+            Ok(SigningKey::Hmac(parse_secret_b64(b64)?))
+        } else if s.starts_with(PUBLIC_PREFIX) {
+            Err(KeyProblem::PublicKeyGiven.into())
+        } else {
+            Err(KeyProblem::UnknownSigningPrefix.into())
+        }
     }
 
     /// Parses each entry; an error names the entry's 1-based position.
@@ -164,8 +200,13 @@ impl SigningKey {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let _ = entries;
-        todo!()
+        entries
+            .into_iter()
+            .enumerate()
+            .map(|(i, entry)| {
+                Self::parse(entry.as_ref()).map_err(|e| KeyError::at(i + 1, e.problem))
+            })
+            .collect()
     }
 }
 
@@ -180,18 +221,62 @@ impl fmt::Debug for SigningKey {
 
 /// A fresh `whsec_` secret of 32 random bytes.
 pub fn generate_secret() -> SecretString {
-    todo!()
+    SecretString::from(format!(
+        "{SECRET_PREFIX}{}",
+        B64.encode(random_bytes::<32>())
+    ))
 }
 
 /// A fresh Ed25519 pair: the `whsk_` seed (secret) and its `whpk_` public key.
 pub fn generate_ed25519() -> (SecretString, String) {
-    todo!()
+    let seed = random_bytes::<32>();
+    let public = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
+    (
+        SecretString::from(format!("{SEED_PREFIX}{}", B64.encode(seed))),
+        format!("{PUBLIC_PREFIX}{}", B64.encode(public.as_bytes())),
+    )
 }
 
 /// An HMAC keyed with a `whsec_` secret of 24 to 64 bytes.
-pub(crate) fn parse_secret(s: &str) -> Result<HmacSha256, KeyProblem> {
-    let _ = s;
-    todo!()
+pub(crate) fn parse_secret(s: &str) -> Result<HmacSha256, KeyError> {
+    let b64 = s
+        .trim()
+        .strip_prefix(SECRET_PREFIX)
+        .ok_or(KeyProblem::NotASecret)?;
+    Ok(parse_secret_b64(b64)?)
+}
+
+fn parse_secret_b64(b64: &str) -> Result<HmacSha256, KeyProblem> {
+    let mut bytes = B64.decode(b64).map_err(|_| KeyProblem::Base64)?;
+    let len = bytes.len();
+    let mac = if (MIN_SECRET_LEN..=MAX_SECRET_LEN).contains(&len) {
+        HmacSha256::new_from_slice(&bytes).map_err(|_| KeyProblem::SecretLength(len))
+    } else {
+        Err(KeyProblem::SecretLength(len))
+    };
+    // The keyed state is to be the secret's only copy in memory.
+    bytes.fill(0);
+    mac
+}
+
+fn parse_public(b64: &str) -> Result<ed25519_dalek::VerifyingKey, KeyProblem> {
+    let bytes = decode_32(b64)?;
+    let key =
+        ed25519_dalek::VerifyingKey::from_bytes(&bytes).map_err(|_| KeyProblem::Ed25519Point)?;
+    // A small-order point verifies signatures nobody holds a key for.
+    if key.is_weak() {
+        return Err(KeyProblem::Ed25519Point);
+    }
+    Ok(key)
+}
+
+/// An Ed25519 public key or seed: exactly 32 bytes.
+fn decode_32(b64: &str) -> Result<[u8; 32], KeyProblem> {
+    let mut bytes = B64.decode(b64).map_err(|_| KeyProblem::Base64)?;
+    let out = <[u8; 32]>::try_from(bytes.as_slice())
+        .map_err(|_| KeyProblem::Ed25519Length(bytes.len()));
+    bytes.fill(0);
+    out
 }
 
 pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {

@@ -127,8 +127,184 @@ pub fn verify(
     received_at: OffsetDateTime,
     max_age: Duration,
 ) -> Result<Verified, VerifyError> {
-    let _ = (keys, headers, body, received_at, max_age);
-    todo!()
+    let id = headers
+        .id
+        .ok_or(VerifyError::unauthenticated("no webhook-id header"))?;
+    if !valid_id(id) {
+        return Err(VerifyError::unauthenticated(
+            "webhook-id is not 1 to 64 characters of A-Z, a-z, 0-9, _ and -",
+        ));
+    }
+    let timestamp = headers
+        .timestamp
+        .ok_or(VerifyError::unauthenticated("no webhook-timestamp header"))?;
+    let signed_at = parse_timestamp(timestamp).ok_or(VerifyError::unauthenticated(
+        "webhook-timestamp is not Unix seconds (decimal digits, no sign, no leading zero)",
+    ))?;
+    let signature = headers
+        .signature
+        .ok_or(VerifyError::unauthenticated("no webhook-signature header"))?;
+    // Both within years 0..=9999, so no difference overflows.
+    let received = received_at.unix_timestamp();
+    let ahead = signed_at - received;
+    if ahead > secs(MAX_FUTURE) {
+        return Err(VerifyError::unauthenticated(format!(
+            "signed {ahead} s in the future, more than the {} s of clock skew allowed",
+            MAX_FUTURE.as_secs()
+        )));
+    }
+    if keys.is_empty() {
+        return Err(VerifyError::unauthenticated(
+            "no trusted key is configured (APPROVAL_AUTH__KEYS)",
+        ));
+    }
+    if entries(signature).nth(MAX_ENTRIES).is_some() {
+        return Err(VerifyError::unauthenticated(format!(
+            "webhook-signature has more than {MAX_ENTRIES} entries"
+        )));
+    }
+    let signed = Signed {
+        id,
+        timestamp,
+        body,
+    };
+    let key = match_hmac(keys, &signed, signature)
+        .or_else(|| match_ed25519(keys, &signed, signature))
+        .ok_or(VerifyError::unauthenticated(
+            "no signature entry verifies with a configured key",
+        ))?;
+    let age = received - signed_at;
+    if age > secs(max_age) {
+        return Err(VerifyError {
+            kind: FailureKind::Stale,
+            message: format!(
+                "signed {age} s before it was received, more than the maximum age of {} s",
+                max_age.as_secs()
+            )
+            .into(),
+        });
+    }
+    Ok(Verified {
+        signed_at: at_unix(signed_at),
+        key,
+    })
+}
+
+/// The parts of the signed bytes, hashed in turn rather than copied
+/// together (a body is up to 64 KiB).
+struct Signed<'a> {
+    id: &'a str,
+    timestamp: &'a str,
+    body: &'a [u8],
+}
+
+impl Signed<'_> {
+    fn feed(&self, mac: &mut HmacSha256) {
+        mac.update(self.id.as_bytes());
+        mac.update(b".");
+        mac.update(self.timestamp.as_bytes());
+        mac.update(b".");
+        mac.update(self.body);
+    }
+
+    fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.id.len() + self.timestamp.len() + 2 + self.body.len());
+        out.extend_from_slice(self.id.as_bytes());
+        out.push(b'.');
+        out.extend_from_slice(self.timestamp.as_bytes());
+        out.push(b'.');
+        out.extend_from_slice(self.body);
+        out
+    }
+}
+
+/// The non-empty entries of a `webhook-signature`, split at spaces.
+fn entries(signature: &str) -> impl Iterator<Item = &str> {
+    signature.split(' ').filter(|e| !e.is_empty())
+}
+
+/// The decoded signatures of one version. An entry that does not decode
+/// to `N` bytes cannot verify and is skipped; decoding into a fixed
+/// buffer refuses an oversized one without allocating.
+fn decoded<'a, const N: usize>(
+    signature: &'a str,
+    version: &'a str,
+) -> impl Iterator<Item = [u8; N]> + 'a {
+    entries(signature).filter_map(move |entry| {
+        let (v, b64) = entry.split_once(',')?;
+        if v != version {
+            return None;
+        }
+        // Room for the decoder's estimate of a correct entry, no more.
+        let mut buf = [0u8; 68];
+        let len = B64.decode_slice(b64, &mut buf).ok()?;
+        <[u8; N]>::try_from(&buf[..len]).ok()
+    })
+}
+
+/// The position of an HMAC key that made one of the `v1` entries. Each
+/// key hashes the message once; each entry is checked against that state
+/// with `verify_slice`, a constant-time comparison of the whole tag.
+fn match_hmac(keys: &Keys, signed: &Signed<'_>, signature: &str) -> Option<usize> {
+    if keys.hmac.is_empty() || decoded::<32>(signature, "v1").next().is_none() {
+        return None;
+    }
+    keys.hmac.iter().find_map(|(position, key)| {
+        let mut mac = key.clone();
+        signed.feed(&mut mac);
+        decoded::<32>(signature, "v1")
+            .any(|tag| mac.clone().verify_slice(&tag).is_ok())
+            .then_some(*position)
+    })
+}
+
+/// The position of an Ed25519 key that made one of the `v1a` entries,
+/// within [`MAX_ED25519_CHECKS`] verifications. `verify_strict` also
+/// refuses malleated signatures, which honest signers never produce.
+fn match_ed25519(keys: &Keys, signed: &Signed<'_>, signature: &str) -> Option<usize> {
+    if keys.ed25519.is_empty() {
+        return None;
+    }
+    let mut message = None;
+    let mut checks = 0;
+    for bytes in decoded::<64>(signature, "v1a") {
+        let sig = ed25519_dalek::Signature::from_bytes(&bytes);
+        let message: &Vec<u8> = message.get_or_insert_with(|| signed.to_vec());
+        for (position, key) in &keys.ed25519 {
+            if checks == MAX_ED25519_CHECKS {
+                return None;
+            }
+            checks += 1;
+            if key.verify_strict(message, &sig).is_ok() {
+                return Some(*position);
+            }
+        }
+    }
+    None
+}
+
+/// Unix seconds as the reference libraries write them: decimal digits,
+/// no sign, no leading zero, so the bytes signed are the bytes parsed.
+/// `None` also past the year 9999.
+fn parse_timestamp(s: &str) -> Option<i64> {
+    let canonical = (1..=MAX_TIMESTAMP_DIGITS).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_digit())
+        && (s.len() == 1 || !s.starts_with('0'));
+    if !canonical {
+        return None;
+    }
+    let ts = s.parse().ok()?;
+    OffsetDateTime::from_unix_timestamp(ts).ok()?;
+    Some(ts)
+}
+
+fn at_unix(ts: i64) -> OffsetDateTime {
+    // Only called with a timestamp `parse_timestamp` accepted.
+    OffsetDateTime::from_unix_timestamp(ts).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
 
 impl Verified {
@@ -138,8 +314,19 @@ impl Verified {
     /// [`MAX_FUTURE`] of that stamp either way: a decision signed long
     /// before it reached the broker was held back by someone.
     pub fn check_ingress(&self, stamped_at: OffsetDateTime) -> Result<(), VerifyError> {
-        let _ = stamped_at;
-        todo!()
+        let apart = stamped_at.unix_timestamp() - self.signed_at.unix_timestamp();
+        if apart.unsigned_abs() > MAX_FUTURE.as_secs() {
+            let (n, when) = if apart > 0 {
+                (apart, "before")
+            } else {
+                (-apart, "after")
+            };
+            return Err(VerifyError::unauthenticated(format!(
+                "signed {n} s {when} the broker received it, more than the {} s allowed",
+                MAX_FUTURE.as_secs()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -181,28 +368,57 @@ pub fn sign(
     timestamp: i64,
     body: &[u8],
 ) -> Result<SignedHeaders, SignError> {
-    let _ = (keys, id, timestamp, body);
-    todo!()
+    if keys.is_empty() {
+        return Err(SignError::NoKeys);
+    }
+    if !valid_id(id) {
+        return Err(SignError::BadId);
+    }
+    if OffsetDateTime::from_unix_timestamp(timestamp).is_err() || timestamp < 0 {
+        return Err(SignError::BadTimestamp);
+    }
+    let timestamp = timestamp.to_string();
+    let signed = Signed {
+        id,
+        timestamp: &timestamp,
+        body,
+    };
+    let mut message = None;
+    let entries: Vec<String> = keys
+        .iter()
+        .map(|key| match key {
+            SigningKey::Hmac(key) => {
+                let mut mac = key.clone();
+                signed.feed(&mut mac);
+                format!("v1,{}", B64.encode(mac.finalize().into_bytes()))
+            }
+            SigningKey::Ed25519(key) => {
+                let message: &Vec<u8> = message.get_or_insert_with(|| signed.to_vec());
+                let signature = ed25519_dalek::Signer::sign(key, message);
+                format!("v1a,{}", B64.encode(signature.to_bytes()))
+            }
+        })
+        .collect();
+    Ok(SignedHeaders {
+        id: id.to_owned(),
+        timestamp,
+        signature: entries.join(" "),
+    })
 }
 
 /// A fresh `webhook-id`: `msg_` and 128 random bits, within the pattern.
 pub fn random_id() -> String {
-    todo!()
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    format!("msg_{}", URL_SAFE_NO_PAD.encode(random_bytes::<16>()))
 }
 
+/// `[A-Za-z0-9_-]{1,64}`: never a `.`, which would let the id and the
+/// timestamp trade bytes within the signed string.
 fn valid_id(id: &str) -> bool {
-    let _ = id;
-    todo!()
-}
-
-#[allow(dead_code)]
-fn keyed(mac: &HmacSha256) -> HmacSha256 {
-    mac.clone()
-}
-
-#[allow(dead_code)]
-fn use_b64() -> usize {
-    B64.encode([0u8]).len() + random_bytes::<1>().len()
+    (1..=MAX_ID_LEN).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 #[cfg(test)]
