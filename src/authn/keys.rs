@@ -10,8 +10,7 @@
 use std::fmt;
 
 use base64::{
-    Engine,
-    alphabet,
+    Engine, alphabet,
     engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
 };
 use hmac::{Hmac, KeyInit};
@@ -58,7 +57,9 @@ pub enum KeyProblem {
         "unknown kind: expected whpk_<base64> (Ed25519 public key) or whsec_<base64> (HMAC-SHA256 secret)"
     )]
     UnknownVerifyPrefix,
-    #[error("unknown kind: expected whsk_<base64> (Ed25519 seed) or whsec_<base64> (HMAC-SHA256 secret)")]
+    #[error(
+        "unknown kind: expected whsk_<base64> (Ed25519 seed) or whsec_<base64> (HMAC-SHA256 secret)"
+    )]
     UnknownSigningPrefix,
     #[error(
         "a whsk_ signing key does not belong here: give its public key (whpk_, printed by `approval-worker sign --generate ed25519`)"
@@ -194,7 +195,8 @@ impl SigningKey {
         }
     }
 
-    /// Parses each entry; an error names the entry's 1-based position.
+    /// Parses each entry, skipping blank ones as [`Keys::parse`] does; an
+    /// error names the entry's 1-based position.
     pub fn parse_all<I, S>(entries: I) -> Result<Vec<Self>, KeyError>
     where
         I: IntoIterator<Item = S>,
@@ -203,6 +205,7 @@ impl SigningKey {
         entries
             .into_iter()
             .enumerate()
+            .filter(|(_, entry)| !entry.as_ref().trim().is_empty())
             .map(|(i, entry)| {
                 Self::parse(entry.as_ref()).map_err(|e| KeyError::at(i + 1, e.problem))
             })
@@ -273,8 +276,8 @@ fn parse_public(b64: &str) -> Result<ed25519_dalek::VerifyingKey, KeyProblem> {
 /// An Ed25519 public key or seed: exactly 32 bytes.
 fn decode_32(b64: &str) -> Result<[u8; 32], KeyProblem> {
     let mut bytes = B64.decode(b64).map_err(|_| KeyProblem::Base64)?;
-    let out = <[u8; 32]>::try_from(bytes.as_slice())
-        .map_err(|_| KeyProblem::Ed25519Length(bytes.len()));
+    let out =
+        <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| KeyProblem::Ed25519Length(bytes.len()));
     bytes.fill(0);
     out
 }
@@ -336,17 +339,20 @@ mod tests {
     #[test]
     fn more_than_sixteen_keys_are_refused() {
         let many = vec![SECRET; MAX_KEYS + 1];
-        assert!(Keys::parse(&many).unwrap_err().to_string().contains("17 keys"));
+        assert!(
+            Keys::parse(&many)
+                .unwrap_err()
+                .to_string()
+                .contains("17 keys")
+        );
         assert_eq!(Keys::parse(&many[..MAX_KEYS]).unwrap().len(), MAX_KEYS);
     }
 
     #[test]
     fn signing_keys_take_seeds_and_secrets_not_public_keys() {
-        let keys = SigningKey::parse_all([
-            "whsk_VEVTVFNJR05JTkdLRVlET05PVFVTRVRISVNGT1JBTlk=",
-            SECRET,
-        ])
-        .unwrap();
+        let keys =
+            SigningKey::parse_all(["whsk_VEVTVFNJR05JTkdLRVlET05PVFVTRVRISVNGT1JBTlk=", SECRET])
+                .unwrap();
         assert!(matches!(keys[0], SigningKey::Ed25519(_)));
         assert!(matches!(keys[1], SigningKey::Hmac(_)));
         let e = SigningKey::parse_all([SECRET, PUBLIC]).unwrap_err();

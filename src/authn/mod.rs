@@ -19,5 +19,5 @@ pub mod webhook;
 pub use hop::{HopKey, hop_mac, verify_hop};
 pub use keys::{KeyError, Keys, SigningKey};
 pub use webhook::{
-    FailureKind, SignError, SignatureHeaders, SignedHeaders, VerifyError, Verified, sign, verify,
+    FailureKind, SignError, SignatureHeaders, SignedHeaders, Verified, VerifyError, sign, verify,
 };

@@ -208,7 +208,8 @@ impl Signed<'_> {
     }
 
     fn to_vec(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.id.len() + self.timestamp.len() + 2 + self.body.len());
+        let mut out =
+            Vec::with_capacity(self.id.len() + self.timestamp.len() + 2 + self.body.len());
         out.extend_from_slice(self.id.as_bytes());
         out.push(b'.');
         out.extend_from_slice(self.timestamp.as_bytes());
@@ -498,7 +499,11 @@ mod tests {
         let signing = SigningKey::parse_all([VECTOR_SEED]).unwrap();
         let signed = sign(&signing, VECTOR_ID, VECTOR_TS, VECTOR_BODY).unwrap();
         assert_eq!(signed.signature, VECTOR_V1A);
-        let verified = check(&keys(&[VECTOR_SECRET, VECTOR_PUBLIC]), VECTOR_V1A, VECTOR_BODY);
+        let verified = check(
+            &keys(&[VECTOR_SECRET, VECTOR_PUBLIC]),
+            VECTOR_V1A,
+            VECTOR_BODY,
+        );
         assert_eq!(verified.unwrap().key, 2);
     }
 
@@ -511,7 +516,13 @@ mod tests {
         let now = at(VECTOR_TS + 1);
         verify(&keys(&[&public]), signed.as_headers(), b"{}", now, DAY).unwrap();
         let (_, other) = generate_ed25519();
-        unauthenticated(verify(&keys(&[&other]), signed.as_headers(), b"{}", now, DAY));
+        unauthenticated(verify(
+            &keys(&[&other]),
+            signed.as_headers(),
+            b"{}",
+            now,
+            DAY,
+        ));
     }
 
     #[test]
@@ -539,7 +550,11 @@ mod tests {
     fn a_signature_by_an_unknown_key_is_unauthenticated() {
         use secrecy::ExposeSecret;
         let other = generate_secret();
-        let e = unauthenticated(check(&keys(&[other.expose_secret()]), VECTOR_V1, VECTOR_BODY));
+        let e = unauthenticated(check(
+            &keys(&[other.expose_secret()]),
+            VECTOR_V1,
+            VECTOR_BODY,
+        ));
         assert!(e.contains("no signature entry verifies"), "{e}");
         unauthenticated(check(&keys(&[VECTOR_SECRET]), VECTOR_V1A, VECTOR_BODY));
     }
@@ -568,7 +583,12 @@ mod tests {
         let both = keys(&[VECTOR_SECRET, VECTOR_PUBLIC]);
         let bad_v1 = "v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc=";
         check(&both, &format!("{bad_v1} {VECTOR_V1}"), VECTOR_BODY).unwrap();
-        check(&both, &format!("{} {VECTOR_V1A}", bogus_v1a(7)), VECTOR_BODY).unwrap();
+        check(
+            &both,
+            &format!("{} {VECTOR_V1A}", bogus_v1a(7)),
+            VECTOR_BODY,
+        )
+        .unwrap();
         check(&both, &format!("{bad_v1}  {VECTOR_V1A}"), VECTOR_BODY).unwrap();
         // Unknown versions are skipped, not fatal.
         check(&both, &format!("v2,abc v1b,xyz {VECTOR_V1}"), VECTOR_BODY).unwrap();
@@ -594,7 +614,11 @@ mod tests {
         assert_eq!(e.kind(), FailureKind::Stale, "{e}");
         assert!(e.message().contains("86401 s"), "{e}");
         // An old date on a forged signature is no authentic old decision.
-        let forged = headers(VECTOR_ID, "1614265330", "v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc=");
+        let forged = headers(
+            VECTOR_ID,
+            "1614265330",
+            "v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc=",
+        );
         unauthenticated(verify(&k, forged, VECTOR_BODY, late, DAY));
     }
 
@@ -615,23 +639,98 @@ mod tests {
         let cases: Vec<(SignatureHeaders<'_>, &str)> = vec![
             (SignatureHeaders { id: None, ..ok }, "webhook-id"),
             (SignatureHeaders { id: Some(""), ..ok }, "webhook-id"),
-            (SignatureHeaders { id: Some("msg.1"), ..ok }, "webhook-id"),
-            (SignatureHeaders { id: Some("msg 1"), ..ok }, "webhook-id"),
-            (SignatureHeaders { id: Some(&long_id), ..ok }, "webhook-id"),
-            (SignatureHeaders { timestamp: None, ..ok }, "webhook-timestamp"),
-            (SignatureHeaders { timestamp: Some("hello"), ..ok }, "webhook-timestamp"),
-            (SignatureHeaders { timestamp: Some("-1614265330"), ..ok }, "webhook-timestamp"),
-            (SignatureHeaders { timestamp: Some("01614265330"), ..ok }, "webhook-timestamp"),
-            (SignatureHeaders { timestamp: Some("1614265330.0"), ..ok }, "webhook-timestamp"),
-            (SignatureHeaders { timestamp: Some(" 1614265330"), ..ok }, "webhook-timestamp"),
-            (SignatureHeaders { timestamp: Some("9999999999999"), ..ok }, "webhook-timestamp"),
-            (SignatureHeaders { timestamp: Some("999999999999"), ..ok }, "webhook-timestamp"),
-            (SignatureHeaders { timestamp: Some(""), ..ok }, "webhook-timestamp"),
+            (
+                SignatureHeaders {
+                    id: Some("msg.1"),
+                    ..ok
+                },
+                "webhook-id",
+            ),
+            (
+                SignatureHeaders {
+                    id: Some("msg 1"),
+                    ..ok
+                },
+                "webhook-id",
+            ),
+            (
+                SignatureHeaders {
+                    id: Some(&long_id),
+                    ..ok
+                },
+                "webhook-id",
+            ),
+            (
+                SignatureHeaders {
+                    timestamp: None,
+                    ..ok
+                },
+                "webhook-timestamp",
+            ),
+            (
+                SignatureHeaders {
+                    timestamp: Some("hello"),
+                    ..ok
+                },
+                "webhook-timestamp",
+            ),
+            (
+                SignatureHeaders {
+                    timestamp: Some("-1614265330"),
+                    ..ok
+                },
+                "webhook-timestamp",
+            ),
+            (
+                SignatureHeaders {
+                    timestamp: Some("01614265330"),
+                    ..ok
+                },
+                "webhook-timestamp",
+            ),
+            (
+                SignatureHeaders {
+                    timestamp: Some("1614265330.0"),
+                    ..ok
+                },
+                "webhook-timestamp",
+            ),
+            (
+                SignatureHeaders {
+                    timestamp: Some(" 1614265330"),
+                    ..ok
+                },
+                "webhook-timestamp",
+            ),
+            (
+                SignatureHeaders {
+                    timestamp: Some("9999999999999"),
+                    ..ok
+                },
+                "webhook-timestamp",
+            ),
+            (
+                SignatureHeaders {
+                    timestamp: Some("999999999999"),
+                    ..ok
+                },
+                "webhook-timestamp",
+            ),
+            (
+                SignatureHeaders {
+                    timestamp: Some(""),
+                    ..ok
+                },
+                "webhook-timestamp",
+            ),
         ];
         for (h, expected) in cases {
             let e = unauthenticated(verify(&k, h, VECTOR_BODY, at(VECTOR_TS), DAY));
             assert!(e.contains(expected), "{h:?}: {e}");
-            assert!(!e.contains("1614265330") && !e.contains("msg"), "{h:?}: {e} echoes a header");
+            assert!(
+                !e.contains("1614265330") && !e.contains("msg"),
+                "{h:?}: {e} echoes a header"
+            );
         }
         for sig in [
             "v1",
@@ -656,14 +755,23 @@ mod tests {
         last[31] ^= 1;
         unauthenticated(check(&k, &format!("v1,{}", B64.encode(&last)), VECTOR_BODY));
         let longer = [tag.as_slice(), &[0]].concat();
-        unauthenticated(check(&k, &format!("v1,{}", B64.encode(&longer)), VECTOR_BODY));
+        unauthenticated(check(
+            &k,
+            &format!("v1,{}", B64.encode(&longer)),
+            VECTOR_BODY,
+        ));
     }
 
     #[test]
     fn more_than_sixteen_entries_are_refused_whole() {
         let k = keys(&[VECTOR_SECRET]);
         let filler = vec!["v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc="; MAX_ENTRIES - 1];
-        check(&k, &format!("{} {VECTOR_V1}", filler.join(" ")), VECTOR_BODY).unwrap();
+        check(
+            &k,
+            &format!("{} {VECTOR_V1}", filler.join(" ")),
+            VECTOR_BODY,
+        )
+        .unwrap();
         let e = unauthenticated(check(
             &k,
             &format!("{VECTOR_V1} {} v2,x", filler.join(" ")),
@@ -691,7 +799,9 @@ mod tests {
         // HMAC entries are cheap and do not spend the Ed25519 budget.
         let secret = generate_secret();
         let k = keys(&[secret.expose_secret(), VECTOR_SECRET]);
-        let mut e: Vec<String> = (0..15).map(|n| format!("v1,{}", B64.encode([n; 32]))).collect();
+        let mut e: Vec<String> = (0..15)
+            .map(|n| format!("v1,{}", B64.encode([n; 32])))
+            .collect();
         e.push(VECTOR_V1.to_owned());
         check(&k, &e.join(" "), VECTOR_BODY).unwrap();
     }
@@ -710,9 +820,15 @@ mod tests {
     fn sign_refuses_what_verify_would() {
         let signing = SigningKey::parse_all([VECTOR_SECRET]).unwrap();
         assert_eq!(sign(&[], "msg_1", VECTOR_TS, b"{}"), Err(SignError::NoKeys));
-        assert_eq!(sign(&signing, "msg.1", VECTOR_TS, b"{}"), Err(SignError::BadId));
+        assert_eq!(
+            sign(&signing, "msg.1", VECTOR_TS, b"{}"),
+            Err(SignError::BadId)
+        );
         assert_eq!(sign(&signing, "", VECTOR_TS, b"{}"), Err(SignError::BadId));
-        assert_eq!(sign(&signing, "msg_1", -1, b"{}"), Err(SignError::BadTimestamp));
+        assert_eq!(
+            sign(&signing, "msg_1", -1, b"{}"),
+            Err(SignError::BadTimestamp)
+        );
         assert_eq!(
             sign(&signing, "msg_1", 253_402_300_800, b"{}"),
             Err(SignError::BadTimestamp)
@@ -736,6 +852,9 @@ mod tests {
         let signing = SigningKey::parse_all([seed.expose_secret()]).unwrap();
         let signed = sign(&signing, "msg_2", VECTOR_TS, b"{\"a\":1}").unwrap();
         let expected = key.sign(b"msg_2.1614265330.{\"a\":1}");
-        assert_eq!(signed.signature, format!("v1a,{}", B64.encode(expected.to_bytes())));
+        assert_eq!(
+            signed.signature,
+            format!("v1a,{}", B64.encode(expected.to_bytes()))
+        );
     }
 }
