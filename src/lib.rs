@@ -12,6 +12,7 @@
 //! else is `pub(crate)`, so the compiler reports what nothing uses.
 
 pub(crate) mod admin;
+pub mod authn;
 pub mod broker;
 pub mod commands;
 pub mod decision;

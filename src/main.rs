@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 use approval_worker::{
-    commands::{check, dead_letters, run, simulate},
+    commands::{check, dead_letters, run, sign, simulate},
     settings::Settings,
     telemetry,
     tools::{bench, demo},
@@ -61,6 +61,8 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Print the signature headers (webhook-id, -timestamp, -signature) for a decision body on stdin.
+    Sign(sign::Args),
     /// Inspect or replay the parking lot (P.dead).
     #[command(subcommand)]
     DeadLetters(dead_letters::DeadLetters),
@@ -108,6 +110,7 @@ fn main() -> ExitCode {
             Command::Check => check::run(settings).await,
             Command::DeadLetters(cmd) => dead_letters::run(settings, cmd).await,
             Command::Simulate(args) => simulate::run(args).await,
+            Command::Sign(args) => sign::run(args),
             Command::Bench {
                 decisions,
                 provider_latency_ms,

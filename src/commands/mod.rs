@@ -4,4 +4,5 @@
 pub mod check;
 pub mod dead_letters;
 pub mod run;
+pub mod sign;
 pub mod simulate;
