@@ -61,6 +61,7 @@ pub struct Settings {
     pub(crate) admin: AdminSettings,
     pub log: LogSettings,
     pub(crate) providers: ProviderSections,
+    pub(crate) auth: AuthSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -180,6 +181,85 @@ pub(crate) struct RetrySettings {
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct AdminSettings {
     pub(crate) bind: SocketAddr,
+}
+
+/// Who may decide (CONTRACT v2 section 4.1).
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct AuthSettings {
+    pub(crate) mode: AuthMode,
+    /// The trusted upstream keys, parsed once at load.
+    #[serde(deserialize_with = "auth_keys")]
+    pub(crate) keys: std::sync::Arc<crate::authn::Keys>,
+    #[serde(rename = "max_age_s", deserialize_with = "seconds")]
+    pub(crate) max_age: Duration,
+    /// Empty: any `user_id` (or none) is accepted.
+    #[serde(deserialize_with = "list")]
+    pub(crate) allowed_user_ids: Vec<String>,
+    /// `None`: a random key for this process alone.
+    #[serde(deserialize_with = "hop_key")]
+    pub(crate) hop_key: Option<crate::authn::HopKey>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Only decisions that pass are applied.
+    Enforce,
+    /// Verified, logged and counted, applied anyway (while upstream
+    /// teams start signing).
+    Monitor,
+    /// No checks.
+    Off,
+}
+
+impl AuthMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Enforce => "enforce",
+            AuthMode::Monitor => "monitor",
+            AuthMode::Off => "off",
+        }
+    }
+}
+
+fn auth_keys<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<std::sync::Arc<crate::authn::Keys>, D::Error> {
+    let raw = Option::<SecretString>::deserialize(d)?;
+    let raw = raw.as_ref().map(|r| r.expose_secret()).unwrap_or_default();
+    // The error names the entry's position, never its text.
+    crate::authn::Keys::parse(raw.split(','))
+        .map(std::sync::Arc::new)
+        .map_err(|e| D::Error::custom(e.to_string()))
+}
+
+fn hop_key<'de, D: Deserializer<'de>>(d: D) -> Result<Option<crate::authn::HopKey>, D::Error> {
+    let raw = Option::<SecretString>::deserialize(d)?;
+    match raw.as_ref().map(|r| r.expose_secret().trim()) {
+        None | Some("") => Ok(None),
+        Some(key) => crate::authn::HopKey::parse(key)
+            .map(Some)
+            .map_err(|e| D::Error::custom(e.to_string())),
+    }
+}
+
+fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let raw = Option::<String>::deserialize(d)?;
+    Ok(raw
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
+fn seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = u64::deserialize(d)?;
+    if s == 0 {
+        return Err(D::Error::custom("expected a positive number of seconds"));
+    }
+    Ok(Duration::from_secs(s))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
