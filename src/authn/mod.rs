@@ -17,7 +17,7 @@ pub mod keys;
 pub mod webhook;
 
 pub use hop::{HopKey, hop_mac, verify_hop};
-pub use keys::{KeyError, Keys, SigningKey};
+pub use keys::{KeyError, KeyProblem, Keys, SigningKey};
 pub use webhook::{
     FailureKind, SignError, SignatureHeaders, SignedHeaders, Verified, VerifyError, sign, verify,
 };

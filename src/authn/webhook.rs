@@ -138,13 +138,15 @@ pub fn verify(
     let timestamp = headers
         .timestamp
         .ok_or(VerifyError::unauthenticated("no webhook-timestamp header"))?;
-    let signed_at = parse_timestamp(timestamp).ok_or(VerifyError::unauthenticated(
-        "webhook-timestamp is not Unix seconds (decimal digits, no sign, no leading zero)",
-    ))?;
+    let (signed_at, signed_time) =
+        parse_timestamp(timestamp).ok_or(VerifyError::unauthenticated(
+            "webhook-timestamp is not Unix seconds (decimal digits, no sign, no leading zero)",
+        ))?;
     let signature = headers
         .signature
         .ok_or(VerifyError::unauthenticated("no webhook-signature header"))?;
-    // Both within years 0..=9999, so no difference overflows.
+    // Both are times `time` represents (years -9999 to 9999), so no
+    // difference of their Unix seconds overflows.
     let received = received_at.unix_timestamp();
     let ahead = signed_at - received;
     if ahead > secs(MAX_FUTURE) {
@@ -185,7 +187,7 @@ pub fn verify(
         });
     }
     Ok(Verified {
-        signed_at: at_unix(signed_at),
+        signed_at: signed_time,
         key,
     })
 }
@@ -287,7 +289,7 @@ fn match_ed25519(keys: &Keys, signed: &Signed<'_>, signature: &str) -> Option<us
 /// Unix seconds as the reference libraries write them: decimal digits,
 /// no sign, no leading zero, so the bytes signed are the bytes parsed.
 /// `None` also past the year 9999.
-fn parse_timestamp(s: &str) -> Option<i64> {
+fn parse_timestamp(s: &str) -> Option<(i64, OffsetDateTime)> {
     let canonical = (1..=MAX_TIMESTAMP_DIGITS).contains(&s.len())
         && s.bytes().all(|b| b.is_ascii_digit())
         && (s.len() == 1 || !s.starts_with('0'));
@@ -295,13 +297,7 @@ fn parse_timestamp(s: &str) -> Option<i64> {
         return None;
     }
     let ts = s.parse().ok()?;
-    OffsetDateTime::from_unix_timestamp(ts).ok()?;
-    Some(ts)
-}
-
-fn at_unix(ts: i64) -> OffsetDateTime {
-    // Only called with a timestamp `parse_timestamp` accepted.
-    OffsetDateTime::from_unix_timestamp(ts).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    Some((ts, OffsetDateTime::from_unix_timestamp(ts).ok()?))
 }
 
 fn secs(d: Duration) -> i64 {
@@ -375,7 +371,7 @@ pub fn sign(
     if !valid_id(id) {
         return Err(SignError::BadId);
     }
-    if OffsetDateTime::from_unix_timestamp(timestamp).is_err() || timestamp < 0 {
+    if timestamp < 0 || OffsetDateTime::from_unix_timestamp(timestamp).is_err() {
         return Err(SignError::BadTimestamp);
     }
     let timestamp = timestamp.to_string();
