@@ -65,6 +65,11 @@ pub enum ErrorKind {
     /// A challenge the provider gave to sign was for another action or
     /// request; nothing was signed (CONTRACT.md section 4).
     ChallengeMismatch,
+    /// The decision's signature, routing key or publisher did not pass
+    /// (CONTRACT v2 section 4.1).
+    Unauthenticated,
+    /// An authentic signature older than the maximum age.
+    Stale,
 }
 
 impl ErrorKind {
@@ -79,6 +84,8 @@ impl ErrorKind {
             ErrorKind::Poison => "poison",
             ErrorKind::ConfirmationDenied => "confirmation_denied",
             ErrorKind::ChallengeMismatch => "challenge_mismatch",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::Stale => "stale",
         }
     }
 }

@@ -488,6 +488,33 @@ impl Settings {
         Ok(())
     }
 
+    /// What the authenticity settings leave open, for `check` and `run`:
+    /// `Err` when no decision can pass (enforce without keys), warnings
+    /// for a mode that lets unsigned decisions through or a hop key each
+    /// process makes up.
+    pub fn auth_report(&self) -> (Result<(), String>, Vec<String>) {
+        let auth = &self.auth;
+        let mut warnings = Vec::new();
+        let verdict = match auth.mode {
+            AuthMode::Enforce if auth.keys.is_empty() => Err(
+                "APPROVAL_AUTH__MODE is enforce but APPROVAL_AUTH__KEYS holds no key: every decision is parked as unauthenticated".to_owned(),
+            ),
+            AuthMode::Enforce => Ok(()),
+            AuthMode::Monitor => {
+                warnings.push("APPROVAL_AUTH__MODE=monitor: unauthenticated decisions are applied (logged and counted); switch to enforce once every publisher signs".to_owned());
+                Ok(())
+            }
+            AuthMode::Off => {
+                warnings.push("APPROVAL_AUTH__MODE=off: decisions are applied without any authenticity check".to_owned());
+                Ok(())
+            }
+        };
+        if auth.hop_key.is_none() {
+            warnings.push("APPROVAL_AUTH__HOP_KEY is not set: this process trusts only its own retry copies; set one shared key on every replica".to_owned());
+        }
+        (verdict, warnings)
+    }
+
     /// The broker URL (every node, comma-separated) with each password
     /// replaced, for log lines and reports.
     pub(crate) fn amqp_url_redacted(&self) -> String {

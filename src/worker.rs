@@ -10,6 +10,7 @@
 //! broker session that feeds the flow is `broker::Session`; the broker side
 //! of one decision is `broker::Delivery`.
 
+mod authenticate;
 mod labels;
 mod settle;
 
@@ -23,14 +24,15 @@ use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 use settle::{Dispatched, Ending, Settle};
 
 use crate::{
-    broker::{Delivery, History, PendingConfirmation, Session, Topology},
+    authn::SignatureHeaders,
+    broker::{Delivery, History, Origin, PendingConfirmation, Session, Topology},
     decision::{self, Decision},
     locks::{ProviderShares, TargetLocks},
     outcome::{ErrorKind, Resolution},
     providers::{Bound, CallContext, ConfirmationState, Lookup, Registry, Reply},
     readiness::Readiness,
     retry::{CallError, ErrorClass, RetryDelays},
-    settings::Settings,
+    settings::{AuthMode, Settings},
 };
 
 /// How often a pending human confirmation is polled (Qonto allows 1/s).
@@ -109,6 +111,8 @@ async fn handle(shared: &Shared, delivery: Delivery) {
         provider = field::Empty,
         action = field::Empty,
         attempt = history.attempts,
+        // A copy of ours (retry tier, parking lot): its history counts.
+        copy = history.vouched,
     );
     // Publishing gets the budget's last part: each publish waits at most
     // the confirm timeout, and they run side by side.
@@ -123,7 +127,7 @@ async fn handle(shared: &Shared, delivery: Delivery) {
                 warn!("the broker session was lost; the decision is left for the next session");
                 return;
             }
-            decided = decide(shared, delivery.body(), &history, deadline) => decided,
+            decided = decide(shared, &delivery, &history, deadline) => decided,
         };
         let (Ok(settle) | Err(settle)) = decided;
         let published = settle.publish(&delivery, &history, &shared.registry).await;
@@ -133,15 +137,19 @@ async fn handle(shared: &Shared, delivery: Delivery) {
     .await
 }
 
-/// Validates the delivery and runs it against its provider; `Err` is how
-/// an invalid one is settled.
+/// Verifies and validates the delivery and runs it against its provider;
+/// `Err` is how one refused before any call is settled.
 async fn decide(
     shared: &Shared,
-    body: &[u8],
+    delivery: &Delivery,
     history: &History,
     deadline: Instant,
 ) -> Result<Settle, Settle> {
+    let body = delivery.body();
+    let (signature, origin) = (delivery.signature(), delivery.origin());
+    verify(shared, signature, &origin, body, history)?;
     let decision = parse(body, history)?;
+    authorize(shared, &origin, &decision, body, history)?;
     let call = validate(shared, &decision, body, history)?;
     // The broker's own delivery limit dead-letters without our headers; park
     // one delivery earlier, with the reason, so the parking lot explains it.
@@ -183,6 +191,40 @@ async fn poisoned(
         }
         None => Err(settle::poison(decision, history)),
     }
+}
+
+/// Upstream's signature, before anything of the body is trusted.
+fn verify(
+    shared: &Shared,
+    signature: SignatureHeaders<'_>,
+    origin: &Origin<'_>,
+    body: &[u8],
+    history: &History,
+) -> Result<(), Settle> {
+    let auth = &shared.settings.auth;
+    if auth.mode == AuthMode::Off {
+        return Ok(());
+    }
+    let checked = authenticate::signature(auth, signature, origin, body, history);
+    authenticate::judged(auth.mode, checked)
+        .map_err(|r| settle::invalid(authenticate::echo(body), r.kind, r.problem, history, body))
+}
+
+/// The routing key and the publisher, once the body says what it decides.
+fn authorize(
+    shared: &Shared,
+    origin: &Origin<'_>,
+    decision: &Decision,
+    body: &[u8],
+    history: &History,
+) -> Result<(), Settle> {
+    let auth = &shared.settings.auth;
+    if auth.mode == AuthMode::Off {
+        return Ok(());
+    }
+    let checked = authenticate::publisher(auth, origin, decision);
+    authenticate::judged(auth.mode, checked)
+        .map_err(|r| settle::invalid(decision.echo(), r.kind, r.problem, history, body))
 }
 
 fn parse(body: &[u8], history: &History) -> Result<Decision, Settle> {

@@ -20,6 +20,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::warn;
 
 use super::{PublishError, Publisher, Topology, headers};
+use crate::authn::{HopKey, SignatureHeaders, hop_mac, verify_hop};
 use crate::outcome::{OutcomeEvent, rfc3339};
 
 /// Pause before a decision whose publishes failed is handed back, doubled
@@ -55,6 +56,9 @@ pub(crate) struct SessionHandles {
     pub(crate) max_delay: Duration,
     /// The longest a publish may wait for its confirm.
     pub(crate) confirm_timeout: Duration,
+    /// Signs the state carried on this process's copies, and checks it
+    /// on what comes back.
+    pub(crate) hop: HopKey,
     /// Cancelled when something this session publishes on failed in a way
     /// only a new session mends (a closed channel, a returned copy, a
     /// confirm that never came): the session ends at once and no task of
@@ -94,6 +98,15 @@ impl SessionHandles {
     }
 }
 
+/// Where a delivery came from (see [`Delivery::origin`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub via_decisions_exchange: bool,
+    pub routing_key: &'a str,
+    pub user_id: Option<&'a str>,
+    pub ingress: Option<OffsetDateTime>,
+}
+
 /// A human confirmation the decision waits for, carried in its headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingConfirmation {
@@ -112,10 +125,25 @@ pub struct History {
     pub delivery_count: i64,
     pub redelivered: bool,
     pub confirmation: Option<PendingConfirmation>,
+    /// Whether our hop MAC vouched for the headers above; without it they
+    /// are ignored and this is a first receipt.
+    pub vouched: bool,
 }
 
 impl History {
-    fn read(h: Option<&FieldTable>, redelivered: bool) -> Self {
+    /// Our `x-approval-*` headers count only under a valid hop MAC (anyone
+    /// may publish into a retry queue or the parking lot, headers and
+    /// all), and the delivery count only where the broker marks the
+    /// message redelivered (a publisher may set the header too).
+    fn read(h: Option<&FieldTable>, redelivered: bool, body: &[u8], hop: &HopKey) -> Self {
+        let vouched = headers::get_str(h, headers::HOP)
+            .is_some_and(|mac| verify_hop(hop, body, &headers::vouched(h), &mac));
+        let delivery_count = if redelivered {
+            headers::get_int(h, headers::DELIVERY_COUNT).unwrap_or(0)
+        } else {
+            0
+        };
+        let h = h.filter(|_| vouched);
         let received_at = OffsetDateTime::now_utc();
         let first_received_at = headers::get_str(h, headers::FIRST_RECEIVED_AT)
             .and_then(|t| OffsetDateTime::parse(&t, &Rfc3339).ok())
@@ -126,8 +154,9 @@ impl History {
             attempts: headers::get_int(h, headers::ATTEMPTS)
                 .and_then(|n| u32::try_from(n).ok())
                 .unwrap_or(0),
-            delivery_count: headers::get_int(h, headers::DELIVERY_COUNT).unwrap_or(0),
+            delivery_count,
             redelivered,
+            vouched,
             confirmation: headers::get_str(h, headers::CONFIRMATION_TOKEN).map(|token| {
                 PendingConfirmation {
                     token,
@@ -181,10 +210,46 @@ impl Delivery {
 
     /// Reads the history headers; `received_at` is now.
     pub fn history(&self) -> History {
+        let message = &self.held.message;
         History::read(
-            self.held.message.properties.headers().as_ref(),
-            self.held.message.redelivered,
+            message.properties.headers().as_ref(),
+            message.redelivered,
+            &message.data,
+            &self.session.hop,
         )
+    }
+
+    /// Upstream's signature headers, as they arrived.
+    pub fn signature(&self) -> SignatureHeaders<'_> {
+        let h = self.held.message.properties.headers().as_ref();
+        let text = |name| match h?.inner().get(name)? {
+            lapin::types::AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+            lapin::types::AMQPValue::ShortString(s) => Some(s.as_str()),
+            _ => None,
+        };
+        SignatureHeaders {
+            id: text(headers::WEBHOOK_ID),
+            timestamp: text(headers::WEBHOOK_TIMESTAMP),
+            signature: text(headers::WEBHOOK_SIGNATURE),
+        }
+    }
+
+    /// How the message reached the queue: through the decisions exchange
+    /// (as upstream publishes), with which routing key and validated
+    /// `user_id`, and when the broker stamped it at ingress, if it does.
+    pub fn origin(&self) -> Origin<'_> {
+        let message = &self.held.message;
+        let ingress = headers::get_int(
+            message.properties.headers().as_ref(),
+            headers::INGRESS_TIMESTAMP,
+        )
+        .and_then(|ms| OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok());
+        Origin {
+            via_decisions_exchange: message.exchange.as_str() == self.session.topology.decisions(),
+            routing_key: message.routing_key.as_str(),
+            user_id: message.properties.user_id().as_ref().map(|u| u.as_str()),
+            ingress,
+        }
     }
 
     /// Completes when the session this delivery came from is lost: what is
@@ -218,7 +283,7 @@ impl Delivery {
         error_kind: &str,
         error: &str,
     ) -> Result<(), PublishError> {
-        let mut h = copy_headers(self.original_headers(), history, attempts, None);
+        let mut h = self.copy_headers(history, attempts, None);
         headers::set_str(&mut h, headers::ERROR_KIND, error_kind);
         headers::set_str(&mut h, headers::ERROR, error);
         let props = headers::copy_properties(&self.held.message.properties, h);
@@ -243,7 +308,7 @@ impl Delivery {
             .session
             .topology
             .retry_tier(Duration::from_millis(expiration));
-        let h = copy_headers(self.original_headers(), history, attempts, confirmation);
+        let h = self.copy_headers(history, attempts, confirmation);
         let props = headers::copy_properties(&self.held.message.properties, h)
             .with_expiration(expiration.to_string().into());
         self.session
@@ -253,8 +318,23 @@ impl Delivery {
         Ok(())
     }
 
-    fn original_headers(&self) -> Option<&FieldTable> {
-        self.held.message.properties.headers().as_ref()
+    /// A copy's headers, with our MAC over the state it carries.
+    fn copy_headers(
+        &self,
+        history: &History,
+        attempts: u32,
+        confirmation: Option<&PendingConfirmation>,
+    ) -> FieldTable {
+        let message = &self.held.message;
+        let original = message.properties.headers().as_ref();
+        copy_headers(
+            original,
+            history,
+            attempts,
+            confirmation,
+            &message.data,
+            &self.session.hop,
+        )
     }
 
     /// Acknowledges when everything the decision needed was published;
@@ -368,6 +448,8 @@ fn copy_headers(
     history: &History,
     attempts: u32,
     confirmation: Option<&PendingConfirmation>,
+    body: &[u8],
+    hop: &HopKey,
 ) -> FieldTable {
     let mut h = headers::carried(original);
     headers::set_int(&mut h, headers::ATTEMPTS, i64::from(attempts));
@@ -382,6 +464,8 @@ fn copy_headers(
             headers::set_str(&mut h, headers::CONFIRMATION_EXPIRES_AT, at);
         }
     }
+    let mac = hop_mac(hop, body, &headers::vouched(Some(&h)));
+    headers::set_str(&mut h, headers::HOP, &mac);
     h
 }
 
@@ -429,25 +513,26 @@ mod tests {
 
     #[test]
     fn a_copy_carries_its_history_and_not_the_brokers() {
+        let (hop, body) = (HopKey::random(), b"{}".as_slice());
         let mut original = FieldTable::default();
         headers::set_str(&mut original, "x-custom", "left behind");
         headers::set_str(&mut original, "traceparent", "00-abc-def-01");
+        headers::set_str(&mut original, headers::WEBHOOK_ID, "msg_1");
         headers::set_int(&mut original, headers::DELIVERY_COUNT, 3);
-        headers::set_str(&mut original, headers::CONFIRMATION_TOKEN, "old");
-        headers::set_str(&mut original, headers::CONFIRMATION_EXPIRES_AT, "then");
-        let first = History::read(Some(&original), true);
+        let first = History::read(Some(&original), true, body, &hop);
         assert_eq!(first.attempts, 0);
         assert_eq!(first.delivery_count, 3);
         assert!(first.redelivered);
+        assert!(!first.vouched);
         assert_eq!(first.first_received_at, first.received_at);
-        assert_eq!(first.confirmation.as_ref().unwrap().token, "old");
 
         let pending = PendingConfirmation {
             token: "new".into(),
             expires_at: None,
         };
-        let copy = copy_headers(Some(&original), &first, 4, Some(&pending));
-        let next = History::read(Some(&copy), false);
+        let copy = copy_headers(Some(&original), &first, 4, Some(&pending), body, &hop);
+        let next = History::read(Some(&copy), false, body, &hop);
+        assert!(next.vouched);
         assert_eq!(next.attempts, 4);
         assert_eq!(next.delivery_count, 0);
         assert_eq!(next.first_received_at, first.first_received_at);
@@ -457,8 +542,56 @@ mod tests {
             headers::get_str(Some(&copy), "traceparent").as_deref(),
             Some("00-abc-def-01")
         );
+        assert_eq!(
+            headers::get_str(Some(&copy), headers::WEBHOOK_ID).as_deref(),
+            Some("msg_1"),
+            "upstream's signature travels with the copy"
+        );
 
-        let parked = copy_headers(Some(&copy), &next, 4, None);
-        assert_eq!(History::read(Some(&parked), false).confirmation, None);
+        let parked = copy_headers(Some(&copy), &next, 4, None, body, &hop);
+        assert_eq!(
+            History::read(Some(&parked), false, body, &hop).confirmation,
+            None
+        );
+    }
+
+    /// A publisher can write our headers too: without our MAC they are
+    /// ignored, so an injected attempt count cannot park a decision nor a
+    /// first receipt in the future switch its retry horizon off.
+    #[test]
+    fn our_headers_count_only_under_our_mac() {
+        let (hop, body) = (HopKey::random(), b"{\"a\":1}".as_slice());
+        let mut forged = FieldTable::default();
+        headers::set_int(&mut forged, headers::ATTEMPTS, 7);
+        headers::set_str(
+            &mut forged,
+            headers::FIRST_RECEIVED_AT,
+            "2999-01-01T00:00:00Z",
+        );
+        headers::set_str(&mut forged, headers::CONFIRMATION_TOKEN, "tok");
+        headers::set_int(&mut forged, headers::DELIVERY_COUNT, 19);
+        let read = History::read(Some(&forged), false, body, &hop);
+        assert_eq!(
+            (
+                read.vouched,
+                read.attempts,
+                read.delivery_count,
+                read.confirmation
+            ),
+            (false, 0, 0, None)
+        );
+        assert_eq!(read.first_received_at, read.received_at);
+
+        // A MAC made with another key, or over another body, is no MAC.
+        let history = History::read(None, false, body, &hop);
+        let theirs = copy_headers(None, &history, 7, None, body, &HopKey::random());
+        assert!(!History::read(Some(&theirs), false, body, &hop).vouched);
+        let ours = copy_headers(None, &history, 7, None, body, &hop);
+        assert!(History::read(Some(&ours), false, body, &hop).vouched);
+        assert!(!History::read(Some(&ours), false, b"{\"a\":2}", &hop).vouched);
+        // Changing a vouched header breaks it.
+        let mut edited = ours.clone();
+        headers::set_int(&mut edited, headers::ATTEMPTS, 1);
+        assert!(!History::read(Some(&edited), false, body, &hop).vouched);
     }
 }

@@ -25,16 +25,71 @@ pub const CONFIRMATION_EXPIRES_AT: &str = "x-approval-confirmation-expires-at";
 pub const PUBLISH_ID: &str = "x-approval-publish-id";
 /// Set by quorum queues on redelivery.
 pub const DELIVERY_COUNT: &str = "x-delivery-count";
+/// The worker's MAC over its own state on a copy (CONTRACT v2 section 3).
+pub const HOP: &str = crate::authn::hop::HEADER;
+/// Upstream's signature (CONTRACT v2 section 4.1).
+pub const WEBHOOK_ID: &str = "webhook-id";
+pub const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";
+pub const WEBHOOK_SIGNATURE: &str = "webhook-signature";
+/// Set by RabbitMQ 3.12+ message interceptors at ingress (milliseconds).
+pub const INGRESS_TIMESTAMP: &str = "timestamp_in_ms";
 
-/// The original's headers a copy keeps: W3C trace context, so a retried or
-/// parked decision stays in its trace. Routing headers (`CC`, `BCC`), the
-/// broker's `x-*` and anything else a publisher sets are left behind.
-pub const CARRIED: &[&str] = &["traceparent", "tracestate"];
+/// W3C trace context, so a retried or parked decision stays in its trace;
+/// the first thing a copy sheds when its properties would not fit a frame.
+const TRACE: &[&str] = &["traceparent", "tracestate"];
+
+/// The original's headers a copy keeps: trace context and upstream's
+/// signature (a copy is verified again at each delivery). Routing headers
+/// (`CC`, `BCC`), the broker's `x-*` and anything else a publisher sets
+/// are left behind.
+pub const CARRIED: &[&str] = &[
+    "traceparent",
+    "tracestate",
+    WEBHOOK_ID,
+    WEBHOOK_TIMESTAMP,
+    WEBHOOK_SIGNATURE,
+];
 
 /// Longest carried value, in bytes: W3C caps `tracestate` at 512
-/// characters. A longer value is no trace context and is dropped rather
-/// than truncated (a cut trace header is invalid).
+/// characters, and the verifier reads at most 16 signature entries (about
+/// 92 bytes each). A longer value is dropped rather than truncated (a cut
+/// trace header or signature is invalid either way).
 pub const MAX_CARRIED_LEN: usize = 512;
+const MAX_SIGNATURE_LEN: usize = 16 * 96;
+
+/// The headers the hop MAC vouches for: the state a delivery trusts from an
+/// earlier one (attempts, first receipt, a pending confirmation) and the
+/// signature it was first received with. The error text and kind are
+/// informative only (and `fit` may cut the text), so they are not covered.
+const VOUCHED: &[&str] = &[
+    ATTEMPTS,
+    FIRST_RECEIVED_AT,
+    CONFIRMATION_TOKEN,
+    CONFIRMATION_EXPIRES_AT,
+    WEBHOOK_ID,
+    WEBHOOK_TIMESTAMP,
+    WEBHOOK_SIGNATURE,
+];
+
+/// The vouched headers of `table` as the hop MAC takes them: name and
+/// canonical text (integers in decimal), other types as their debug text
+/// (never equal to what the worker wrote, so they fail the MAC).
+pub fn vouched(table: Option<&FieldTable>) -> Vec<(&'static str, String)> {
+    let Some(table) = table else {
+        return Vec::new();
+    };
+    VOUCHED
+        .iter()
+        .filter_map(|name| {
+            let value = match table.inner().get(*name)? {
+                AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                AMQPValue::LongLongInt(n) => n.to_string(),
+                other => format!("{other:?}"),
+            };
+            Some((*name, value))
+        })
+        .collect()
+}
 
 /// AMQP 0-9-1's smallest `frame_max` (FRAME_MIN_SIZE). Properties that fit
 /// a frame this size fit every connection, whatever it negotiated, so the
@@ -102,7 +157,12 @@ pub fn carried(original: Option<&FieldTable>) -> FieldTable {
             AMQPValue::ShortString(s) => s.as_str().len(),
             _ => continue,
         };
-        if CARRIED.contains(&k.as_str()) && len <= MAX_CARRIED_LEN {
+        let max = if k.as_str() == WEBHOOK_SIGNATURE {
+            MAX_SIGNATURE_LEN
+        } else {
+            MAX_CARRIED_LEN
+        };
+        if CARRIED.contains(&k.as_str()) && len <= max {
             out.insert(k.clone(), v.clone());
         }
     }
@@ -146,9 +206,9 @@ pub fn copy_properties(props: &BasicProperties, headers: FieldTable) -> BasicPro
 
 /// `props` made to fit one frame of any connection: a header frame larger
 /// than the connection's `frame_max` makes the broker close the connection,
-/// taking every decision in flight on it along. Sheds the carried upstream
-/// headers first, then cuts our error text; our other bookkeeping stays
-/// whole, or the publish is refused.
+/// taking every decision in flight on it along. Sheds the trace headers
+/// first, then cuts our error text; our other bookkeeping and upstream's
+/// signature stay whole, or the publish is refused.
 pub fn fit(props: BasicProperties) -> Result<BasicProperties, Oversized> {
     let limit = FRAME_MIN - HEADER_FRAME_OVERHEAD;
     // Without headers, properties are a handful of short strings (at most
@@ -160,7 +220,7 @@ pub fn fit(props: BasicProperties) -> Result<BasicProperties, Oversized> {
     if size <= limit {
         return Ok(props);
     }
-    let mut table = without(&table, CARRIED);
+    let mut table = without(&table, TRACE);
     let mut props = props.with_headers(table.clone());
     let size = encoded_len(&props);
     if size <= limit {
@@ -241,7 +301,7 @@ mod tests {
         let fitted = fit(BasicProperties::default().with_headers(table.clone())).unwrap();
         assert!(encoded_len(&fitted) <= limit, "{}", encoded_len(&fitted));
         let h = fitted.headers().as_ref();
-        assert_eq!(get_str(h, "traceparent"), None, "carried headers go first");
+        assert_eq!(get_str(h, "traceparent"), None, "trace headers go first");
         let error = get_str(h, ERROR).unwrap();
         assert!(
             error.starts_with("éé") && error.ends_with(CUT_MARK),

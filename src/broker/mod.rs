@@ -16,7 +16,7 @@ use lapin::{Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 use tracing::warn;
 
-pub(crate) use delivery::{Delivery, History, PendingConfirmation, outcome_properties};
+pub(crate) use delivery::{Delivery, History, Origin, PendingConfirmation, outcome_properties};
 pub(crate) use publisher::{PublishError, Publisher};
 pub(crate) use session::Session;
 pub use topology::{Mismatch, Topology, TopologyError};

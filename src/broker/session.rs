@@ -59,6 +59,8 @@ pub struct Session {
     drain_timeout: Duration,
     max_delay: Duration,
     confirm_timeout: Duration,
+    /// One per process: a copy made by an earlier session must still verify.
+    hop: crate::authn::HopKey,
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 }
@@ -84,6 +86,11 @@ impl Session {
             drain_timeout: settings.worker.drain_timeout,
             max_delay: settings.retry.horizon,
             confirm_timeout: settings.worker.confirm_timeout,
+            hop: settings
+                .auth
+                .hop_key
+                .clone()
+                .unwrap_or_else(crate::authn::HopKey::random),
             readiness,
             shutdown,
         }
@@ -205,6 +212,7 @@ impl Session {
             topology: self.topology.clone(),
             max_delay: self.max_delay,
             confirm_timeout: self.confirm_timeout,
+            hop: self.hop.clone(),
             lost: CancellationToken::new(),
         });
         consume
@@ -392,6 +400,7 @@ mod tests {
             topology,
             max_delay: Duration::from_secs(60),
             confirm_timeout: Duration::from_secs(30),
+            hop: crate::authn::HopKey::random(),
             lost: CancellationToken::new(),
         });
         let queue = consume

@@ -31,11 +31,23 @@ pub async fn run(settings: Settings) -> ExitCode {
             }
         );
     }
+    let mut problems = Vec::new();
+    let (verdict, warnings) = settings.auth_report();
+    for warning in warnings {
+        eprintln!("warning: {warning}");
+    }
+    match verdict {
+        Ok(()) => println!(
+            "authenticity: {} ({} trusted key(s))",
+            settings.auth.mode.as_str(),
+            settings.auth.keys.len()
+        ),
+        Err(problem) => problems.push(problem),
+    }
     // Every node, not just the first that answers: a node the worker would
     // fail over to must work too.
     let nodes = Nodes::new(&settings);
     let topology = Topology::new(&settings.amqp.prefix, settings.amqp.delivery_limit);
-    let mut problems = Vec::new();
     for i in 0..nodes.len() {
         let node = nodes.redacted(i);
         let conn = match nodes.connect_node(i, "approval-worker check").await {

@@ -19,6 +19,15 @@ pub async fn run(settings: Settings) -> ExitCode {
     for (name, enabled) in registry.names() {
         tracing::info!(provider = name, enabled, "provider");
     }
+    // Starts anyway, as with a provider without credentials: what cannot
+    // pass is parked, never dropped, and the operator sees why.
+    let (verdict, warnings) = settings.auth_report();
+    if let Err(problem) = verdict {
+        tracing::error!(%problem, "no decision can be authenticated");
+    }
+    for warning in warnings {
+        tracing::warn!(%warning, "authenticity");
+    }
     let bind = settings.admin.bind;
     let admin = match tokio::net::TcpListener::bind(bind).await {
         Ok(l) => l,

@@ -338,7 +338,19 @@ async fn malformed_messages_are_invalid_and_parked() {
         (json!({"decision_id": "i-8", "provider": "qonto", "action": "reject", "reason": "r", "idempotency_key": "", "target": {"request_type": "transfers", "request_id": rid}}).to_string().into_bytes(), "idempotency_key"),
     ];
     for (body, _) in &cases {
-        broker.publish_raw("qonto.reject", body).await;
+        // Routed as the body says where it says anything: a mismatch is
+        // refused as unauthenticated before the body is validated.
+        let routed = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| {
+                Some(format!(
+                    "{}.{}",
+                    v["provider"].as_str()?,
+                    v["action"].as_str()?
+                ))
+            })
+            .unwrap_or_else(|| "qonto.reject".to_owned());
+        broker.publish_raw(&routed, body).await;
     }
     let outcomes = broker
         .wait_outcomes(cases.len(), |o| o.status() == "invalid")

@@ -19,6 +19,7 @@ use lapin::{
 
 use crate::helpers::{
     broker::{AMQP_URL, DELIVERY_LIMIT},
+    signing,
     wait::{DEADLINE, wait_for},
     worker::Process,
 };
@@ -62,9 +63,11 @@ impl Namespace {
 
     /// `approval-worker check` on this prefix, as the broker user of `url`.
     async fn check(&self, url: &str) -> (Option<i32>, String) {
+        let keys = signing::trusted_keys();
         let env = [
             ("APPROVAL_AMQP__URL", url),
             ("APPROVAL_AMQP__PREFIX", &self.prefix),
+            ("APPROVAL_AUTH__KEYS", &keys),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned()));
         let mut check = Process::spawn(&["check"], &env);

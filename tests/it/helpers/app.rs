@@ -9,7 +9,7 @@ use wiremock::MockServer;
 
 use super::{
     broker::{AMQP_URL, DELIVERY_LIMIT, TestBroker},
-    qonto,
+    qonto, signing,
     worker::{InProcessWorker, Process},
 };
 
@@ -206,6 +206,8 @@ fn worker_env(broker: &TestBroker) -> Vec<(String, String)> {
         ("APPROVAL_WORKER__HTTP_TIMEOUT_MS", "5000".into()),
         ("APPROVAL_WORKER__DRAIN_TIMEOUT_MS", "10000".into()),
         ("APPROVAL_ADMIN__BIND", format!("127.0.0.1:{}", free_port())),
+        ("APPROVAL_AUTH__KEYS", signing::trusted_keys()),
+        ("APPROVAL_AUTH__HOP_KEY", signing::HOP_KEY.to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

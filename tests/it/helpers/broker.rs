@@ -19,7 +19,10 @@ use lapin::{
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::wait::{DEADLINE, wait_for};
+use super::{
+    signing,
+    wait::{DEADLINE, wait_for},
+};
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -114,8 +117,17 @@ impl TestBroker {
         }
     }
 
-    /// Publishes raw bytes to the decisions exchange, persistent, with `headers`.
+    /// Publishes raw bytes to the decisions exchange, persistent, with
+    /// `headers`, signed with the test Ed25519 key as upstream would.
     pub async fn publish_with_headers(&self, routing_key: &str, body: &[u8], headers: FieldTable) {
+        let mut headers = headers;
+        signing::sign_into(&mut headers, signing::ED25519_SEED, body);
+        self.publish_unsigned(routing_key, body, headers).await;
+    }
+
+    /// Publishes to the decisions exchange exactly as given: no signature
+    /// unless `headers` carry one.
+    pub async fn publish_unsigned(&self, routing_key: &str, body: &[u8], headers: FieldTable) {
         self.channel
             .basic_publish(
                 self.topology.decisions().into(),
@@ -225,6 +237,28 @@ impl TestBroker {
             .is_ok();
         let _ = conn.close(200, "probe done".into()).await;
         found
+    }
+
+    /// Hands the decisions queue's head message back `times` times, as a
+    /// consumer that never settles it would: the broker then counts those
+    /// deliveries itself (`x-delivery-count`, the redelivered flag), which
+    /// is the only count the worker trusts. Call before a worker consumes.
+    pub async fn redeliver(&self, times: u32) {
+        let queue = self.topology.decisions();
+        for _ in 0..times {
+            let got = wait_for("a message to hand back", DEADLINE, || async {
+                self.channel
+                    .basic_get(queue.as_str().into(), BasicGetOptions::default())
+                    .await
+                    .unwrap()
+            })
+            .await;
+            let requeue = lapin::options::BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            };
+            got.delivery.nack(requeue).await.unwrap();
+        }
     }
 
     /// Ready messages and consumers of a queue.

@@ -5,5 +5,6 @@ pub mod app;
 pub mod broker;
 pub mod mock;
 pub mod qonto;
+pub mod signing;
 pub mod wait;
 pub mod worker;

@@ -1,0 +1,139 @@
+//! Who may decide (CONTRACT v2 section 4.1): the signature, checked before
+//! the body is read, and the routing key and publisher, once it is.
+//!
+//! A refusal in `enforce` mode settles the decision as `invalid` without a
+//! provider call; `monitor` logs and counts it and goes on; `off` checks
+//! nothing.
+
+use tracing::warn;
+
+use crate::{
+    authn::{self, FailureKind, SignatureHeaders},
+    broker::{History, Origin},
+    decision::{self, Decision, Echo},
+    outcome::ErrorKind,
+    settings::{AuthMode, AuthSettings},
+};
+
+/// Why a decision may not move money.
+pub(super) struct Refusal {
+    pub(super) kind: ErrorKind,
+    pub(super) problem: String,
+}
+
+impl Refusal {
+    fn unauthenticated(problem: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Unauthenticated,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// The signature over the body as received. Its age is measured from the
+/// first receipt our hop MAC vouches for (now, for anything else), so a
+/// retry copy of a decision that was in time stays in time.
+pub(super) fn signature(
+    auth: &AuthSettings,
+    signature: SignatureHeaders<'_>,
+    origin: &Origin<'_>,
+    body: &[u8],
+    history: &History,
+) -> Result<(), Refusal> {
+    if auth.keys.is_empty() {
+        return Err(Refusal::unauthenticated(
+            "no trusted signing key is configured (APPROVAL_AUTH__KEYS)",
+        ));
+    }
+    let verified = authn::verify(
+        &auth.keys,
+        signature,
+        body,
+        history.first_received_at,
+        auth.max_age,
+    )
+    .map_err(|e| Refusal {
+        kind: match e.kind() {
+            FailureKind::Stale => ErrorKind::Stale,
+            FailureKind::Unauthenticated => ErrorKind::Unauthenticated,
+        },
+        problem: e.message().to_owned(),
+    })?;
+    // Only upstream's own publish is stamped at its signing time; the
+    // worker's copies are stamped when the worker republished them.
+    if origin.via_decisions_exchange
+        && let Some(stamp) = origin.ingress
+    {
+        verified
+            .check_ingress(stamp)
+            .map_err(|e| Refusal::unauthenticated(e.message().to_owned()))?;
+    }
+    Ok(())
+}
+
+/// What only the read body can tell: on a delivery through the decisions
+/// exchange the routing key is `<provider>.<action>` of the body, so the
+/// broker's topic permissions decide who may publish what; and, when a
+/// list is configured, the broker-validated `user_id` is on it.
+pub(super) fn publisher(
+    auth: &AuthSettings,
+    origin: &Origin<'_>,
+    decision: &Decision,
+) -> Result<(), Refusal> {
+    if !origin.via_decisions_exchange {
+        return Ok(());
+    }
+    let expected = format!("{}.{}", decision.provider, decision.action.as_str());
+    if origin.routing_key != expected {
+        let shown: String = origin
+            .routing_key
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(80)
+            .collect();
+        return Err(Refusal::unauthenticated(format!(
+            "routing key {shown:?} does not match the decision ({expected})"
+        )));
+    }
+    if auth.allowed_user_ids.is_empty() {
+        return Ok(());
+    }
+    match origin.user_id {
+        Some(user) if auth.allowed_user_ids.iter().any(|u| u == user) => Ok(()),
+        Some(_) => Err(Refusal::unauthenticated(
+            "the publishing user (user_id) may not decide",
+        )),
+        None => Err(Refusal::unauthenticated(
+            "no user_id property: the publishing user cannot be checked",
+        )),
+    }
+}
+
+/// Applies the mode to a check's result: `Err` only when the decision must
+/// not be applied.
+pub(super) fn judged(mode: AuthMode, checked: Result<(), Refusal>) -> Result<(), Refusal> {
+    let Err(refusal) = checked else {
+        return Ok(());
+    };
+    metrics::counter!("approval_unauthenticated_total", "kind" => refusal.kind.as_str(), "mode" => mode.as_str())
+        .increment(1);
+    match mode {
+        AuthMode::Enforce => Err(refusal),
+        AuthMode::Monitor | AuthMode::Off => {
+            warn!(
+                error_kind = refusal.kind.as_str(),
+                problem = %refusal.problem,
+                "decision not authenticated; applied anyway (APPROVAL_AUTH__MODE=monitor)"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// What an outcome can echo of a body refused before it was read.
+pub(super) fn echo(body: &[u8]) -> Echo {
+    match decision::parse(body) {
+        Ok(d) => d.echo(),
+        Err(e) => *e.echo,
+    }
+}
