@@ -60,6 +60,9 @@ enum Command {
         /// Rounds of ceiling, worker and latency phases; figures are medians.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// How decisions are signed (and verified by the worker).
+        #[arg(long, value_enum, default_value = "ed25519")]
+        auth: bench::BenchAuth,
     },
     /// Print the signature headers (webhook-id, -timestamp, -signature) for a decision body on stdin.
     Sign(sign::Args),
@@ -117,6 +120,7 @@ fn main() -> ExitCode {
                 providers,
                 prefetch,
                 rounds,
+                auth,
             } => {
                 let options = bench::BenchOptions {
                     decisions,
@@ -124,6 +128,7 @@ fn main() -> ExitCode {
                     provider_latency_ms,
                     prefetch,
                     rounds,
+                    auth,
                 };
                 match bench::run(cli.config.as_deref(), options).await {
                     Ok(figures) => {

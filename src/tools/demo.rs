@@ -17,6 +17,7 @@ use crate::{
     settings::Settings,
     tools::{
         capture,
+        signer::Signer,
         sim::{self, ScaAuto, SimConfig, samples},
     },
     worker::Worker,
@@ -67,8 +68,10 @@ pub async fn run(config: Option<&Path>) -> Result<(), DemoError> {
     .await
     .map_err(|e| DemoError::Setup(format!("simulator could not start: {e}")))?;
     let prefix = format!("demo-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let signer = Signer::generate();
     let mut vars: Vec<(String, String)> = std::env::vars().collect();
     vars.extend(sim.worker_env());
+    vars.push(signer.trusted());
     vars.extend([
         ("APPROVAL_AMQP__PREFIX".to_owned(), prefix.clone()),
         (
@@ -110,6 +113,7 @@ pub async fn run(config: Option<&Path>) -> Result<(), DemoError> {
             let channel = channel.clone();
             let exchange = topology.decisions();
             let key = format!("{provider}.{action}");
+            let signature = signer.headers(&body);
             async move {
                 channel
                     .basic_publish(
@@ -119,7 +123,8 @@ pub async fn run(config: Option<&Path>) -> Result<(), DemoError> {
                         &body,
                         BasicProperties::default()
                             .with_content_type("application/json".into())
-                            .with_delivery_mode(2),
+                            .with_delivery_mode(2)
+                            .with_headers(signature),
                     )
                     .await
                     .map(|_| ())

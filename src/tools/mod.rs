@@ -4,4 +4,5 @@
 pub mod bench;
 pub mod capture;
 pub mod demo;
+pub mod signer;
 pub mod sim;

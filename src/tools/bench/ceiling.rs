@@ -47,7 +47,8 @@ impl Ceiling {
             .to_string()
             .into_bytes();
         Ok(Self {
-            feed: Feed::declare(conn, topology).await?,
+            // The relay verifies nothing: its decisions go unsigned.
+            feed: Feed::declare(conn, topology, None).await?,
             outcomes: topology.outcomes(),
             bodies: vec![body; n],
             result: result.into(),

@@ -7,18 +7,23 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lapin::{BasicProperties, Connection, options::BasicPublishOptions};
+use lapin::{BasicProperties, Connection, options::BasicPublishOptions, types::FieldTable};
 use tokio::sync::mpsc;
 
 use super::{BenchError, PHASE_DEADLINE};
 use crate::{
     broker::{Publisher, Topology},
-    tools::{capture, sim::samples},
+    tools::{capture, signer::Signer, sim::samples},
 };
+
+/// A body and the headers it is published with (its signature).
+pub(super) type Signed = (Vec<u8>, FieldTable);
 
 /// The worker's decisions queue and its outcome stream, seen from the bench.
 pub(super) struct Feed {
     publisher: Publisher,
+    /// Signs every decision, unless the run measures without.
+    signer: Option<Signer>,
     pub(super) queue: String,
     events: mpsc::UnboundedReceiver<Vec<u8>>,
 }
@@ -29,10 +34,12 @@ impl Feed {
     pub(super) async fn declare(
         conn: &Connection,
         topology: &Topology,
+        signer: Option<Signer>,
     ) -> Result<Self, BenchError> {
         let setup = conn.create_channel().await?;
         topology.declare(&setup).await?;
         Ok(Self {
+            signer,
             events: capture::outcomes(&setup, topology).await?,
             publisher: Publisher::new(conn.create_channel().await?).await?,
             queue: topology.decisions(),
@@ -41,7 +48,8 @@ impl Feed {
 
     /// Loads one decision and returns the outcome event it caused.
     pub(super) async fn one_event(&mut self, bodies: Vec<Vec<u8>>) -> Result<Vec<u8>, BenchError> {
-        publish_all(&self.publisher, &self.queue, &bodies).await?;
+        let signed = self.sign(bodies);
+        publish_all(&self.publisher, &self.queue, &signed).await?;
         tokio::time::timeout(PHASE_DEADLINE, self.events.recv())
             .await
             .ok()
@@ -56,14 +64,30 @@ impl Feed {
         phase: &'static str,
         bodies: Vec<Vec<u8>>,
     ) -> Result<f64, BenchError> {
+        let signed = self.sign(bodies);
         load_and_drain(
             &self.publisher,
             &self.queue,
-            bodies,
+            signed,
             &mut self.events,
             phase,
         )
         .await
+    }
+
+    /// Each body with its signature headers (none when unsigned).
+    fn sign(&self, bodies: Vec<Vec<u8>>) -> Vec<Signed> {
+        bodies
+            .into_iter()
+            .map(|body| {
+                let headers = self
+                    .signer
+                    .as_ref()
+                    .map(|s| s.headers(&body))
+                    .unwrap_or_default();
+                (body, headers)
+            })
+            .collect()
     }
 }
 
@@ -71,10 +95,10 @@ impl Feed {
 async fn publish_all(
     publisher: &Publisher,
     queue_or_exchange: &str,
-    bodies: &[Vec<u8>],
+    bodies: &[Signed],
 ) -> Result<(), BenchError> {
     let channel = publisher.channel();
-    for body in bodies {
+    for (body, headers) in bodies {
         let _confirm = channel
             .basic_publish(
                 "".into(),
@@ -83,7 +107,8 @@ async fn publish_all(
                 body,
                 BasicProperties::default()
                     .with_delivery_mode(2)
-                    .with_content_type("application/json".into()),
+                    .with_content_type("application/json".into())
+                    .with_headers(headers.clone()),
             )
             .await?;
     }
@@ -97,7 +122,7 @@ async fn publish_all(
 async fn load_and_drain<T>(
     publisher: &Publisher,
     queue: &str,
-    bodies: Vec<Vec<u8>>,
+    bodies: Vec<Signed>,
     events: &mut mpsc::UnboundedReceiver<T>,
     phase: &'static str,
 ) -> Result<f64, BenchError> {
@@ -154,15 +179,22 @@ pub(super) async fn paced_latency(
     let publisher = feed.publisher.clone();
     let queue = feed.queue.clone();
     let log = sent.clone();
+    // Signed ahead, so the pace is the publisher's alone.
+    let bodies = feed.sign(
+        (0..n)
+            .map(|i| {
+                samples::decision(&mix[i % mix.len()], "reject", &format!("l-{i}"))
+                    .to_string()
+                    .into_bytes()
+            })
+            .collect(),
+    );
     let pacer = tokio::spawn(async move {
         let start = Instant::now();
-        for i in 0..n {
+        for (i, (body, headers)) in bodies.into_iter().enumerate() {
             let due = start + Duration::from_secs_f64(i as f64 / rate);
             tokio::time::sleep_until(due.into()).await;
             let id = format!("l-{i}");
-            let body = samples::decision(&mix[i % mix.len()], "reject", &id)
-                .to_string()
-                .into_bytes();
             log.lock().expect("latency log").insert(id, Instant::now());
             let _ = publisher
                 .channel()
@@ -171,7 +203,9 @@ pub(super) async fn paced_latency(
                     queue.as_str().into(),
                     BasicPublishOptions::default(),
                     &body,
-                    BasicProperties::default().with_delivery_mode(2),
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_headers(headers),
                 )
                 .await;
         }

@@ -27,7 +27,10 @@ use crate::{
     broker::{self, Topology},
     providers::REGISTRY,
     settings::Settings,
-    tools::sim::{self, Faults, SimConfig, samples},
+    tools::{
+        signer::Signer,
+        sim::{self, Faults, SimConfig, samples},
+    },
 };
 use ceiling::Ceiling;
 use feed::{Feed, paced_latency};
@@ -44,6 +47,27 @@ pub struct BenchOptions {
     pub prefetch: Option<u16>,
     /// Rounds of the ceiling, zero-latency and added-latency phases.
     pub rounds: usize,
+    /// How the decisions are signed and verified.
+    pub auth: BenchAuth,
+}
+
+/// `--auth`: the signature every decision carries and the worker checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchAuth {
+    Ed25519,
+    Hmac,
+    /// Unsigned, and the worker checks nothing (`APPROVAL_AUTH__MODE=off`).
+    Off,
+}
+
+impl BenchAuth {
+    fn as_str(self) -> &'static str {
+        match self {
+            BenchAuth::Ed25519 => "ed25519",
+            BenchAuth::Hmac => "hmac",
+            BenchAuth::Off => "off",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +106,19 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     let prefix = format!("bench-w-{}", short_id());
     let ceiling_topology = Topology::new(&format!("bench-c-{}", short_id()), 20);
     let topology = Topology::new(&prefix, settings.amqp.delivery_limit);
-    let mut feed = Feed::declare(&conn, &topology).await?;
+    // Signed before each phase's clock starts: the bench plays upstream,
+    // whose signing cost is not the worker's.
+    let signer = match options.auth {
+        BenchAuth::Ed25519 => Some(Signer::generate()),
+        BenchAuth::Hmac => Some(Signer::generate_hmac()),
+        BenchAuth::Off => None,
+    };
+    let mut auth_env = match &signer {
+        Some(signer) => vec![signer.trusted()],
+        None => vec![("APPROVAL_AUTH__MODE".to_owned(), "off".to_owned())],
+    };
+    auth_env.extend(sim.worker_env());
+    let mut feed = Feed::declare(&conn, &topology, signer).await?;
 
     let known = sim::providers();
     let mix: Vec<&str> = if options.providers.is_empty() {
@@ -118,7 +154,7 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
 
     // The worker starts and warms up (connections, provider tokens) first:
     // the phases measure it running, not starting.
-    let mut worker = spawn_worker(config, &prefix, prefetch, &sim.worker_env())?;
+    let mut worker = spawn_worker(config, &prefix, prefetch, &auth_env)?;
     let latency = options.provider_latency_ms;
     let rounds = options.rounds.max(1);
     // Whatever happens in the phases, the worker stops and the bench's
@@ -222,6 +258,7 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
         "providers": mix,
         "prefetch": prefetch,
         "rounds": rounds,
+        "auth": options.auth.as_str(),
         "ceiling_per_s": f.ceiling.round(),
         "worker_per_s": f.worker_rate.round(),
         "ratio": round2(median(&mut f.ratios)),
