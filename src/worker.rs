@@ -38,6 +38,9 @@ use crate::{
 /// How often a pending human confirmation is polled (Qonto allows 1/s).
 const CONFIRMATION_POLL: Duration = Duration::from_secs(1);
 
+/// The least wait of a decision whose provider's share was full.
+const BUSY_DEFERRAL: Duration = Duration::from_secs(1);
+
 /// What every delivery task shares.
 struct Shared {
     settings: Settings,
@@ -488,7 +491,18 @@ impl Dispatch<'_> {
         let provider = self.call.provider();
         metrics::counter!("approval_deferrals_total", "provider" => provider, "reason" => reason)
             .increment(1);
-        let delay = self.shared.delays.delay(self.attempts.max(1), None);
+        // A full share frees at the pace of its provider's calls: coming
+        // back sooner would only take a slot from another provider again.
+        let floor = if reason == "busy" {
+            BUSY_DEFERRAL
+        } else {
+            Duration::ZERO
+        };
+        let delay = self
+            .shared
+            .delays
+            .delay(self.attempts.max(1), None)
+            .max(floor);
         if self.history.elapsed() + delay > self.shared.settings.retry.horizon {
             return Ending::exhausted(None, "the retry horizon would be passed");
         }

@@ -6,6 +6,7 @@
 mod helpers;
 
 mod admin;
+mod authn;
 mod broker_safety;
 mod budget;
 mod faults;

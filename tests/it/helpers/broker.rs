@@ -239,6 +239,44 @@ impl TestBroker {
         found
     }
 
+    /// Publishes straight into `queue` through the default exchange, as
+    /// anyone with write permission there could.
+    pub async fn publish_to_queue(&self, queue: &str, body: &[u8], headers: FieldTable) {
+        self.channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_headers(headers),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// Publishes to the decisions exchange with `properties` as given.
+    pub async fn publish_with_properties(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) {
+        self.channel
+            .basic_publish(
+                self.topology.decisions().into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .unwrap();
+    }
+
     /// Hands the decisions queue's head message back `times` times, as a
     /// consumer that never settles it would: the broker then counts those
     /// deliveries itself (`x-delivery-count`, the redelivered flag), which
