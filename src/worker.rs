@@ -205,12 +205,8 @@ fn verify(
     history: &History,
 ) -> Result<(), Settle> {
     let auth = &shared.settings.auth;
-    if auth.mode == AuthMode::Off {
-        return Ok(());
-    }
-    let checked = authenticate::signature(auth, signature, origin, body, history);
-    authenticate::judged(auth.mode, checked)
-        .map_err(|r| settle::invalid(authenticate::echo(body), r.kind, r.problem, history, body))
+    let check = || authenticate::signature(auth, signature, origin, body, history);
+    judged(shared, check, || authenticate::echo(body), body, history)
 }
 
 /// The routing key and the publisher, once the body says what it decides.
@@ -221,13 +217,25 @@ fn authorize(
     body: &[u8],
     history: &History,
 ) -> Result<(), Settle> {
-    let auth = &shared.settings.auth;
-    if auth.mode == AuthMode::Off {
+    let check = || authenticate::publisher(&shared.settings.auth, origin, decision);
+    judged(shared, check, || decision.echo(), body, history)
+}
+
+/// Runs an authenticity check unless the mode is `off`; a refusal the
+/// mode enforces settles the decision as invalid.
+fn judged(
+    shared: &Shared,
+    check: impl FnOnce() -> Result<(), authenticate::Refusal>,
+    echo: impl FnOnce() -> decision::Echo,
+    body: &[u8],
+    history: &History,
+) -> Result<(), Settle> {
+    let mode = shared.settings.auth.mode;
+    if mode == AuthMode::Off {
         return Ok(());
     }
-    let checked = authenticate::publisher(auth, origin, decision);
-    authenticate::judged(auth.mode, checked)
-        .map_err(|r| settle::invalid(decision.echo(), r.kind, r.problem, history, body))
+    authenticate::judged(mode, check())
+        .map_err(|r| settle::invalid(echo(), r.kind, r.problem, history, body))
 }
 
 fn parse(body: &[u8], history: &History) -> Result<Decision, Settle> {
