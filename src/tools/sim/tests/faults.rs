@@ -122,7 +122,7 @@ async fn latency_is_added_to_each_call() {
         },
     );
     let started = Instant::now();
-    apply(&clients, &sample(unit, "reject").0, "k")
+    apply(&clients, &sample(unit, "reject").0, "k-latency")
         .await
         .unwrap();
     assert!(started.elapsed() >= Duration::from_millis(150));
@@ -136,7 +136,7 @@ async fn latency_is_added_to_each_call() {
         },
     );
     let started = Instant::now();
-    apply(&clients, &sample(unit, "reject").0, "k")
+    apply(&clients, &sample(unit, "reject").0, "k-tail")
         .await
         .unwrap();
     assert!(started.elapsed() >= Duration::from_millis(150));
