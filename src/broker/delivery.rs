@@ -30,6 +30,17 @@ use crate::outcome::{OutcomeEvent, rfc3339};
 const REQUEUE_PAUSE: Duration = Duration::from_millis(500);
 const MAX_REQUEUE_PAUSE: Duration = Duration::from_secs(30);
 
+/// Earlier deliveries of a message as the broker counts them: the
+/// `x-delivery-count` a quorum queue sets, believed only on a delivery the
+/// broker marks redelivered (a publisher may write the header too).
+fn broker_count(table: Option<&FieldTable>, redelivered: bool) -> i64 {
+    if redelivered {
+        headers::get_int(table, headers::DELIVERY_COUNT).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
 /// The pause before handing back a message delivered `redeliveries` times
 /// before.
 fn requeue_pause(redeliveries: i64) -> Duration {
@@ -51,6 +62,8 @@ pub(crate) struct SessionHandles {
     pub(crate) topology: Topology,
     /// Named once: every decision publishes here.
     pub(crate) outcomes: String,
+    /// Named once: every delivery is checked for having come through it.
+    pub(crate) decisions: String,
     /// The longest a retry copy may wait (the retry horizon): RabbitMQ
     /// refuses an expiration above 2^32-1 ms by closing the channel.
     pub(crate) max_delay: Duration,
@@ -138,11 +151,7 @@ impl History {
     fn read(h: Option<&FieldTable>, redelivered: bool, body: &[u8], hop: &HopKey) -> Self {
         let vouched = headers::get_str(h, headers::HOP)
             .is_some_and(|mac| verify_hop(hop, body, &headers::vouched(h), &mac));
-        let delivery_count = if redelivered {
-            headers::get_int(h, headers::DELIVERY_COUNT).unwrap_or(0)
-        } else {
-            0
-        };
+        let delivery_count = broker_count(h, redelivered);
         let h = h.filter(|_| vouched);
         let received_at = OffsetDateTime::now_utc();
         let first_received_at = headers::get_str(h, headers::FIRST_RECEIVED_AT)
@@ -245,7 +254,7 @@ impl Delivery {
         )
         .and_then(|ms| OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok());
         Origin {
-            via_decisions_exchange: message.exchange.as_str() == self.session.topology.decisions(),
+            via_decisions_exchange: message.exchange.as_str() == self.session.decisions,
             routing_key: message.routing_key.as_str(),
             user_id: message.properties.user_id().as_ref().map(|u| u.as_str()),
             ingress,
@@ -378,13 +387,10 @@ impl Delivery {
 }
 
 async fn requeue(session: &SessionHandles, message: &lapin::message::Delivery) {
-    // The broker's own count (quorum queues): a publisher's copy of the
-    // header only lengthens its own pause.
-    let redeliveries = headers::get_int(
-        message.properties.headers().as_ref(),
-        headers::DELIVERY_COUNT,
-    );
-    tokio::time::sleep(requeue_pause(redeliveries.unwrap_or(0))).await;
+    // A publisher's copy of the header would hold a prefetch slot for up
+    // to 30 s: only the broker's count lengthens the pause.
+    let redeliveries = broker_count(message.properties.headers().as_ref(), message.redelivered);
+    tokio::time::sleep(requeue_pause(redeliveries)).await;
     let tag = message.delivery_tag;
     let requeue = BasicNackOptions {
         requeue: true,

@@ -83,8 +83,14 @@ pub(super) fn publisher(
     if !origin.via_decisions_exchange {
         return Ok(());
     }
-    let expected = format!("{}.{}", decision.provider, decision.action.as_str());
-    if origin.routing_key != expected {
+    // Compared in place, without a string per decision.
+    let (provider, action) = (decision.provider.as_str(), decision.action.as_str());
+    let matches = origin
+        .routing_key
+        .split_once('.')
+        .is_some_and(|(p, a)| p == provider && a == action);
+    if !matches {
+        let expected = format!("{provider}.{action}");
         let shown: String = origin
             .routing_key
             .chars()
