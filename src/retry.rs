@@ -30,6 +30,20 @@ pub enum ErrorClass {
     /// decision decides (another action, another request): nothing was
     /// signed or sent, and nothing ever will be for this decision.
     ChallengeMismatch,
+    /// The client refused to call at all (nothing was sent): its provider
+    /// cannot be used for now (a revoked OAuth grant, a tripped breaker).
+    /// The decision waits in a retry tier without spending an attempt, at
+    /// least `retry_after` when given.
+    #[allow(dead_code)] // until the isolation gate and the OAuth store use it
+    Unavailable,
+}
+
+impl ErrorClass {
+    /// A failure that may pass by itself: what it left unknown is asked
+    /// again later rather than settled now.
+    pub fn is_transient(self) -> bool {
+        matches!(self, Self::Retryable | Self::Ambiguous | Self::Unavailable)
+    }
 }
 
 /// One failed provider call, with what the outcome event needs to report it.

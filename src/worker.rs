@@ -417,14 +417,18 @@ impl Dispatch<'_> {
                         // A read that may pass later leaves the state unknown:
                         // retry (the repeat reads first where the provider has
                         // no idempotency) rather than report `failed` on a guess.
-                        let unknown =
-                            matches!(read.class, ErrorClass::Retryable | ErrorClass::Ambiguous);
+                        let unknown = read.class.is_transient();
                         if error.http_status.is_some() && !unknown {
                             let kind = ErrorKind::RejectedByProvider;
                             return refused(kind, error, Resolution::Call);
                         }
                     }
                 },
+                ErrorClass::Unavailable => {
+                    // Nothing was sent: the attempt is given back.
+                    self.attempts -= 1;
+                    return self.held(error);
+                }
                 ErrorClass::Retryable => {}
             }
             // Retryable, or ambiguous with nothing applied.
@@ -462,7 +466,7 @@ impl Dispatch<'_> {
     async fn reconcile_before_repeat(&self) -> Option<Ending> {
         match self.call.read_state().await {
             Ok(observed) => settle::reconciled(observed),
-            Err(e) if e.class == ErrorClass::Retryable || e.class == ErrorClass::Ambiguous => {
+            Err(e) if e.class.is_transient() => {
                 // Not knowing the state, do not call: try again later.
                 warn!(error = %e, "state read failed before a repeat call");
                 if self.past_horizon() {
@@ -521,6 +525,26 @@ impl Dispatch<'_> {
         }
     }
 
+    /// The client would not call its provider: wait in a retry tier, for
+    /// at least what the client asked, until the retry horizon.
+    fn held(&self, error: CallError) -> Ending {
+        let provider = self.call.provider();
+        metrics::counter!("approval_deferrals_total", "provider" => provider, "reason" => "unavailable")
+            .increment(1);
+        let delay = self
+            .shared
+            .delays
+            .delay(self.attempts.max(1), None)
+            .max(error.retry_after.unwrap_or_default());
+        if self.history.elapsed() + delay > self.shared.settings.retry.horizon {
+            return Ending::exhausted(Some(error), "the retry horizon would be passed");
+        }
+        Ending::Later {
+            delay,
+            confirmation: self.history.confirmation.clone(),
+        }
+    }
+
     fn past_horizon(&self) -> bool {
         self.history.elapsed() > self.shared.settings.retry.horizon
     }
@@ -546,7 +570,7 @@ impl Dispatch<'_> {
                 Some(Ending::Denied("the confirmation expired"))
             }
             Ok(ConfirmationState::Waiting) => poll_again(CONFIRMATION_POLL),
-            Err(e) if e.class == ErrorClass::Retryable || e.class == ErrorClass::Ambiguous => {
+            Err(e) if e.class.is_transient() => {
                 if expired {
                     return Some(Ending::Denied("the confirmation expired"));
                 }
