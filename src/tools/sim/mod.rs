@@ -49,6 +49,10 @@ pub use kit::{ScaAuto, TargetInfo};
 pub use stats::{ProviderStats, SimStats};
 pub use unit::UnitOptions;
 
+/// Qonto's half options and its OAuth server (client, token timing, clock,
+/// a consent helper), for tests and tools outside the crate.
+pub use crate::providers::qonto::sim::{Options as QontoOptions, oauth as qonto_oauth};
+
 use crate::providers::{REGISTRY, Unit};
 use conn::{ConnKill, SimListener};
 use state::{Sim, Slot};

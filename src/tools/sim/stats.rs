@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +20,10 @@ pub struct Counters {
     pub token_issued: AtomicU64,
     pub dropped_connections: AtomicU64,
     by_status: Box<[AtomicU64]>,
+    /// A unit's own rare events (its OAuth server's grants, say), by dotted
+    /// name: a mutex is fine off the hot path, and the core needs no field
+    /// per unit.
+    extra: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Default for Counters {
@@ -33,6 +38,7 @@ impl Default for Counters {
             token_issued: AtomicU64::new(0),
             dropped_connections: AtomicU64::new(0),
             by_status: (0..STATUS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            extra: Mutex::default(),
         }
     }
 }
@@ -44,6 +50,16 @@ impl Counters {
 
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A poisoned lock only means a bump panicked; the counts stay usable.
+    fn extra(&self) -> MutexGuard<'_, BTreeMap<&'static str, u64>> {
+        self.extra.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts one of the unit's own events (see [`ProviderStats::extra`]).
+    pub fn bump_extra(&self, name: &'static str) {
+        *self.extra().entry(name).or_default() += 1;
     }
 
     pub fn record_status(&self, status: u16) {
@@ -69,6 +85,7 @@ impl Counters {
         for counter in self.scalars().into_iter().chain(self.by_status.iter()) {
             counter.store(0, Ordering::Relaxed);
         }
+        self.extra().clear();
     }
 
     pub fn snapshot(&self) -> ProviderStats {
@@ -92,6 +109,11 @@ impl Counters {
             token_issued: load(&self.token_issued),
             dropped_connections: load(&self.dropped_connections),
             by_status,
+            extra: self
+                .extra()
+                .iter()
+                .map(|(name, count)| ((*name).to_owned(), *count))
+                .collect(),
         }
     }
 }
@@ -121,6 +143,17 @@ pub struct ProviderStats {
     pub dropped_connections: u64,
     /// HTTP status -> number of answers with it.
     pub by_status: BTreeMap<u16, u64>,
+    /// The unit's own counters by dotted name, e.g. Qonto's
+    /// `oauth.refreshes`; absent until first counted.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, u64>,
+}
+
+impl ProviderStats {
+    /// One of [`Self::extra`], 0 when never counted.
+    pub fn count(&self, name: &str) -> u64 {
+        self.extra.get(name).copied().unwrap_or(0)
+    }
 }
 
 /// Counters of every provider, keyed by its name; also served at
@@ -148,6 +181,9 @@ impl SimStats {
             total.dropped_connections += p.dropped_connections;
             for (status, count) in &p.by_status {
                 *total.by_status.entry(*status).or_default() += count;
+            }
+            for (name, count) in &p.extra {
+                *total.extra.entry(name.clone()).or_default() += count;
             }
         }
         total
