@@ -298,7 +298,7 @@ impl QontoOAuth {
             return "qonto: API key (this build does not read the OAuth settings)".to_owned();
         }
         format!(
-            "qonto: OAuth, token pair seeded into {} then refreshed {} time(s); {} grace reuse(s), {} revocation(s) (must be 0), {} call(s) refused 401",
+            "qonto: OAuth (file: store in {}): {} refresh(es), the first turning the seed into the stored pair; {} grace reuse(s), {} revocation(s) (must be 0), {} call(s) refused 401",
             self.dir.display(),
             refreshes,
             qonto.count("oauth.grace_reuses"),
