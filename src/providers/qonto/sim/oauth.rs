@@ -68,7 +68,16 @@ pub struct OAuthOptions {
     pub grace_period: Duration,
     /// The server's time (the API's bearer checks included).
     pub clock: Clock,
+    /// Refresh tokens the server starts with, each of its own consented
+    /// grant (scope [`SEED_SCOPE`]), so a compose stack or a demo can seed
+    /// a worker's token store (`..__OAUTH__REFRESH_TOKEN`) without a browser.
+    /// Each is an ordinary refresh token from then on: used once it
+    /// rotates, reused after the grace it revokes its grant.
+    pub seed_refresh_tokens: Vec<String>,
 }
+
+/// The contract's default scopes, which seeded grants hold.
+pub const SEED_SCOPE: &str = "request_review.write organization.read offline_access";
 
 impl Default for OAuthOptions {
     fn default() -> Self {
@@ -78,6 +87,7 @@ impl Default for OAuthOptions {
             access_token_lifetime: Duration::from_secs(3600),
             grace_period: Duration::from_secs(60),
             clock: Clock::default(),
+            seed_refresh_tokens: Vec::new(),
         }
     }
 }
@@ -183,9 +193,27 @@ impl Server {
         if options.access_token_lifetime < Duration::from_secs(1) {
             return Err("the OAuth access-token lifetime must be at least 1 s".into());
         }
+        let mut chains = Chains::default();
+        let now = options.clock.now();
+        for seed in &options.seed_refresh_tokens {
+            if seed.trim().is_empty() || chains.refresh.contains_key(seed) {
+                return Err("OAuth seed refresh tokens must be non-empty and distinct".into());
+            }
+            chains.grants.push(Grant {
+                client_id: options.client_id.clone(),
+                scope: SEED_SCOPE.to_owned(),
+                revoked: false,
+            });
+            let refresh = Refresh {
+                grant: chains.grants.len() - 1,
+                expires: now + REFRESH_LIFETIME,
+                first_used: None,
+            };
+            chains.refresh.insert(seed.clone(), refresh);
+        }
         Ok(Self {
             options,
-            chains: Mutex::default(),
+            chains: Mutex::new(chains),
         })
     }
 

@@ -628,3 +628,50 @@ async fn login_plays_consent_and_exchange_for_tools() {
     assert_eq!(value("AUTH_URL"), Some(format!("{base_url}/oauth2/auth")));
     assert_eq!(value("CLIENT_ID").as_deref(), Some("sim-qonto-client"));
 }
+
+#[tokio::test]
+async fn seeded_refresh_tokens_start_their_own_grants() {
+    let clock = Clock::default();
+    let oauth = OAuthOptions {
+        clock: clock.clone(),
+        seed_refresh_tokens: vec!["seed-a".into(), "seed-b".into()],
+        ..OAuthOptions::default()
+    };
+    let sim = sim_with(SimConfig::default().with(Options {
+        oauth: oauth.clone(),
+        ..Options::default()
+    }))
+    .await;
+    let s = Server {
+        sim,
+        clock,
+        oauth,
+        staging: None,
+    };
+    let (status, a) = s.refresh(&json!("seed-a")).await;
+    assert_eq!(status, 200, "{a}");
+    assert_eq!(a["scope"], super::SEED_SCOPE);
+    assert_eq!(s.api(&a["access_token"]).await.0, 200);
+    let (_, b) = s.refresh(&json!("seed-b")).await;
+    // A seed is a refresh token like any other: reused late, its grant dies
+    // and the other seed's grant lives on.
+    s.clock.advance(Duration::from_secs(61));
+    assert_invalid_grant(s.refresh(&json!("seed-a")).await);
+    assert_api_refused(s.api(&a["access_token"]).await);
+    assert_eq!(s.api(&b["access_token"]).await.0, 200);
+    assert_eq!(s.stats().count("oauth.authorizations"), 0);
+
+    let twice = OAuthOptions {
+        seed_refresh_tokens: vec!["same".into(), "same".into()],
+        ..OAuthOptions::default()
+    };
+    let started = crate::tools::sim::start(
+        SimConfig::default().with(Options {
+            oauth: twice,
+            ..Options::default()
+        }),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await;
+    assert!(started.is_err());
+}
