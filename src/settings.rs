@@ -346,8 +346,10 @@ impl ProviderSections {
     /// Every section's `rate_limit` (CONTRACT v2 section 2), checked.
     fn rate_limits(
         &self,
-    ) -> Result<std::collections::BTreeMap<String, Vec<crate::isolation::limiter::Window>>, SettingsError>
-    {
+    ) -> Result<
+        std::collections::BTreeMap<String, Vec<crate::isolation::limiter::Window>>,
+        SettingsError,
+    > {
         #[derive(Deserialize)]
         struct Section {
             rate_limit: Option<String>,
@@ -355,11 +357,12 @@ impl ProviderSections {
         let mut limits = std::collections::BTreeMap::new();
         for name in self.0.keys() {
             let section: Section = self.section(name)?;
-            let rules = crate::isolation::limiter::parse(section.rate_limit.as_deref().unwrap_or(""))
-                .map_err(|problem| SettingsError::Invalid {
-                    key: env_key(&format!("providers.{name}.rate_limit")),
-                    problem,
-                })?;
+            let rules =
+                crate::isolation::limiter::parse(section.rate_limit.as_deref().unwrap_or(""))
+                    .map_err(|problem| SettingsError::Invalid {
+                        key: env_key(&format!("providers.{name}.rate_limit")),
+                        problem,
+                    })?;
             if !rules.is_empty() {
                 limits.insert(name.clone(), rules);
             }
@@ -652,7 +655,9 @@ fn positive_millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
 fn fraction<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     match f64::deserialize(d)? {
         f if f > 0.0 && f < 1.0 => Ok(f),
-        _ => Err(D::Error::custom("expected a number between 0 and 1, such as 0.5")),
+        _ => Err(D::Error::custom(
+            "expected a number between 0 and 1, such as 0.5",
+        )),
     }
 }
 
@@ -660,7 +665,9 @@ fn fraction<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
 fn above_one<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     match f64::deserialize(d)? {
         f if f > 1.0 && f <= 100.0 => Ok(f),
-        _ => Err(D::Error::custom("expected a number above 1 (and at most 100), such as 2")),
+        _ => Err(D::Error::custom(
+            "expected a number above 1 (and at most 100), such as 2",
+        )),
     }
 }
 
@@ -830,6 +837,67 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("APPROVAL_RETRY__MAX_BACKOFF_MS"));
+    }
+
+    #[test]
+    fn rate_limits_default_to_qontos_quota_and_name_the_key_when_bad() {
+        use crate::isolation::limiter::Window;
+        let s = load(&[]).unwrap();
+        let qonto = [
+            Window {
+                limit: 1000,
+                window: Duration::from_secs(10),
+            },
+            Window {
+                limit: 10_000,
+                window: Duration::from_secs(600),
+            },
+        ];
+        assert_eq!(s.rate_limit("qonto"), qonto);
+        assert!(s.rate_limit("flexpay").is_empty());
+        let s = load(&[
+            ("APPROVAL_PROVIDERS__QONTO__RATE_LIMIT", "none"),
+            ("APPROVAL_PROVIDERS__FLEXPAY__RATE_LIMIT", "5/1s"),
+        ])
+        .unwrap();
+        assert!(s.rate_limit("qonto").is_empty());
+        assert_eq!(s.rate_limit("flexpay").len(), 1);
+        for bad in ["5/1", "0/1s", "5/0ms", "lots"] {
+            let err = load(&[("APPROVAL_PROVIDERS__LEDGER_V1__RATE_LIMIT", bad)]).unwrap_err();
+            assert!(
+                err.to_string().starts_with(
+                    "invalid configuration value for APPROVAL_PROVIDERS__LEDGER_V1__RATE_LIMIT: expected"
+                ),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn isolation_settings_are_checked_naming_the_key() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.isolation.breaker_failures.get(), 5);
+        assert_eq!(s.isolation.breaker_cool_down, Duration::from_secs(15));
+        assert_eq!(s.isolation.concurrency_decrease, 0.5);
+        for (key, bad) in [
+            ("APPROVAL_ISOLATION__BREAKER_FAILURES", "0"),
+            ("APPROVAL_ISOLATION__BREAKER_COOL_DOWN_MS", "0"),
+            ("APPROVAL_ISOLATION__BREAKER_COOL_DOWN_MS", "999999999"),
+            ("APPROVAL_ISOLATION__CONCURRENCY_DECREASE", "1.5"),
+            ("APPROVAL_ISOLATION__CONCURRENCY_DECREASE", "0"),
+            ("APPROVAL_ISOLATION__CONCURRENCY_LATENCY_RISE", "1"),
+            ("APPROVAL_ISOLATION__CONCURRENCY_FLOOR", "0"),
+            ("APPROVAL_ISOLATION__CONCURRENCY_FLOOR", "1000"),
+            ("APPROVAL_ISOLATION__MAX_PAUSE_MS", "0"),
+        ] {
+            let text = load(&[(key, bad)]).unwrap_err().to_string();
+            assert!(
+                text.starts_with(&format!("invalid configuration value for {key}: ")),
+                "{key}={bad}: {text}"
+            );
+        }
+        let s = load(&[("APPROVAL_ISOLATION__CONCURRENCY_LATENCY_RISE", "1.5")]).unwrap();
+        assert_eq!(s.isolation.concurrency_latency_rise, 1.5);
     }
 
     #[test]

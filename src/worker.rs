@@ -195,7 +195,11 @@ async fn poisoned(
             None
         }
         Ok(Err(refusal)) => {
-            warn!(reason = refusal.reason, "state read of a poison decision not made: {}", refusal.why());
+            warn!(
+                reason = refusal.reason,
+                "state read of a poison decision not made: {}",
+                refusal.why()
+            );
             None
         }
         Err(_) => None,
@@ -622,7 +626,9 @@ impl Dispatch<'_> {
         metrics::counter!("approval_deferrals_total", "provider" => provider, "reason" => reason)
             .increment(1);
         let horizon = self.shared.settings.retry.horizon;
-        let Some(left) = horizon.checked_sub(self.history.elapsed()).filter(|l| !l.is_zero())
+        let Some(left) = horizon
+            .checked_sub(self.history.elapsed())
+            .filter(|l| !l.is_zero())
         else {
             return Ending::exhausted(None, "the retry horizon passed");
         };
@@ -633,7 +639,12 @@ impl Dispatch<'_> {
             .max(refusal.retry_in)
             .min(left);
         let retry_in_ms = delay.as_millis() as u64;
-        info!(reason, retry_in_ms, "{}; moved to a retry queue", refusal.why());
+        info!(
+            reason,
+            retry_in_ms,
+            "{}; moved to a retry queue",
+            refusal.why()
+        );
         Ending::Later {
             delay,
             confirmation: self.history.confirmation.clone(),
@@ -658,7 +669,10 @@ impl Dispatch<'_> {
                 confirmation,
             })
         };
-        let polled = match self.gated(self.call.poll_confirmation(&pending.token)).await {
+        let polled = match self
+            .gated(self.call.poll_confirmation(&pending.token))
+            .await
+        {
             Ok(polled) => polled,
             // The deferral keeps the pending confirmation on the copy.
             Err(refusal) => return Some(self.gate_deferred(refusal)),

@@ -126,10 +126,7 @@ impl Breaker {
     }
 
     /// Lets a call through, or says how long to stay away.
-    pub(crate) fn admit(
-        &mut self,
-        now: Instant,
-    ) -> (Result<Ticket, Duration>, Option<Transition>) {
+    pub(crate) fn admit(&mut self, now: Instant) -> (Result<Ticket, Duration>, Option<Transition>) {
         let mut transition = None;
         if self.state == State::Open {
             if now < self.open_until {

@@ -184,22 +184,27 @@ mod tests {
     }
 
     /// Runs one window at the limit: every place taken, then each call
-    /// answered after `rtt` (or with pushback).
+    /// answered with round trip `rtt` (or with pushback), the last one as
+    /// the window ends, so the window holds exactly these answers.
     fn window(a: &mut Aimd, now: &mut Instant, rtt: Duration, pushback: bool) {
         let n = a.limit();
         for _ in 0..n {
             assert!(a.try_start());
         }
         assert!(!a.try_start(), "the limit holds");
-        *now += rtt.max(a.baseline.unwrap_or_default()).max(MIN_WINDOW);
-        for _ in 0..n {
-            let signal = if pushback {
-                Signal::Pushback
-            } else {
-                Signal::Answered(rtt)
-            };
-            a.finish(signal, *now);
+        let length = a.baseline.unwrap_or_default().max(MIN_WINDOW);
+        let signal = if pushback {
+            Signal::Pushback
+        } else {
+            Signal::Answered(rtt)
+        };
+        let end = *now + length;
+        *now = end - Duration::from_millis(1);
+        for _ in 1..n {
+            assert!(!a.finish(signal, *now) || n == 1);
         }
+        *now = end;
+        a.finish(signal, *now);
     }
 
     #[tokio::test(start_paused = true)]
@@ -212,7 +217,11 @@ mod tests {
             window(&mut a, &mut now, rtt, false);
             limits.push(a.limit());
         }
-        assert_eq!(limits, vec![4, 8, 16, 32, 40, 40], "slow start to the ceiling");
+        assert_eq!(
+            limits,
+            vec![4, 8, 16, 32, 40, 40],
+            "slow start to the ceiling"
+        );
         window(&mut a, &mut now, rtt, true);
         assert_eq!(a.limit(), 20);
         window(&mut a, &mut now, rtt, true);

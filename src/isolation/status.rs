@@ -28,7 +28,7 @@ impl Isolation {
 }
 
 impl Gate {
-    fn status(&self, now: Instant, wall: OffsetDateTime) -> Value {
+    pub(super) fn status(&self, now: Instant, wall: OffsetDateTime) -> Value {
         let at = |instant: Instant| {
             let t = if instant >= now {
                 wall + (instant - now)
