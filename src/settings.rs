@@ -198,6 +198,8 @@ pub(crate) struct IsolationSettings {
     pub(crate) concurrency_decrease: f64,
     #[serde(deserialize_with = "above_one")]
     pub(crate) concurrency_latency_rise: f64,
+    #[serde(rename = "concurrency_latency_slack_ms", deserialize_with = "millis")]
+    pub(crate) concurrency_latency_slack: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

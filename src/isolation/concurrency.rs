@@ -18,8 +18,6 @@ use tokio::time::Instant;
 /// Windows never end sooner: below this a provider's round trips are the
 /// worker's own scheduling noise.
 const MIN_WINDOW: Duration = Duration::from_millis(10);
-/// A rise below this is noise too, whatever its ratio.
-const LATENCY_SLACK: Duration = Duration::from_millis(10);
 /// Weight of the newest window in the baseline round trip.
 const BASELINE_WEIGHT: f64 = 0.25;
 
@@ -32,6 +30,10 @@ pub(crate) struct AimdSettings {
     pub(crate) decrease: f64,
     /// A window's mean round trip above the baseline times this is a rise.
     pub(crate) latency_rise: f64,
+    /// ... and above the baseline plus this: a smaller rise is not worth
+    /// what shrinking costs (each decision refused waits a second in a
+    /// retry tier), and a worker short of CPU shows such rises by itself.
+    pub(crate) latency_slack: Duration,
     /// Off: the limit stays at the ceiling.
     pub(crate) adaptive: bool,
 }
@@ -133,7 +135,8 @@ impl Aimd {
         let mean = (self.rtt_count > 0).then(|| self.rtt_sum / self.rtt_count);
         let rose = match (mean, self.baseline) {
             (Some(mean), Some(base)) => {
-                mean > base.mul_f64(self.settings.latency_rise) && mean > base + LATENCY_SLACK
+                mean > base.mul_f64(self.settings.latency_rise)
+                    && mean > base + self.settings.latency_slack
             }
             _ => false,
         };
@@ -177,6 +180,7 @@ mod tests {
                 initial: 4,
                 decrease: 0.5,
                 latency_rise: 2.0,
+                latency_slack: Duration::from_millis(10),
                 adaptive: true,
             },
             now,

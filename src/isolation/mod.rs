@@ -74,6 +74,7 @@ impl GateSettings {
                 initial: i.concurrency_initial.get(),
                 decrease: i.concurrency_decrease,
                 latency_rise: i.concurrency_latency_rise,
+                latency_slack: i.concurrency_latency_slack,
                 adaptive: i.concurrency_adaptive,
             },
             rate_limit: settings.rate_limit(provider).to_vec(),
@@ -350,11 +351,22 @@ impl Gate {
                 .ticket
                 .take()
                 .and_then(|ticket| state.breaker.record(ticket, verdict, now));
+            let before = state.aimd.limit();
             let grew = std::mem::take(&mut permit.place) && {
                 let grew = state.aimd.finish(signal, now);
                 self.place_freed.notify_one();
                 grew
             };
+            let limit = state.aimd.limit();
+            if limit != before {
+                tracing::debug!(
+                    provider = self.provider,
+                    before,
+                    limit,
+                    ?signal,
+                    "concurrency limit"
+                );
+            }
             if started {
                 // The call may have reached the provider: its slots count.
                 state.limiter.finished(&mut permit.reservation, now);

@@ -23,6 +23,7 @@ fn settings() -> GateSettings {
             initial: 2,
             decrease: 0.5,
             latency_rise: 2.0,
+            latency_slack: Duration::from_millis(50),
             adaptive: true,
         },
         rate_limit: Vec::new(),
