@@ -154,6 +154,11 @@ impl Breaker {
         (ticket, transition)
     }
 
+    /// Whether `ticket` is of the current generation (no transition since).
+    pub(crate) fn is_current(&self, ticket: Ticket) -> bool {
+        ticket.generation == self.generation
+    }
+
     /// The answer of a call admitted with `ticket`.
     pub(crate) fn record(
         &mut self,

@@ -198,8 +198,18 @@ impl Gate {
         };
         self.take_place(&mut permit, deadline).await?;
         self.take_slot(&mut permit, deadline).await?;
-        // A pause may have begun while this call waited.
+        // A pause may have begun while this call waited, or the breaker
+        // opened: the calls waiting then would otherwise all go out.
         self.wait_out_pause(deadline).await?;
+        let renewed = {
+            let mut state = self.lock();
+            let current = permit.ticket.is_some_and(|t| state.breaker.is_current(t));
+            (!current).then(|| state.breaker.admit(Instant::now()))
+        };
+        if let Some((ticket, transition)) = renewed {
+            self.transitioned(transition);
+            permit.ticket = Some(ticket.map_err(|left| self.refuse("breaker_open", left))?);
+        }
         permit.started = Some(Instant::now());
         Ok(permit)
     }

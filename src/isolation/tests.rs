@@ -105,6 +105,40 @@ async fn the_breaker_opens_refuses_without_a_call_and_a_probe_closes_it() {
     assert_eq!(status["breaker"]["state"], "closed");
 }
 
+/// Calls that passed the breaker and then waited for a place do not go
+/// out once it opened meanwhile.
+#[tokio::test(start_paused = true)]
+async fn calls_waiting_for_a_place_meet_a_breaker_opened_meanwhile() {
+    let gate = Arc::new(Gate::new(
+        "p",
+        GateSettings {
+            concurrency: AimdSettings {
+                initial: 1,
+                ..settings().concurrency
+            },
+            ..settings()
+        },
+    ));
+    let mut held = gate.admit(far()).await.unwrap();
+    let waiters: Vec<_> = (0..3)
+        .map(|_| {
+            let gate = gate.clone();
+            tokio::spawn(async move { gate.admit(far()).await.map(|p| p.record(&transport())) })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    for _ in 0..2 {
+        held.record(&transport());
+        held = gate.admit(far()).await.unwrap();
+    }
+    // The third failure opens it while the three still wait.
+    held.record(&transport());
+    for waiter in waiters {
+        let refusal = waiter.await.unwrap().err().expect("refused, not sent");
+        assert_eq!(refusal.reason, "breaker_open");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_full_concurrency_limit_refuses_after_the_short_wait_and_frees_on_answer() {
     let gate = Arc::new(Gate::new("p", settings()));
