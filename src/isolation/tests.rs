@@ -134,7 +134,7 @@ async fn calls_waiting_for_a_place_meet_a_breaker_opened_meanwhile() {
     // The third failure opens it while the three still wait.
     held.record(&transport());
     for waiter in waiters {
-        let refusal = waiter.await.unwrap().err().expect("refused, not sent");
+        let refusal = waiter.await.unwrap().expect_err("refused, not sent");
         assert_eq!(refusal.reason, "breaker_open");
     }
 }
