@@ -1,7 +1,8 @@
 //! The admin endpoint: `/healthz` (alive), `/readyz` (connected, topology
 //! declared, consuming, not draining), `/metrics` (Prometheus text,
 //! rendered by metrics-exporter-prometheus) and `/status` (JSON for people:
-//! the broker node in use, or why there is none).
+//! the broker node in use, or why there is none, and each provider's
+//! isolation state).
 
 use std::sync::{Arc, OnceLock};
 
@@ -10,12 +11,16 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::readiness::Readiness;
+use crate::{isolation::Isolation, readiness::Readiness};
 
 /// Seconds; provider calls range from a few ms (local) to the 10 s timeout.
 const CALL_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+
+/// Seconds a call waited for a rate-limit slot: from a few ms to the
+/// limiter's longest wait (5 s by default).
+const LIMITER_WAIT_BUCKETS: &[f64] = &[0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -27,6 +32,11 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .set_buckets_for_metric(
                     Matcher::Full("approval_provider_call_duration_seconds".into()),
                     CALL_BUCKETS,
+                )
+                .expect("static buckets are valid")
+                .set_buckets_for_metric(
+                    Matcher::Full("approval_provider_limiter_wait_seconds".into()),
+                    LIMITER_WAIT_BUCKETS,
                 )
                 .expect("static buckets are valid")
                 .build_recorder();
@@ -71,21 +81,63 @@ fn describe() {
         "approval_ready",
         "1 when connected, consuming and not draining"
     );
+    metrics::describe_counter!(
+        "approval_deferrals_total",
+        "Decisions moved to a retry queue without a call, by provider and reason"
+    );
+    metrics::describe_gauge!(
+        "approval_provider_breaker_state",
+        "Circuit breaker per provider: 0 closed, 1 half-open, 2 open"
+    );
+    metrics::describe_counter!(
+        "approval_provider_breaker_transitions_total",
+        "Circuit breaker transitions, by provider and the state entered"
+    );
+    metrics::describe_gauge!(
+        "approval_provider_concurrency_limit",
+        "Calls a provider may have in flight now (adaptive)"
+    );
+    metrics::describe_gauge!(
+        "approval_provider_in_flight",
+        "Calls in flight to a provider"
+    );
+    metrics::describe_gauge!(
+        "approval_provider_paused",
+        "1 while a provider's Retry-After pause holds every call to it"
+    );
+    metrics::describe_counter!(
+        "approval_provider_limiter_waits_total",
+        "Calls that waited for a rate-limit slot"
+    );
+    metrics::describe_histogram!(
+        "approval_provider_limiter_wait_seconds",
+        metrics::Unit::Seconds,
+        "How long calls waited for a rate-limit slot"
+    );
 }
 
 #[derive(Clone)]
 struct AdminState {
     health: Arc<Readiness>,
+    isolation: Arc<Isolation>,
     metrics: PrometheusHandle,
 }
 
-pub fn router(health: Arc<Readiness>, metrics: PrometheusHandle) -> Router {
+pub(crate) fn router(
+    health: Arc<Readiness>,
+    isolation: Arc<Isolation>,
+    metrics: PrometheusHandle,
+) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render))
         .route("/status", get(status))
-        .with_state(AdminState { health, metrics })
+        .with_state(AdminState {
+            health,
+            isolation,
+            metrics,
+        })
 }
 
 async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
@@ -104,10 +156,13 @@ async fn status(State(s): State<AdminState>) -> axum::Json<serde_json::Value> {
             "node": s.health.broker_node(),
             "problem": s.health.problem(),
         },
+        "providers": s.isolation.status(),
     }))
 }
 
 async fn render(State(s): State<AdminState>) -> ([(&'static str, &'static str); 1], String) {
+    // Gauges of states that change without an event (a pause ending).
+    s.isolation.refresh_gauges();
     s.metrics.run_upkeep();
     (
         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
@@ -117,8 +172,13 @@ async fn render(State(s): State<AdminState>) -> ([(&'static str, &'static str); 
 
 /// Serves until `shutdown`; it keeps answering while the worker drains so
 /// probes see `/readyz` turn 503 rather than a refused connection.
-pub async fn serve(listener: TcpListener, health: Arc<Readiness>, stop: CancellationToken) {
-    let app = router(health, metrics_handle());
+pub(crate) async fn serve(
+    listener: TcpListener,
+    health: Arc<Readiness>,
+    isolation: Arc<Isolation>,
+    stop: CancellationToken,
+) {
+    let app = router(health, isolation, metrics_handle());
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await

@@ -16,6 +16,7 @@ pub mod authn;
 pub mod broker;
 pub mod commands;
 pub mod decision;
+pub(crate) mod isolation;
 pub(crate) mod locks;
 pub(crate) mod outcome;
 pub mod providers;

@@ -62,6 +62,11 @@ pub struct Settings {
     pub log: LogSettings,
     pub(crate) providers: ProviderSections,
     pub(crate) auth: AuthSettings,
+    pub(crate) isolation: IsolationSettings,
+    /// Each provider's `rate_limit`, parsed from its section at load
+    /// (absent: no limit).
+    #[serde(skip)]
+    rate_limits: std::collections::BTreeMap<String, Vec<crate::isolation::limiter::Window>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -162,6 +167,39 @@ pub(crate) struct WorkerSettings {
     /// before it moves to a retry queue (no attempt spent).
     #[serde(rename = "call_wait_ms", deserialize_with = "millis")]
     pub(crate) call_wait: Duration,
+}
+
+/// Per-provider isolation (see `isolation/` and the README): the pause,
+/// the circuit breaker, adaptive concurrency and the rate limiter's wait.
+/// The concurrency ceiling is `worker.max_calls_per_provider`.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct IsolationSettings {
+    /// The longest a call waits for a rate-limit slot before its decision
+    /// moves to a retry queue (no attempt spent).
+    #[serde(rename = "limiter_max_wait_ms", deserialize_with = "millis")]
+    pub(crate) limiter_max_wait: Duration,
+    /// The longest pause a provider's Retry-After is believed for.
+    #[serde(rename = "max_pause_ms", deserialize_with = "positive_millis")]
+    pub(crate) max_pause: Duration,
+    /// Consecutive transport errors, timeouts or 5xx that open the breaker.
+    pub(crate) breaker_failures: NonZeroU32,
+    #[serde(rename = "breaker_cool_down_ms", deserialize_with = "positive_millis")]
+    pub(crate) breaker_cool_down: Duration,
+    #[serde(
+        rename = "breaker_max_cool_down_ms",
+        deserialize_with = "positive_millis"
+    )]
+    pub(crate) breaker_max_cool_down: Duration,
+    /// Off: every provider may have `max_calls_per_provider` calls in flight.
+    pub(crate) concurrency_adaptive: bool,
+    pub(crate) concurrency_floor: NonZeroUsize,
+    pub(crate) concurrency_initial: NonZeroUsize,
+    #[serde(deserialize_with = "fraction")]
+    pub(crate) concurrency_decrease: f64,
+    #[serde(deserialize_with = "above_one")]
+    pub(crate) concurrency_latency_rise: f64,
+    #[serde(rename = "concurrency_latency_slack_ms", deserialize_with = "millis")]
+    pub(crate) concurrency_latency_slack: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -306,6 +344,35 @@ impl ProviderSections {
     }
 }
 
+impl ProviderSections {
+    /// Every section's `rate_limit` (CONTRACT v2 section 2), checked.
+    fn rate_limits(
+        &self,
+    ) -> Result<
+        std::collections::BTreeMap<String, Vec<crate::isolation::limiter::Window>>,
+        SettingsError,
+    > {
+        #[derive(Deserialize)]
+        struct Section {
+            rate_limit: Option<String>,
+        }
+        let mut limits = std::collections::BTreeMap::new();
+        for name in self.0.keys() {
+            let section: Section = self.section(name)?;
+            let rules =
+                crate::isolation::limiter::parse(section.rate_limit.as_deref().unwrap_or(""))
+                    .map_err(|problem| SettingsError::Invalid {
+                        key: env_key(&format!("providers.{name}.rate_limit")),
+                        problem,
+                    })?;
+            if !rules.is_empty() {
+                limits.insert(name.clone(), rules);
+            }
+        }
+        Ok(limits)
+    }
+}
+
 /// Checks a provider's base URL setting.
 pub(crate) fn check_base_url(provider: &str, url: &str) -> Result<Url, SettingsError> {
     match Url::parse(url) {
@@ -446,12 +513,18 @@ impl Settings {
                 .separator("__")
                 .source(Some(env)),
         );
-        let settings: Settings = builder
+        let mut settings: Settings = builder
             .build()
             .and_then(Config::try_deserialize)
             .map_err(|e| from_config(e, ""))?;
         settings.check_across_keys()?;
+        settings.rate_limits = settings.providers.rate_limits()?;
         Ok(settings)
+    }
+
+    /// `provider`'s rate-limit windows; empty when it has none.
+    pub(crate) fn rate_limit(&self, provider: &str) -> &[crate::isolation::limiter::Window] {
+        self.rate_limits.get(provider).map_or(&[], Vec::as_slice)
     }
 
     /// The rules no single value's type can carry.
@@ -483,6 +556,19 @@ impl Settings {
             return Err(invalid(
                 "worker.delivery_budget_ms",
                 "expected at most 25 minutes (RabbitMQ's consumer timeout is 30) and at least twice APPROVAL_WORKER__CONFIRM_TIMEOUT_MS",
+            ));
+        }
+        let isolation = &self.isolation;
+        if isolation.concurrency_floor > self.worker.max_calls_per_provider {
+            return Err(invalid(
+                "isolation.concurrency_floor",
+                "expected at most APPROVAL_WORKER__MAX_CALLS_PER_PROVIDER (the ceiling)",
+            ));
+        }
+        if isolation.breaker_cool_down > isolation.breaker_max_cool_down {
+            return Err(invalid(
+                "isolation.breaker_cool_down_ms",
+                "expected at most APPROVAL_ISOLATION__BREAKER_MAX_COOL_DOWN_MS",
             ));
         }
         Ok(())
@@ -564,6 +650,26 @@ fn positive_millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
             "expected a positive number of milliseconds",
         )),
         positive => Ok(positive),
+    }
+}
+
+/// A factor strictly between 0 and 1.
+fn fraction<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    match f64::deserialize(d)? {
+        f if f > 0.0 && f < 1.0 => Ok(f),
+        _ => Err(D::Error::custom(
+            "expected a number between 0 and 1, such as 0.5",
+        )),
+    }
+}
+
+/// A ratio above 1, and a sane one.
+fn above_one<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    match f64::deserialize(d)? {
+        f if f > 1.0 && f <= 100.0 => Ok(f),
+        _ => Err(D::Error::custom(
+            "expected a number above 1 (and at most 100), such as 2",
+        )),
     }
 }
 
@@ -733,6 +839,67 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("APPROVAL_RETRY__MAX_BACKOFF_MS"));
+    }
+
+    #[test]
+    fn rate_limits_default_to_qontos_quota_and_name_the_key_when_bad() {
+        use crate::isolation::limiter::Window;
+        let s = load(&[]).unwrap();
+        let qonto = [
+            Window {
+                limit: 1000,
+                window: Duration::from_secs(10),
+            },
+            Window {
+                limit: 10_000,
+                window: Duration::from_secs(600),
+            },
+        ];
+        assert_eq!(s.rate_limit("qonto"), qonto);
+        assert!(s.rate_limit("flexpay").is_empty());
+        let s = load(&[
+            ("APPROVAL_PROVIDERS__QONTO__RATE_LIMIT", "none"),
+            ("APPROVAL_PROVIDERS__FLEXPAY__RATE_LIMIT", "5/1s"),
+        ])
+        .unwrap();
+        assert!(s.rate_limit("qonto").is_empty());
+        assert_eq!(s.rate_limit("flexpay").len(), 1);
+        for bad in ["5/1", "0/1s", "5/0ms", "lots"] {
+            let err = load(&[("APPROVAL_PROVIDERS__LEDGER_V1__RATE_LIMIT", bad)]).unwrap_err();
+            assert!(
+                err.to_string().starts_with(
+                    "invalid configuration value for APPROVAL_PROVIDERS__LEDGER_V1__RATE_LIMIT: expected"
+                ),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn isolation_settings_are_checked_naming_the_key() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.isolation.breaker_failures.get(), 5);
+        assert_eq!(s.isolation.breaker_cool_down, Duration::from_secs(15));
+        assert_eq!(s.isolation.concurrency_decrease, 0.5);
+        for (key, bad) in [
+            ("APPROVAL_ISOLATION__BREAKER_FAILURES", "0"),
+            ("APPROVAL_ISOLATION__BREAKER_COOL_DOWN_MS", "0"),
+            ("APPROVAL_ISOLATION__BREAKER_COOL_DOWN_MS", "999999999"),
+            ("APPROVAL_ISOLATION__CONCURRENCY_DECREASE", "1.5"),
+            ("APPROVAL_ISOLATION__CONCURRENCY_DECREASE", "0"),
+            ("APPROVAL_ISOLATION__CONCURRENCY_LATENCY_RISE", "1"),
+            ("APPROVAL_ISOLATION__CONCURRENCY_FLOOR", "0"),
+            ("APPROVAL_ISOLATION__CONCURRENCY_FLOOR", "1000"),
+            ("APPROVAL_ISOLATION__MAX_PAUSE_MS", "0"),
+        ] {
+            let text = load(&[(key, bad)]).unwrap_err().to_string();
+            assert!(
+                text.starts_with(&format!("invalid configuration value for {key}: ")),
+                "{key}={bad}: {text}"
+            );
+        }
+        let s = load(&[("APPROVAL_ISOLATION__CONCURRENCY_LATENCY_RISE", "1.5")]).unwrap();
+        assert_eq!(s.isolation.concurrency_latency_rise, 1.5);
     }
 
     #[test]

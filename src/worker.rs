@@ -27,6 +27,7 @@ use crate::{
     authn::SignatureHeaders,
     broker::{Delivery, History, Origin, PendingConfirmation, Session, Topology},
     decision::{self, Decision},
+    isolation::{Gate, Isolation, Refusal},
     locks::{ProviderShares, TargetLocks},
     outcome::{ErrorKind, Resolution},
     providers::{Bound, CallContext, ConfirmationState, Lookup, Registry, Reply},
@@ -49,6 +50,9 @@ struct Shared {
     locks: TargetLocks,
     /// How many deliveries each provider may hold at once.
     shares: ProviderShares,
+    /// Each provider's pause, breaker, concurrency and rate limit, which
+    /// every call passes.
+    isolation: Arc<Isolation>,
     shutdown: CancellationToken,
 }
 
@@ -68,9 +72,12 @@ impl Worker {
             max: settings.retry.max_backoff,
             horizon: settings.retry.horizon,
         };
+        let names = registry.names().map(|(name, _)| name);
+        let isolation = Arc::new(Isolation::new(&settings, names));
         Self {
             shared: Arc::new(Shared {
                 shares: ProviderShares::new(provider_share(settings.amqp.prefetch.get())),
+                isolation,
                 settings,
                 registry,
                 delays,
@@ -84,6 +91,11 @@ impl Worker {
 
     pub fn health(&self) -> Arc<Readiness> {
         self.readiness.clone()
+    }
+
+    /// Each provider's isolation state, for `/status` and `/metrics`.
+    pub(crate) fn isolation(&self) -> Arc<Isolation> {
+        self.shared.isolation.clone()
     }
 
     /// Runs until the shutdown token fires and in-flight decisions drained.
@@ -157,7 +169,7 @@ async fn decide(
     // The broker's own delivery limit dead-letters without our headers; park
     // one delivery earlier, with the reason, so the parking lot explains it.
     if history.delivery_count + 1 >= i64::from(shared.settings.amqp.delivery_limit) {
-        return poisoned(&decision, call.as_ref(), history, deadline).await;
+        return poisoned(shared, &decision, call.as_ref(), history, deadline).await;
     }
     let (dispatched, ending) = dispatch(shared, &decision, call.as_ref(), history, deadline).await;
     Ok(dispatched.classify(ending))
@@ -168,16 +180,26 @@ async fn decide(
 /// (applied before a crash that kept recurring) is reported as it is, not
 /// parked as if nothing had happened.
 async fn poisoned(
+    shared: &Shared,
     decision: &Decision,
     call: &dyn Bound,
     history: &History,
     deadline: Instant,
 ) -> Result<Settle, Settle> {
-    let read = tokio::time::timeout_at(deadline, call.read_state()).await;
+    let gate = shared.isolation.gate(call.provider());
+    let read = tokio::time::timeout_at(deadline, gated(gate, deadline, call.read_state())).await;
     let ending = match read {
-        Ok(Ok(observed)) => settle::reconciled(observed),
-        Ok(Err(e)) => {
+        Ok(Ok(Ok(observed))) => settle::reconciled(observed),
+        Ok(Ok(Err(e))) => {
             warn!(error = %e, "state read of a poison decision failed");
+            None
+        }
+        Ok(Err(refusal)) => {
+            warn!(
+                reason = refusal.reason,
+                "state read of a poison decision not made: {}",
+                refusal.why()
+            );
             None
         }
         Err(_) => None,
@@ -286,14 +308,16 @@ async fn dispatch<'a>(
     history: &'a History,
     deadline: Instant,
 ) -> (Dispatched<'a>, Ending) {
+    let provider = call.provider();
     let mut dispatch = Dispatch {
         shared,
         call,
+        gate: shared.isolation.gate(provider),
+        deadline,
         decision,
         history,
         attempts: history.attempts,
     };
-    let provider = call.provider();
     let wait = shared.settings.worker.call_wait;
     let ending = match shared.shares.acquire(provider, wait).await {
         None => dispatch.deferred(
@@ -321,10 +345,29 @@ async fn dispatch<'a>(
     (dispatched, ending)
 }
 
+/// `call` through `gate` (when the provider has one) before `deadline`:
+/// admitted, made, and its result taught to the gate; or refused unmade.
+async fn gated<T>(
+    gate: Option<&Gate>,
+    deadline: Instant,
+    call: impl Future<Output = Result<T, CallError>>,
+) -> Result<Result<T, CallError>, Refusal> {
+    let Some(gate) = gate else {
+        return Ok(call.await);
+    };
+    let permit = gate.admit(deadline).await?;
+    let result = call.await;
+    permit.record(&result);
+    Ok(result)
+}
+
 /// One decision against its provider: calls, retries, reconciliation.
 struct Dispatch<'a> {
     shared: &'a Shared,
     call: &'a dyn Bound,
+    /// The provider's isolation gate, which every call passes.
+    gate: Option<&'a Gate>,
+    deadline: Instant,
     decision: &'a Decision,
     history: &'a History,
     /// Provider calls made so far, across deliveries.
@@ -363,11 +406,24 @@ impl Dispatch<'_> {
             if self.attempts >= retry.max_attempts.get() {
                 return Ending::exhausted(last_error, "attempts ran out");
             }
+            // Before the attempt is counted: a call the gate refuses is
+            // never made, so it spends nothing.
+            let permit = match self.gate.map(|g| g.admit(self.deadline)) {
+                None => None,
+                Some(admit) => match admit.await {
+                    Ok(permit) => Some(permit),
+                    Err(refusal) => return self.gate_deferred(refusal),
+                },
+            };
             self.attempts += 1;
             calls_here += 1;
             ctx.attempt = self.attempts;
             Span::current().record("attempt", self.attempts);
-            let error = match self.call.apply(&ctx).await {
+            let result = self.call.apply(&ctx).await;
+            if let Some(permit) = permit {
+                permit.record(&result);
+            }
+            let error = match result {
                 Ok(Reply::Done { state, response }) => {
                     info!(provider_state = state.as_deref().unwrap_or(""), "applied");
                     return Ending::Applied { state, response };
@@ -401,8 +457,10 @@ impl Dispatch<'_> {
                 ErrorClass::ChallengeMismatch => {
                     return refused(ErrorKind::ChallengeMismatch, error, Resolution::Call);
                 }
-                ErrorClass::Ambiguous => match self.call.read_state().await {
-                    Ok(observed) => match settle::reconciled(observed) {
+                ErrorClass::Ambiguous => match self.gated(self.call.read_state()).await {
+                    // Not knowing the state, call nothing now.
+                    Err(refusal) => return self.gate_deferred(refusal),
+                    Ok(Ok(observed)) => match settle::reconciled(observed) {
                         Some(ending) => return ending,
                         // A 4xx on a still-pending target is a real refusal;
                         // a timeout on one means nothing happened: retry.
@@ -412,7 +470,7 @@ impl Dispatch<'_> {
                         }
                         None => {}
                     },
-                    Err(read) => {
+                    Ok(Err(read)) => {
                         warn!(error = %read, "reconciliation read failed");
                         // A read that may pass later leaves the state unknown:
                         // retry (the repeat reads first where the provider has
@@ -464,7 +522,11 @@ impl Dispatch<'_> {
     /// Before a repeat call to a provider without idempotency; `None` when
     /// the target is still pending, so the call may be made.
     async fn reconcile_before_repeat(&self) -> Option<Ending> {
-        match self.call.read_state().await {
+        let read = match self.gated(self.call.read_state()).await {
+            Ok(read) => read,
+            Err(refusal) => return Some(self.gate_deferred(refusal)),
+        };
+        match read {
             Ok(observed) => settle::reconciled(observed),
             Err(e) if e.class.is_transient() => {
                 // Not knowing the state, do not call: try again later.
@@ -545,6 +607,50 @@ impl Dispatch<'_> {
         }
     }
 
+    /// A call through the provider's gate, or the gate's refusal.
+    async fn gated<T>(
+        &self,
+        call: impl Future<Output = Result<T, CallError>>,
+    ) -> Result<Result<T, CallError>, Refusal> {
+        gated(self.gate, self.deadline, call).await
+    }
+
+    /// The provider's gate refused a call, which was not made: the decision
+    /// waits in a retry tier, at least as long as the gate asked, without
+    /// spending an attempt, and keeps any pending confirmation. Only once
+    /// the retry horizon has passed does it end `exhausted`: a wait that
+    /// would pass it is cut to end at it, for one last try.
+    fn gate_deferred(&self, refusal: Refusal) -> Ending {
+        let provider = self.call.provider();
+        let reason = refusal.reason;
+        metrics::counter!("approval_deferrals_total", "provider" => provider, "reason" => reason)
+            .increment(1);
+        let horizon = self.shared.settings.retry.horizon;
+        let Some(left) = horizon
+            .checked_sub(self.history.elapsed())
+            .filter(|l| !l.is_zero())
+        else {
+            return Ending::exhausted(None, "the retry horizon passed");
+        };
+        let delay = self
+            .shared
+            .delays
+            .delay(self.attempts.max(1), None)
+            .max(refusal.retry_in)
+            .min(left);
+        let retry_in_ms = delay.as_millis() as u64;
+        info!(
+            reason,
+            retry_in_ms,
+            "{}; moved to a retry queue",
+            refusal.why()
+        );
+        Ending::Later {
+            delay,
+            confirmation: self.history.confirmation.clone(),
+        }
+    }
+
     fn past_horizon(&self) -> bool {
         self.history.elapsed() > self.shared.settings.retry.horizon
     }
@@ -563,7 +669,15 @@ impl Dispatch<'_> {
                 confirmation,
             })
         };
-        match self.call.poll_confirmation(&pending.token).await {
+        let polled = match self
+            .gated(self.call.poll_confirmation(&pending.token))
+            .await
+        {
+            Ok(polled) => polled,
+            // The deferral keeps the pending confirmation on the copy.
+            Err(refusal) => return Some(self.gate_deferred(refusal)),
+        };
+        match polled {
             Ok(ConfirmationState::Allowed) => None,
             Ok(ConfirmationState::Denied) => Some(Ending::Denied("the confirmation was denied")),
             Ok(ConfirmationState::Waiting) if expired || self.past_horizon() => {

@@ -46,7 +46,12 @@ pub async fn run(settings: Settings) -> ExitCode {
     tracing::info!(%bind, "admin endpoint: /healthz /readyz /metrics /status");
     let worker = Worker::new(settings, registry, stop);
     let admin_stop = CancellationToken::new();
-    let admin_task = tokio::spawn(admin::serve(admin, worker.health(), admin_stop.clone()));
+    let admin_task = tokio::spawn(admin::serve(
+        admin,
+        worker.health(),
+        worker.isolation(),
+        admin_stop.clone(),
+    ));
     // On a runtime thread, not the one blocked in `block_on`: each delivery
     // task is then spawned onto the thread that received it, instead of
     // through the global queue with a wake-up of another thread.

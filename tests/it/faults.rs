@@ -208,7 +208,12 @@ async fn one_provider_down_does_not_slow_the_others() {
             .env("APPROVAL_RETRY__MAX_ATTEMPTS", 100)
             .env("APPROVAL_RETRY__IN_PROCESS_ATTEMPTS", 3)
             .env("APPROVAL_RETRY__MAX_BACKOFF_MS", 1000)
-            .env("APPROVAL_LOG__LEVEL", "error"),
+            .env("APPROVAL_LOG__LEVEL", "error")
+            // About the prefetch shares alone: the breaker and adaptive
+            // concurrency (tests in isolation.rs) would stop the calls
+            // this test counts.
+            .env("APPROVAL_ISOLATION__BREAKER_FAILURES", 1_000_000)
+            .env("APPROVAL_ISOLATION__CONCURRENCY_ADAPTIVE", false),
     )
     .await;
     let (broker, sim) = (&app.broker, app.sim());

@@ -122,6 +122,10 @@ async fn huge_error_answers_do_not_grow_memory_past_the_pod_limit() {
             // must not be cut short by the call timeout.
             .env("APPROVAL_WORKER__HTTP_TIMEOUT_MS", 30_000)
             .env("APPROVAL_LOG__LEVEL", "error")
+            // Every call must reach the provider at once, as before the
+            // breaker and adaptive concurrency (isolation.rs) held them.
+            .env("APPROVAL_ISOLATION__BREAKER_FAILURES", 1_000_000)
+            .env("APPROVAL_ISOLATION__CONCURRENCY_ADAPTIVE", false)
             .without_worker(),
     )
     .await;

@@ -11,6 +11,7 @@ mod broker_safety;
 mod budget;
 mod faults;
 mod inputs;
+mod isolation;
 mod limits;
 mod nodes;
 mod parking;

@@ -129,7 +129,12 @@ async fn a_long_outage_moves_decisions_to_retry_queues_and_they_complete_later()
             .env("APPROVAL_RETRY__MAX_ATTEMPTS", 50)
             .env("APPROVAL_RETRY__IN_PROCESS_ATTEMPTS", 1)
             .env("APPROVAL_RETRY__MAX_BACKOFF_MS", 1000)
-            .env("APPROVAL_AMQP__PREFETCH", 5),
+            .env("APPROVAL_AMQP__PREFETCH", 5)
+            // About the retry queues and the prefetch window alone: an open
+            // breaker (tests in isolation.rs) would hold every Qonto call,
+            // the fresh target's too.
+            .env("APPROVAL_ISOLATION__BREAKER_FAILURES", 1_000_000)
+            .env("APPROVAL_ISOLATION__CONCURRENCY_ADAPTIVE", false),
     )
     .await;
     let (broker, provider) = (&app.broker, app.qonto());
