@@ -700,10 +700,6 @@ impl TokenSource {
             );
         }
     }
-
-    pub fn store(&self) -> &Arc<dyn TokenStore> {
-        &self.store
-    }
 }
 
 /// Writes a pair issued by a login (authorization code) as the next
