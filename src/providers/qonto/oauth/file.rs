@@ -271,7 +271,9 @@ mod tests {
     async fn a_second_lock_waits_for_the_first() {
         let (store, dir) = temp_store();
         let first = store.lock(Duration::from_secs(1)).await.unwrap();
-        let refused = store.lock(Duration::from_millis(100)).await.unwrap_err();
+        let Err(refused) = store.lock(Duration::from_millis(100)).await else {
+            panic!("the lock is held");
+        };
         assert!(refused.problem.contains("lock stayed held"), "{refused}");
         let waiting = tokio::spawn({
             let store = store.clone();

@@ -522,13 +522,16 @@ impl TokenSource {
             Ok(None) => {}
             Err(e) => return self.store_failed(e),
         }
-        if let Some(r) = self.current().record.clone()
-            && !r.expired(now)
-            && self
-                .current()
-                .refresh_after
+        // Backing off after a transient failure, with a valid token.
+        let backing_off = {
+            let c = self.current();
+            c.refresh_after
                 .is_some_and(|t| Instant::now() < t)
-        {
+                .then(|| c.record.clone())
+                .flatten()
+                .filter(|r| !r.expired(now))
+        };
+        if let Some(r) = backing_off {
             return Ok(r.access_token);
         }
         let mut locked = match self.store.lock(LOCK_WAIT).await {
