@@ -63,6 +63,12 @@ enum Command {
         /// How decisions are signed (and verified by the worker).
         #[arg(long, value_enum, default_value = "ed25519")]
         auth: bench::BenchAuth,
+        /// Then drain this many Qonto decisions (20000 when no number is
+        /// given) against the simulator enforcing Qonto's quota
+        /// (1000/10s,10000/10m), with the worker's default Qonto limit:
+        /// takes at least 11.5 minutes at 20000.
+        #[arg(long, value_name = "DECISIONS", num_args = 0..=1, default_missing_value = "20000")]
+        qonto_quota: Option<usize>,
     },
     /// Print the signature headers (webhook-id, -timestamp, -signature) for a decision body on stdin.
     Sign(sign::Args),
@@ -125,6 +131,7 @@ fn main() -> ExitCode {
                 prefetch,
                 rounds,
                 auth,
+                qonto_quota,
             } => {
                 let options = bench::BenchOptions {
                     decisions,
@@ -133,6 +140,7 @@ fn main() -> ExitCode {
                     prefetch,
                     rounds,
                     auth,
+                    qonto_quota,
                 };
                 match bench::run(cli.config.as_deref(), options).await {
                     Ok(figures) => {

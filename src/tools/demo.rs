@@ -3,7 +3,7 @@
 
 use std::{
     io::Write,
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -18,7 +18,7 @@ use crate::{
     tools::{
         capture,
         signer::Signer,
-        sim::{self, ScaAuto, SimConfig, samples},
+        sim::{self, QontoOptions, ScaAuto, SimConfig, qonto_oauth, samples},
     },
     worker::Worker,
 };
@@ -61,16 +61,21 @@ pub async fn run(config: Option<&Path>) -> Result<(), DemoError> {
     .map_err(|_| DemoError::BrokerUnreachable(url.clone()))?
     .map_err(|_| DemoError::BrokerUnreachable(url.clone()))?;
 
+    let prefix = format!("demo-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let oauth = QontoOAuth::new(&prefix)?;
     let sim = sim::start(
-        SimConfig::default(),
+        SimConfig::default().with(QontoOptions {
+            oauth: oauth.options.clone(),
+            ..QontoOptions::default()
+        }),
         "127.0.0.1:0".parse().expect("static address"),
     )
     .await
     .map_err(|e| DemoError::Setup(format!("simulator could not start: {e}")))?;
-    let prefix = format!("demo-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let signer = Signer::generate();
     let mut vars: Vec<(String, String)> = std::env::vars().collect();
     vars.extend(sim.worker_env());
+    vars.extend(oauth.worker_env(&sim.base_url("qonto")));
     vars.push(signer.trusted());
     vars.extend([
         ("APPROVAL_AMQP__PREFIX".to_owned(), prefix.clone()),
@@ -226,6 +231,9 @@ pub async fn run(config: Option<&Path>) -> Result<(), DemoError> {
     let stats = sim.stats();
     let doubles = stats.total().double_state_changes;
     println!("simulator: {doubles} double state changes (must be 0)");
+    if let Some(qonto) = stats.provider("qonto") {
+        println!("{}", oauth.summary(qonto));
+    }
 
     shutdown.cancel();
     let _ = worker.await;
@@ -237,6 +245,73 @@ pub async fn run(config: Option<&Path>) -> Result<(), DemoError> {
         return Err(DemoError::Timeout(total - settled, DEADLINE));
     }
     Ok(())
+}
+
+/// Qonto by OAuth, as the contract wants it for approve: the simulator's
+/// OAuth server starts with one consented grant, whose refresh token seeds
+/// a `file:` token store in a private temporary directory (removed on
+/// drop). A build whose settings do not read `..__QONTO__OAUTH__*` ignores
+/// these keys and stays on the simulator's API key; the summary says which.
+struct QontoOAuth {
+    options: qonto_oauth::OAuthOptions,
+    seed: String,
+    dir: PathBuf,
+}
+
+impl QontoOAuth {
+    fn new(prefix: &str) -> Result<Self, DemoError> {
+        let dir = std::env::temp_dir().join(format!("approval-{prefix}"));
+        let setup = |e: std::io::Error| {
+            DemoError::Setup(format!("token store directory {}: {e}", dir.display()))
+        };
+        std::fs::create_dir_all(&dir).map_err(setup)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(setup)?;
+        }
+        let seed = format!("demo-seed-{}", uuid::Uuid::new_v4().simple());
+        let options = qonto_oauth::OAuthOptions {
+            seed_refresh_tokens: vec![seed.clone()],
+            ..qonto_oauth::OAuthOptions::default()
+        };
+        Ok(Self { options, seed, dir })
+    }
+
+    fn worker_env(&self, qonto_base_url: &str) -> Vec<(String, String)> {
+        let key = |name: &str| format!("APPROVAL_PROVIDERS__QONTO__OAUTH__{name}");
+        let store = format!("file:{}", self.dir.join("qonto-oauth.json").display());
+        let mut env = qonto_oauth::worker_env(qonto_base_url, &self.options);
+        env.extend([
+            (key("TOKEN_STORE"), store),
+            (key("REFRESH_TOKEN"), self.seed.clone()),
+        ]);
+        env
+    }
+
+    /// Which auth Qonto's calls used, read off the OAuth server's counters:
+    /// the seeded grant's first refresh is the worker's first token.
+    fn summary(&self, qonto: &sim::ProviderStats) -> String {
+        let refreshes = qonto.count("oauth.refreshes");
+        if refreshes == 0 {
+            return "qonto: API key (this build does not read the OAuth settings)".to_owned();
+        }
+        format!(
+            "qonto: OAuth (file: store in {}): {} refresh(es), the first turning the seed into the stored pair; {} grace reuse(s), {} revocation(s) (must be 0), {} call(s) refused 401",
+            self.dir.display(),
+            refreshes,
+            qonto.count("oauth.grace_reuses"),
+            qonto.count("oauth.revocations"),
+            qonto.count("oauth.api_401s"),
+        )
+    }
+}
+
+impl Drop for QontoOAuth {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 fn print_table(rows: &[Row]) {

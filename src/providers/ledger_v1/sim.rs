@@ -29,6 +29,7 @@ use crate::tools::sim::kit::{
     Fake, KeyLog, Reply, TargetInfo, Targets, applied, header_str, idempotency_key, json,
     now_rfc3339,
 };
+use crate::tools::sim::quota::Refusal;
 use crate::tools::sim::stats::Counters;
 use crate::tools::sim::unit::{SimHalf, SimUnit, UnitOptions};
 
@@ -112,28 +113,35 @@ impl SimUnit for Sim {
 
     /// Ledger v1 documents 420 (not 429) with `X-RateLimit-*` headers.
     fn rate_limited(&self, retry_after_secs: u64) -> Response {
-        let status = StatusCode::from_u16(420).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
-        let mut response = error(
-            status,
-            self.fault_code(true),
-            "Too Many Requests (simulated)",
-        );
-        let headers = response.headers_mut();
-        headers.insert("retry-after", HeaderValue::from(retry_after_secs));
-        // UNCONFIRMED unit: we send the reset time as Unix epoch seconds.
-        let reset = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() + retry_after_secs)
-            .unwrap_or_default();
-        headers.insert("x-ratelimit-reset", HeaderValue::from(reset));
-        headers.insert("x-ratelimit-limit", HeaderValue::from(100u32));
-        headers.insert("x-ratelimit-remaining", HeaderValue::from(0u32));
-        response
+        // The plan's limit is unknown to a fault; an arbitrary figure.
+        throttled(retry_after_secs, 100)
+    }
+
+    /// Over a simulated quota, the headers name the window that refused.
+    fn quota_exceeded(&self, refusal: &Refusal) -> Response {
+        throttled(refusal.retry_after_secs(), refusal.limit)
     }
 
     fn worker_env(&self) -> Vec<(&'static str, String)> {
         vec![("API_KEY", self.config.api_key.clone())]
     }
+}
+
+/// 420 with `Retry-After` and `X-RateLimit-*`: nothing left until the reset.
+fn throttled(retry_after_secs: u64, limit: u64) -> Response {
+    let status = StatusCode::from_u16(420).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+    let mut response = error(status, "RateLimitExceeded", "Too Many Requests (simulated)");
+    let headers = response.headers_mut();
+    headers.insert("retry-after", HeaderValue::from(retry_after_secs));
+    // UNCONFIRMED unit: we send the reset time as Unix epoch seconds.
+    let reset = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() + retry_after_secs)
+        .unwrap_or_default();
+    headers.insert("x-ratelimit-reset", HeaderValue::from(reset));
+    headers.insert("x-ratelimit-limit", HeaderValue::from(limit));
+    headers.insert("x-ratelimit-remaining", HeaderValue::from(0u32));
+    response
 }
 
 #[derive(Clone, Debug, Serialize)]

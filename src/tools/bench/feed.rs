@@ -2,7 +2,7 @@
 //! pipelined confirms and timing the outcome events they cause.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -73,6 +73,55 @@ impl Feed {
             phase,
         )
         .await
+    }
+
+    /// Loads `bodies` and waits up to `deadline` for all their outcomes:
+    /// when the first and the last arrived, and how many had each status.
+    pub(super) async fn phase_outcomes(
+        &mut self,
+        phase: &'static str,
+        bodies: Vec<Vec<u8>>,
+        deadline: Duration,
+    ) -> Result<Drained, BenchError> {
+        let n = bodies.len();
+        let signed = self.sign(bodies);
+        let publisher = self.publisher.clone();
+        let queue = self.queue.clone();
+        let published = Instant::now();
+        let load = tokio::spawn(async move { publish_all(&publisher, &queue, &signed).await });
+        let until = published + deadline;
+        let mut drained = Drained {
+            published,
+            first: None,
+            last: published,
+            statuses: BTreeMap::new(),
+        };
+        let mut seen = 0;
+        while seen < n {
+            match tokio::time::timeout(
+                until.saturating_duration_since(Instant::now()),
+                self.events.recv(),
+            )
+            .await
+            {
+                Ok(Some(event)) => {
+                    seen += 1;
+                    drained.last = Instant::now();
+                    drained.first.get_or_insert(drained.last);
+                    let status = serde_json::from_slice::<EventStatus>(&event)
+                        .map(|e| e.status)
+                        .unwrap_or_default();
+                    *drained.statuses.entry(status).or_default() += 1;
+                }
+                _ => {
+                    load.abort();
+                    return Err(BenchError::Timeout(phase, seen, n));
+                }
+            }
+        }
+        load.await
+            .map_err(|e| BenchError::Setup(format!("publisher task: {e}")))??;
+        Ok(drained)
     }
 
     /// Each body with its signature headers (none when unsigned).
@@ -235,6 +284,22 @@ pub(super) async fn paced_latency(
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     Ok((pct(0.50), pct(0.99)))
+}
+
+/// What [`Feed::phase_outcomes`] saw.
+pub(super) struct Drained {
+    pub(super) published: Instant,
+    pub(super) first: Option<Instant>,
+    pub(super) last: Instant,
+    /// Outcome status (`applied`, `failed`, ...) -> events with it.
+    pub(super) statuses: BTreeMap<String, usize>,
+}
+
+/// The one field the quota phase reads from an outcome event.
+#[derive(serde::Deserialize)]
+struct EventStatus {
+    #[serde(default)]
+    status: String,
 }
 
 /// The one field the latency phase reads from an outcome event.

@@ -8,6 +8,12 @@
 //!   are its own) against the in-process simulator, with zero and then with
 //!   added provider latency.
 //!
+//! - quota (`--qonto-quota`): Qonto decisions against the simulator
+//!   enforcing Qonto's documented quota, a worker with its default limit.
+//!
+//! Elsewhere providers run without limits: no simulator quota, and the
+//! worker's `RATE_LIMIT` off for every provider.
+//!
 //! Every rate is measured the same way: the consumer (relay or worker) is
 //! already running when the bench publishes the batch with pipelined
 //! confirms, and the rate runs from the first result to the last, whether
@@ -17,6 +23,7 @@
 mod ceiling;
 mod feed;
 mod process;
+mod quota;
 
 use std::{collections::HashMap, path::Path, time::Duration};
 
@@ -49,6 +56,8 @@ pub struct BenchOptions {
     pub rounds: usize,
     /// How the decisions are signed and verified.
     pub auth: BenchAuth,
+    /// Decisions of the Qonto quota phase; `None` skips it.
+    pub qonto_quota: Option<usize>,
 }
 
 /// `--auth`: the signature every decision carries and the worker checks.
@@ -118,6 +127,15 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
         None => vec![("APPROVAL_AUTH__MODE".to_owned(), "off".to_owned())],
     };
     auth_env.extend(sim.worker_env());
+    // The phases measure the worker, not a provider's quota: the simulator
+    // has none, and the worker's limiter is off for every provider.
+    let mut worker_env = auth_env.clone();
+    worker_env.extend(
+        REGISTRY
+            .iter()
+            .map(|unit| (rate_limit_key(unit.name), "off".to_owned())),
+    );
+    eprintln!("bench: providers run without limits (no simulator quota, worker RATE_LIMIT=off)");
     let mut feed = Feed::declare(&conn, &topology, signer).await?;
 
     let known = sim::providers();
@@ -154,7 +172,7 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
 
     // The worker starts and warms up (connections, provider tokens) first:
     // the phases measure it running, not starting.
-    let mut worker = spawn_worker(config, &prefix, prefetch, &auth_env)?;
+    let mut worker = spawn_worker(config, &prefix, prefetch, &worker_env)?;
     let latency = options.provider_latency_ms;
     let rounds = options.rounds.max(1);
     // Whatever happens in the phases, the worker stops and the bench's
@@ -245,6 +263,25 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
 
     let usage = process_usage(worker.id().unwrap_or_default());
     terminate(&mut worker).await;
+    // Its own worker on the same queues (the first one is gone), limited
+    // as configured, with the other providers still off.
+    let quota_phase = match (&measured, options.qonto_quota) {
+        (Ok(_), Some(decisions)) => {
+            let mut env = auth_env.clone();
+            env.extend(
+                REGISTRY
+                    .iter()
+                    .filter(|unit| unit.name != "qonto")
+                    .map(|unit| (rate_limit_key(unit.name), "off".to_owned())),
+            );
+            let spawn = || spawn_worker(config, &prefix, prefetch, &env);
+            let stop = |mut child: tokio::process::Child| async move {
+                terminate(&mut child).await;
+            };
+            Some(quota::phase(&mut feed, &sim, decisions, spawn, stop).await)
+        }
+        _ => None,
+    };
     let stats = sim.stats();
     let total = stats.total();
     remove(&conn, &topology).await;
@@ -252,6 +289,7 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     let _ = conn.close(200, "bench done".into()).await;
     sim.shutdown();
     let mut f = measured?;
+    let quota_report = quota_phase.transpose()?;
     let processed = f.processed as f64;
     let mut report = json!({
         "decisions": n,
@@ -279,6 +317,8 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
             _ => "mixed",
         },
         "double_state_changes": total.double_state_changes,
+        "provider_limits": "off",
+        "qonto_quota": quota_report,
     });
     // `<name>_per_s` for every multi-call unit, null when not in the mix.
     for name in multi_call {
@@ -319,6 +359,14 @@ async fn remove(conn: &Connection, topology: &Topology) {
             ),
         }
     }
+}
+
+/// `APPROVAL_PROVIDERS__<P>__RATE_LIMIT` (CONTRACT.md section 2).
+fn rate_limit_key(provider: &str) -> String {
+    format!(
+        "APPROVAL_PROVIDERS__{}__RATE_LIMIT",
+        provider.to_uppercase()
+    )
 }
 
 /// Every provider answers after `latency_ms` from now on.

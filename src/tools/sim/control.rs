@@ -11,6 +11,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -23,6 +25,8 @@ use serde_json::json;
 
 use super::faults::Faults;
 use super::kit::{Reply, ScaAuto, json};
+use super::outage::{OutageRequest, OutageView};
+use super::quota::Quota;
 use super::state::Sim;
 
 pub(crate) fn routes() -> Router<Arc<Sim>> {
@@ -30,6 +34,11 @@ pub(crate) fn routes() -> Router<Arc<Sim>> {
         .route("/stats", get(stats))
         .route("/reset", post(reset))
         .route("/faults/{provider}", get(get_faults).put(put_faults))
+        .route("/quota/{provider}", get(get_quota).put(put_quota))
+        .route(
+            "/outage/{provider}",
+            get(get_outage).put(put_outage).delete(delete_outage),
+        )
         .route("/targets/{provider}/{key}", get(target))
         .route("/{provider}/sca", post(require_sca))
 }
@@ -71,6 +80,60 @@ async fn put_faults(State(sim): State<Arc<Sim>>, Path(name): Path<String>, body:
         .map_err(|e| problem(StatusCode::BAD_REQUEST, e))?;
     sim.set_faults(p, faults);
     Ok(json(StatusCode::OK, &faults))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotaRequest {
+    #[serde(default)]
+    windows: Quota,
+}
+
+async fn get_quota(State(sim): State<Arc<Sim>>, Path(name): Path<String>) -> Reply {
+    let p = provider(&sim, &name)?;
+    let (quota, used) = sim.quota(p);
+    Ok(json(
+        StatusCode::OK,
+        &json!({"windows": quota, "used": used}),
+    ))
+}
+
+/// Replaces the provider's quota: `{"windows": "1000/10s,10000/10m"}`;
+/// `{"windows": "off"}` or `{}` removes it. Its windows start empty.
+async fn put_quota(State(sim): State<Arc<Sim>>, Path(name): Path<String>, body: Bytes) -> Reply {
+    let p = provider(&sim, &name)?;
+    let request: QuotaRequest = parse(&body)?;
+    sim.set_quota(p, request.windows.clone());
+    Ok(json(StatusCode::OK, &json!({"windows": request.windows})))
+}
+
+/// `{"mode", "remaining_ms", "include_auth", "hold_ms"}`, or `null` when
+/// the provider is up.
+async fn get_outage(State(sim): State<Arc<Sim>>, Path(name): Path<String>) -> Reply {
+    let p = provider(&sim, &name)?;
+    let view = sim
+        .outage(p)
+        .map(|outage| OutageView::of(&outage, Instant::now()));
+    Ok(json(StatusCode::OK, &view))
+}
+
+async fn put_outage(State(sim): State<Arc<Sim>>, Path(name): Path<String>, body: Bytes) -> Reply {
+    let p = provider(&sim, &name)?;
+    let request: OutageRequest = parse(&body)?;
+    let outage = request
+        .into_outage()
+        .map_err(|e| problem(StatusCode::BAD_REQUEST, e))?;
+    sim.set_outage(p, Some(outage));
+    Ok(json(
+        StatusCode::OK,
+        &OutageView::of(&outage, Instant::now()),
+    ))
+}
+
+async fn delete_outage(State(sim): State<Arc<Sim>>, Path(name): Path<String>) -> Reply {
+    let p = provider(&sim, &name)?;
+    sim.set_outage(p, None);
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn target(State(sim): State<Arc<Sim>>, Path((name, key)): Path<(String, String)>) -> Reply {

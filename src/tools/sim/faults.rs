@@ -1,5 +1,7 @@
 //! The faults a provider's fake can be given; `layer.rs` applies them.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 /// Faults for one provider. Ratios are probabilities in `0.0..=1.0`, rolled
@@ -10,6 +12,10 @@ use serde::{Deserialize, Serialize};
 pub struct Faults {
     /// Added to every call.
     pub latency_ms: u64,
+    /// Latency that grows with load: each call also waits this much per
+    /// other call in flight at the provider when it arrives (see
+    /// [`Faults::delay`]). Fractions of a millisecond are kept.
+    pub latency_per_in_flight_ms: f64,
     /// Extra latency for a `tail_ratio` fraction of calls.
     pub tail_latency_ms: u64,
     pub tail_ratio: f64,
@@ -38,6 +44,7 @@ impl Default for Faults {
     fn default() -> Self {
         Self {
             latency_ms: 0,
+            latency_per_in_flight_ms: 0.0,
             tail_latency_ms: 0,
             tail_ratio: 0.0,
             error_rate: 0.0,
@@ -54,7 +61,23 @@ impl Default for Faults {
     }
 }
 
+/// A minute per call in flight is already a provider that never answers.
+const MAX_PER_IN_FLIGHT_MS: f64 = 60_000.0;
+
 impl Faults {
+    /// The latency law: `latency_ms + latency_per_in_flight_ms × others`,
+    /// `others` being the calls already in flight at the provider when this
+    /// one arrives, plus `tail_latency_ms` when `tail` was rolled. So a
+    /// lone call waits `latency_ms`, and a client that sends more at once
+    /// sees every answer slow down, as from a provider near its capacity.
+    pub fn delay(&self, others: u64, tail: bool) -> Duration {
+        let grown = self.latency_per_in_flight_ms * others as f64;
+        // Validated above zero and finite; the cast saturates a huge product.
+        let grown = Duration::from_micros((grown * 1000.0) as u64);
+        let tail = if tail { self.tail_latency_ms } else { 0 };
+        Duration::from_millis(self.latency_ms.saturating_add(tail)).saturating_add(grown)
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         let ratios = [
             ("tail_ratio", self.tail_ratio),
@@ -68,6 +91,11 @@ impl Faults {
             if !(0.0..=1.0).contains(&ratio) {
                 return Err(format!("{name} must be within 0.0..=1.0"));
             }
+        }
+        if !(0.0..=MAX_PER_IN_FLIGHT_MS).contains(&self.latency_per_in_flight_ms) {
+            return Err(format!(
+                "latency_per_in_flight_ms must be within 0..={MAX_PER_IN_FLIGHT_MS}"
+            ));
         }
         if !(400..=599).contains(&self.error_status) {
             return Err("error_status must be a 4xx or 5xx status".into());

@@ -1,5 +1,8 @@
-//! Fault injection, applied by one middleware in front of each provider's
-//! routes so the provider folders stay about provider behaviour.
+//! Outages, quotas, the latency law and fault injection, applied by one
+//! middleware in front of each provider's routes so the provider folders
+//! stay about provider behaviour. In that order: an outage answers before
+//! the quota counts the call, a refused call changes nothing, and only a
+//! call admitted by both is in flight (and slows the others down).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +17,7 @@ use rand::Rng as _;
 use super::conn::ConnKill;
 use super::faults::Faults;
 use super::kit::Applied;
+use super::outage::{Outage, OutageMode};
 use super::state::Sim;
 use super::stats::Counters;
 use super::unit::{CallKind, SimUnit};
@@ -54,6 +58,37 @@ async fn inject(
     if kind == CallKind::Decision {
         Counters::bump(&counters.state_changing_calls);
     }
+    // Reads and decisions: what quotas count and outages and faults hit.
+    let provider_call = matches!(kind, CallKind::Read | CallKind::Decision);
+
+    let outage = ctx
+        .sim
+        .outage(ctx.index)
+        .filter(|o| provider_call || (kind == CallKind::Auth && o.include_auth));
+    if let Some(outage) = outage {
+        Counters::bump(&counters.outage_calls);
+        return match out(&ctx, unit, outage, &conn).await {
+            Outcome::Answer(response) => {
+                counters.record_status(response.status().as_u16());
+                response
+            }
+            Outcome::Dropped => dropped(counters),
+        };
+    }
+    if provider_call && let Err(refusal) = ctx.sim.arrive(ctx.index) {
+        Counters::bump(&counters.throttled);
+        let response = unit.quota_exceeded(&refusal);
+        counters.record_status(response.status().as_u16());
+        return response;
+    }
+    // In flight from here until the answer leaves, latency included.
+    let (others, _in_flight) = if provider_call {
+        let (others, guard) = counters.enter();
+        (others, Some(guard))
+    } else {
+        (0, None)
+    };
+
     let faults = ctx.sim.faults(ctx.index);
     let faulted = match kind {
         CallKind::Auth => faults.include_auth,
@@ -72,7 +107,7 @@ async fn inject(
             "Scripted failure (simulated)",
         )
     } else if faulted {
-        match before(&ctx, unit, &faults, &conn).await {
+        match before(&ctx, unit, &faults, &conn, others).await {
             Some(Outcome::Answer(response)) => response,
             Some(Outcome::Dropped) => return dropped(counters),
             None => {
@@ -102,19 +137,60 @@ enum Outcome {
     Dropped,
 }
 
+/// A call during an outage: nothing reaches the provider's handler.
+async fn out(ctx: &Ctx, unit: &dyn SimUnit, outage: Outage, conn: &ConnKill) -> Outcome {
+    match outage.mode {
+        OutageMode::Down => {}
+        OutageMode::Unavailable => return Outcome::Answer(unavailable(unit)),
+        OutageMode::Blackhole => hold(ctx, outage).await,
+    }
+    conn.kill();
+    Outcome::Dropped
+}
+
+/// Holds a call in a black hole until the hole closes (cleared, replaced,
+/// or its time is up), its hold passes, or the simulator stops.
+async fn hold(ctx: &Ctx, outage: Outage) {
+    let mut changes = ctx.sim.outage_changes(ctx.index);
+    let held = tokio::time::sleep(outage.hold);
+    tokio::pin!(held);
+    let mut until = outage.until;
+    loop {
+        let ends = async {
+            match until {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = &mut held => return,
+            _ = ctx.sim.shutdown.cancelled() => return,
+            _ = ends => return,
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                match ctx.sim.outage(ctx.index) {
+                    Some(now) if now.mode == OutageMode::Blackhole => until = now.until,
+                    _ => return,
+                }
+            }
+        }
+    }
+}
+
 /// Faults decided before the handler runs, so none of them changes state.
+/// `others`: calls already in flight at the provider, for the latency law.
 async fn before(
     ctx: &Ctx,
     unit: &dyn SimUnit,
     faults: &Faults,
     conn: &ConnKill,
+    others: u64,
 ) -> Option<Outcome> {
-    let mut delay = faults.latency_ms;
-    if roll(faults.tail_ratio) {
-        delay += faults.tail_latency_ms;
-    }
-    if delay > 0 {
-        tokio::time::sleep(Duration::from_millis(delay)).await;
+    let delay = faults.delay(others, roll(faults.tail_ratio));
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
     if faults.down {
         return Some(Outcome::Answer(unavailable(unit)));

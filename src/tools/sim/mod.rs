@@ -13,13 +13,19 @@
 //! The server speaks HTTP/1.1 and HTTP/2 without TLS (h2c, prior knowledge);
 //! the stats count how many calls came over HTTP/2.
 //!
+//! A provider can be made hard: a quota of rolling windows answered with its
+//! rate-limit status and `Retry-After` ([`Quota`]), an outage (reset, 503 or
+//! black hole, [`Outage`]), and latency that grows with the calls in flight
+//! ([`Faults::latency_per_in_flight_ms`]), each switchable while it runs.
+//!
 //! Control endpoints live under `/_sim` and are never faulted or counted:
 //! `GET /_sim/stats`, `POST /_sim/reset`, `GET|PUT /_sim/faults/{provider}`,
+//! `GET|PUT /_sim/quota/{provider}`, `GET|PUT|DELETE /_sim/outage/{provider}`,
 //! `GET /_sim/targets/{provider}/{key}`, `POST /_sim/{provider}/sca`.
 //!
 //! Module layers, each using only those below it: this server (reads the
 //! registry) → `control`, `layer` → `state` → `unit` → `kit` → `stats`,
-//! with `faults` and `conn` as leaves. Provider folders use `unit`, `kit`
+//! with `faults`, `quota`, `outage` and `conn` as leaves. Provider folders use `unit`, `kit`
 //! and `stats`, never the layers above.
 
 mod conn;
@@ -27,6 +33,8 @@ mod control;
 mod faults;
 pub(crate) mod kit;
 mod layer;
+pub mod outage;
+pub mod quota;
 pub mod samples;
 mod state;
 pub(crate) mod stats;
@@ -46,8 +54,14 @@ use tokio::net::TcpListener;
 
 pub use faults::Faults;
 pub use kit::{ScaAuto, TargetInfo};
+pub use outage::{Outage, OutageMode};
+pub use quota::{Quota, Window};
 pub use stats::{ProviderStats, SimStats};
 pub use unit::UnitOptions;
+
+/// Qonto's half options and its OAuth server (client, token timing, clock,
+/// a consent helper), for tests and tools outside the crate.
+pub use crate::providers::qonto::sim::{Options as QontoOptions, oauth as qonto_oauth};
 
 use crate::providers::{REGISTRY, Unit};
 use conn::{ConnKill, SimListener};
@@ -73,6 +87,8 @@ pub(crate) fn unit(name: &str) -> Option<&'static Unit> {
 pub struct SimConfig {
     /// Initial faults per provider name (see [`providers`]).
     pub faults: BTreeMap<String, Faults>,
+    /// Initial quotas per provider name; none by default.
+    pub quotas: BTreeMap<String, Quota>,
     /// Each unit's own options type (its accepted credentials, token
     /// lifetimes, ...), defined in its `providers/<name>/sim.rs`; a unit
     /// whose type is absent runs with its defaults.
@@ -137,7 +153,7 @@ fn build(config: &SimConfig) -> std::io::Result<Sim> {
         })?;
         slots.push(Slot::new(unit.name, unit.sim.prefix(), fake));
     }
-    Sim::new(slots, &config.faults)
+    Sim::new(slots, &config.faults, &config.quotas)
 }
 
 async fn run(sim: Arc<Sim>, listener: TcpListener) {
@@ -223,6 +239,32 @@ impl SimHandle {
         self.sim.set_faults(self.expect(provider), faults);
     }
 
+    /// Replaces `provider`'s quota (`Quota::default()`, or `"off"` parsed,
+    /// removes it); its windows start empty. E.g.
+    /// `sim.set_quota("qonto", "1000/10s,10000/10m".parse().unwrap())`.
+    pub fn set_quota(&self, provider: &str, quota: Quota) {
+        self.sim.set_quota(self.expect(provider), quota);
+    }
+
+    /// `provider`'s quota and the admitted calls in each window now, keyed
+    /// by [`Window::label`].
+    pub fn quota(&self, provider: &str) -> (Quota, BTreeMap<String, u64>) {
+        self.sim.quota(self.expect(provider))
+    }
+
+    /// Puts `provider` out (`Some`) or back (`None`) for calls arriving from
+    /// now on; a call held by a black hole is released (its connection
+    /// reset) when the outage ends. E.g.
+    /// `sim.set_outage("flexpay", Some(Outage::new(OutageMode::Down).lasting(d)))`.
+    pub fn set_outage(&self, provider: &str, outage: Option<Outage>) {
+        self.sim.set_outage(self.expect(provider), outage);
+    }
+
+    /// The outage in force at `provider` now.
+    pub fn outage(&self, provider: &str) -> Option<Outage> {
+        self.sim.outage(self.expect(provider))
+    }
+
     /// Makes approving the target filed under `key` need a human
     /// confirmation resolved by `auto`, at every provider that has such a
     /// step. May be called before the target is first seen.
@@ -259,8 +301,9 @@ impl SimHandle {
         self.sim.target(self.sim.index(provider)?, target_key)
     }
 
-    /// Forgets all targets, cached responses, confirmation sessions and
-    /// counters; keeps faults and issued tokens (same as `POST /_sim/reset`).
+    /// Forgets all targets, cached responses, confirmation sessions,
+    /// counters and the arrivals in quota windows; keeps faults, quotas,
+    /// outages and issued tokens (same as `POST /_sim/reset`).
     pub fn reset(&self) {
         self.sim.reset();
     }

@@ -1,13 +1,18 @@
 //! The simulator core's state: one running fake per registry unit, each
-//! with its faults, plus the scripted failures and the shutdown token.
+//! with its faults, quota and outage, plus the scripted failures and the
+//! shutdown token.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::faults::Faults;
 use super::kit::{ScaAuto, TargetInfo, lock};
+use super::outage::Outage;
+use super::quota::{Quota, QuotaState, Refusal};
 use super::stats::SimStats;
 use super::unit::SimUnit;
 
@@ -17,6 +22,10 @@ pub(crate) struct Slot {
     pub prefix: &'static str,
     pub unit: Arc<dyn SimUnit>,
     faults: Mutex<Faults>,
+    /// `None` without a quota: calls then skip the bookkeeping.
+    quota: Mutex<Option<QuotaState>>,
+    /// A watch, so a call held by a black hole learns when it ends.
+    outage: watch::Sender<Option<Outage>>,
 }
 
 impl Slot {
@@ -26,6 +35,8 @@ impl Slot {
             prefix,
             unit,
             faults: Mutex::default(),
+            quota: Mutex::default(),
+            outage: watch::Sender::new(None),
         }
     }
 }
@@ -49,7 +60,11 @@ struct Scripted {
 }
 
 impl Sim {
-    pub fn new(slots: Vec<Slot>, faults: &BTreeMap<String, Faults>) -> std::io::Result<Self> {
+    pub fn new(
+        slots: Vec<Slot>,
+        faults: &BTreeMap<String, Faults>,
+        quotas: &BTreeMap<String, Quota>,
+    ) -> std::io::Result<Self> {
         let invalid = |msg: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg);
         let sim = Self {
             slots,
@@ -64,6 +79,12 @@ impl Sim {
                 .validate()
                 .map_err(|e| invalid(format!("simulator faults for {name}: {e}")))?;
             sim.set_faults(index, *unit_faults);
+        }
+        for (name, quota) in quotas {
+            let index = sim
+                .index(name)
+                .ok_or_else(|| invalid(format!("simulator quota: unknown provider {name:?}")))?;
+            sim.set_quota(index, quota.clone());
         }
         Ok(sim)
     }
@@ -110,11 +131,53 @@ impl Sim {
         *lock(&self.slots[index].faults) = faults;
     }
 
+    /// Replaces the quota; its windows start empty.
+    pub fn set_quota(&self, index: usize, quota: Quota) {
+        *lock(&self.slots[index].quota) = (!quota.is_off()).then(|| QuotaState::new(quota));
+    }
+
+    /// The quota and the admitted calls in each of its windows now.
+    pub fn quota(&self, index: usize) -> (Quota, BTreeMap<String, u64>) {
+        match &mut *lock(&self.slots[index].quota) {
+            Some(state) => (state.quota().clone(), state.used(Instant::now())),
+            None => (Quota::default(), BTreeMap::new()),
+        }
+    }
+
+    /// A read or decision arrives: admitted (also without a quota) or refused.
+    pub fn arrive(&self, index: usize) -> Result<(), Refusal> {
+        match &mut *lock(&self.slots[index].quota) {
+            Some(state) => state.arrive(Instant::now()),
+            None => Ok(()),
+        }
+    }
+
+    pub fn set_outage(&self, index: usize, outage: Option<Outage>) {
+        self.slots[index].outage.send_replace(outage);
+    }
+
+    /// The outage in force now, if any.
+    pub fn outage(&self, index: usize) -> Option<Outage> {
+        let outage = *self.slots[index].outage.borrow();
+        outage.filter(|o| o.is_active(Instant::now()))
+    }
+
+    /// Notified on every change of the provider's outage.
+    pub fn outage_changes(&self, index: usize) -> watch::Receiver<Option<Outage>> {
+        self.slots[index].outage.subscribe()
+    }
+
     pub fn stats(&self) -> SimStats {
         SimStats(
             self.slots
                 .iter()
-                .map(|slot| (slot.name.to_owned(), slot.unit.counters().snapshot()))
+                .map(|slot| {
+                    let mut stats = slot.unit.counters().snapshot();
+                    if let Some(quota) = &*lock(&slot.quota) {
+                        stats.max_in_window = quota.max_in_window();
+                    }
+                    (slot.name.to_owned(), stats)
+                })
                 .collect(),
         )
     }
@@ -132,13 +195,17 @@ impl Sim {
         self.unit(index).target(key)
     }
 
-    /// Clears targets, caches, confirmation state and counters. Tokens
-    /// survive so a running worker is not forced through re-authentication
-    /// by a test reset.
+    /// Clears targets, caches, confirmation state, counters and the
+    /// quotas' windows. Tokens survive so a running worker is not forced
+    /// through re-authentication by a test reset; faults, quotas and
+    /// outages stay as set.
     pub fn reset(&self) {
         for slot in &self.slots {
             slot.unit.reset();
             slot.unit.counters().reset();
+            if let Some(quota) = &mut *lock(&slot.quota) {
+                quota.reset();
+            }
         }
     }
 }

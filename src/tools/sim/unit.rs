@@ -15,6 +15,7 @@ use axum::response::Response;
 use serde_json::Value;
 
 use super::kit::{Fake, ScaAuto, TargetInfo, Targets};
+use super::quota::Refusal;
 use super::stats::Counters;
 
 /// A provider's simulator half before it runs: what a registry line names.
@@ -161,6 +162,12 @@ pub trait SimUnit: Held + Send + Sync + 'static {
             .headers_mut()
             .insert("retry-after", HeaderValue::from(retry_after_secs));
         response
+    }
+
+    /// The provider's answer to a call over its quota; by default its
+    /// rate-limit answer with `Retry-After` in whole seconds, rounded up.
+    fn quota_exceeded(&self, refusal: &Refusal) -> Response {
+        self.rate_limited(refusal.retry_after_secs())
     }
 
     fn call_kind(&self, method: &Method, _path: &str) -> CallKind {

@@ -8,7 +8,8 @@
 //! `POST /v2/requests/{plural_type}/{id}/approve`, `GET /v2/requests`
 //! (filtered by status, type, `created_at`/`processed_at` window, sorted),
 //! `GET /v2/sca_sessions/{token}`,
-//! `POST /v2/mocked_sca_sessions/{token}/{allow|deny}`.
+//! `POST /v2/mocked_sca_sessions/{token}/{allow|deny}`, and Qonto's OAuth
+//! server (`oauth.rs`): `GET /oauth2/auth`, `POST /oauth2/token`.
 
 // Handlers return a ready `Response` as their error: it is the natural early
 // exit in axum, errors are the uncommon path, and boxing would only add noise.
@@ -31,7 +32,10 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+pub mod oauth;
 mod sca;
+
+use oauth::OAuthOptions;
 
 use crate::tools::sim::kit::{
     Fake, KeyLog, Reply, ScaAuto, TargetInfo, Targets, applied, header_str, json, now_rfc3339,
@@ -42,6 +46,7 @@ use crate::tools::sim::unit::{CallKind, SimHalf, SimUnit, UnitOptions};
 
 const IDEMPOTENCY_HEADER: &str = "x-qonto-idempotency-key";
 const SCA_HEADER: &str = "x-qonto-sca-session-token";
+const STAGING_HEADER: &str = "x-qonto-staging-token";
 const MAX_PER_PAGE: usize = 100;
 
 /// What the fake accepts and how it behaves; set through
@@ -50,8 +55,13 @@ const MAX_PER_PAGE: usize = 100;
 pub struct Options {
     pub login: String,
     pub secret_key: String,
-    /// Accepted as `Authorization: Bearer <token>` (Qonto's OAuth option).
+    /// Accepted as `Authorization: Bearer <token>` (Qonto's OAuth option),
+    /// besides the access tokens the OAuth server issues.
     pub access_token: String,
+    /// When set, every call (the OAuth server's included) must carry it as
+    /// `X-Qonto-Staging-Token`, as Qonto's sandbox requires.
+    pub staging_token: Option<String>,
+    pub oauth: OAuthOptions,
     /// When set, every approve needs SCA, resolved by this rule.
     pub sca_for_all_approvals: Option<ScaAuto>,
     /// How long a cached success is replayed for an idempotency key.
@@ -64,6 +74,8 @@ impl Default for Options {
             login: "sim-qonto".into(),
             secret_key: "sim-qonto-secret".into(),
             access_token: "sim-qonto-token".into(),
+            staging_token: None,
+            oauth: OAuthOptions::default(),
             sca_for_all_approvals: None,
             idempotency_ttl: Duration::from_secs(30 * 60),
         }
@@ -79,7 +91,9 @@ impl SimHalf for Half {
     }
 
     fn start(&self, options: &UnitOptions) -> Result<Arc<dyn SimUnit>, String> {
-        Ok(Arc::new(Sim::new(options.get())))
+        let options: Options = options.get();
+        let oauth = oauth::Server::new(options.oauth.clone())?;
+        Ok(Arc::new(Sim::new(Setup { options, oauth })))
     }
 
     fn decided_state(&self, action: &str) -> &'static str {
@@ -115,8 +129,15 @@ impl SimHalf for Half {
     }
 }
 
+/// What the fake runs with. The OAuth server's grants live here rather
+/// than among the targets, so a simulator reset keeps them.
+struct Setup {
+    options: Options,
+    oauth: oauth::Server,
+}
+
 /// One running fake of this provider.
-type Sim = Fake<Options, Store>;
+type Sim = Fake<Setup, Store>;
 
 impl SimUnit for Sim {
     fn routes(self: Arc<Self>) -> Router {
@@ -125,6 +146,8 @@ impl SimUnit for Sim {
             .route("/v2/requests/{request_type}/{id}/{action}", post(decide))
             .route("/v2/sca_sessions/{token}", get(sca_session))
             .route("/v2/mocked_sca_sessions/{token}/{result}", post(mock_sca))
+            .route("/oauth2/auth", get(oauth::auth_endpoint))
+            .route("/oauth2/token", post(oauth::token_endpoint))
             .with_state(self)
     }
 
@@ -140,20 +163,28 @@ impl SimUnit for Sim {
         }
     }
 
-    /// The sandbox's SCA mock plays the human: never faulted.
+    /// The sandbox's SCA mock plays the human: never faulted. The OAuth
+    /// server is a token exchange, faulted only on request.
     fn call_kind(&self, method: &Method, path: &str) -> CallKind {
         if path.contains("/mocked_sca_sessions/") {
             CallKind::Helper
         } else {
-            CallKind::by_method(method)
+            CallKind::with_auth_under("/oauth2/", method, path)
         }
     }
 
+    /// API-key settings: the OAuth settings need a token store and a first
+    /// pair, which `oauth::worker_env` gives those who want them.
     fn worker_env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("LOGIN", self.config.login.clone()),
-            ("SECRET_KEY", self.config.secret_key.clone()),
-        ]
+        let o = &self.config.options;
+        let mut env = vec![
+            ("LOGIN", o.login.clone()),
+            ("SECRET_KEY", o.secret_key.clone()),
+        ];
+        if let Some(staging) = &o.staging_token {
+            env.push(("STAGING_TOKEN", staging.clone()));
+        }
+        env
     }
 
     fn require_confirmation(&self, key: &str, auto: ScaAuto) -> bool {
@@ -270,8 +301,26 @@ fn error_at(status: StatusCode, code: &str, detail: &str, pointer: &str) -> Resp
     json(status, &body)
 }
 
-/// API key (`login:secret`) or OAuth bearer token.
+/// Whether the sandbox's staging token, when one is configured, came along.
+fn staging_ok(sim: &Sim, headers: &HeaderMap) -> bool {
+    sim.config
+        .options
+        .staging_token
+        .as_deref()
+        .is_none_or(|expected| header_str(headers, STAGING_HEADER) == Some(expected))
+}
+
+/// API key (`login:secret`) or OAuth bearer token: the static one or one the
+/// OAuth server issued, unexpired and of a grant not revoked.
 fn authorize(sim: &Sim, headers: &HeaderMap) -> Result<(), Response> {
+    // UNCONFIRMED: the real sandbox may answer 302 to its portal instead.
+    if !staging_ok(sim, headers) {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "X-Qonto-Staging-Token is missing or wrong",
+        ));
+    }
     let Some(value) = header_str(headers, header::AUTHORIZATION.as_str()) else {
         return Err(error(
             StatusCode::UNAUTHORIZED,
@@ -279,12 +328,17 @@ fn authorize(sim: &Sim, headers: &HeaderMap) -> Result<(), Response> {
             "Authorization header is missing",
         ));
     };
-    let c = &sim.config;
+    let c = &sim.config.options;
     let api_key_ok = value.split_once(':') == Some((&c.login, &c.secret_key));
-    let bearer_ok = value.strip_prefix("Bearer ") == Some(c.access_token.as_str());
+    let bearer = value.strip_prefix("Bearer ");
+    let bearer_ok =
+        bearer.is_some_and(|token| token == c.access_token || sim.config.oauth.access_valid(token));
     if api_key_ok || bearer_ok {
         Ok(())
     } else {
+        if bearer.is_some() {
+            sim.counters.bump_extra("oauth.api_401s");
+        }
         Err(error(
             StatusCode::UNAUTHORIZED,
             "authorization_token_invalid",
@@ -374,7 +428,7 @@ async fn decide(
             "/headers/X-Qonto-Idempotency-Key",
         ));
     };
-    let ttl = sim.config.idempotency_ttl;
+    let ttl = sim.config.options.idempotency_ttl;
     let counters = &sim.counters;
 
     let mut store = sim.store();
@@ -383,7 +437,9 @@ async fn decide(
         return Err(replay);
     }
     let action = parsed?;
-    let sca_rule = store.sca.rule(&id, sim.config.sca_for_all_approvals);
+    let sca_rule = store
+        .sca
+        .rule(&id, sim.config.options.sca_for_all_approvals);
     let request = store.request(&id, request_type);
     if request.request_type != request_type {
         return Err(not_found());

@@ -1,4 +1,8 @@
-//! In-process tests of the simulator core (control endpoints, faults).
+//! In-process tests of the simulator core (control endpoints, faults,
+//! quotas, outages, latency under load).
 
 mod control;
 mod faults;
+mod load;
+mod outage;
+mod quota;
