@@ -382,3 +382,77 @@ fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Two workers (two token sources, each with its own lock file handle, as
+/// two processes on one machine) racing on one `file:` store: one refresh
+/// per generation, none with a used refresh token.
+#[tokio::test]
+async fn two_workers_racing_on_a_file_store_refresh_once_per_rotation() {
+    let world = World::new(Duration::from_secs(3)).await;
+    let app = spawn_app(world.app("oauth-file-race", &world.file_store(), true)).await;
+    let second = InProcessWorker::start(app.env());
+    let n = stream(
+        &app,
+        "race",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+    )
+    .await;
+    all_applied(&app, n).await;
+    second.stop().await;
+    app.stop_worker().await;
+    let stored: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(world.dir.join("qonto-oauth.json")).unwrap())
+            .unwrap();
+    let generation = stored["generation"].as_u64().unwrap();
+    let counts = world.oauth_counts();
+    eprintln!("two workers on a file store, {n} approves: generation {generation}, {counts}");
+    assert_eq!(world.count("oauth.refreshes"), generation, "{counts}");
+    assert_eq!(world.count("oauth.grace_reuses"), 0, "{counts}");
+    assert_eq!(world.count("oauth.revocations"), 0, "{counts}");
+    assert!(generation >= 3, "{counts}");
+}
+
+/// A worker restarted after the 60 s grace of the refresh token it last
+/// used (the server's clock moved on 70 s) takes the stored, newer pair:
+/// no revocation.
+#[tokio::test]
+async fn a_restart_after_the_grace_window_uses_the_stored_pair() {
+    let world = World::new(Duration::from_secs(3)).await;
+    let app = spawn_app(world.app("oauth-restart", &world.file_store(), true)).await;
+    let n = stream(
+        &app,
+        "before",
+        Duration::from_secs(5),
+        Duration::from_millis(200),
+    )
+    .await;
+    all_applied(&app, n).await;
+    app.stop_worker().await;
+    let refreshes = world.count("oauth.refreshes");
+    assert!(refreshes >= 2, "{}", world.oauth_counts());
+    world.options.clock.advance(Duration::from_secs(70));
+    // Until the stored access token is expired by the worker's clock too.
+    let path = world.dir.join("qonto-oauth.json");
+    wait_for("the stored access token to expire", DEADLINE, || async {
+        let stored: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).ok()?).ok()?;
+        let expires = time::OffsetDateTime::parse(
+            stored["access_expires_at"].as_str()?,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .ok()?;
+        (expires < time::OffsetDateTime::now_utc()).then_some(())
+    })
+    .await;
+    app.start_worker().await;
+    let d = samples::decision("qonto", "approve", "after-grace");
+    app.broker.publish(&d).await;
+    app.broker.outcome("after-grace", "applied").await;
+    app.stop_worker().await;
+    let counts = world.oauth_counts();
+    eprintln!("restart after the grace window: {counts}");
+    assert_eq!(world.count("oauth.revocations"), 0, "{counts}");
+    assert_eq!(world.count("oauth.grace_reuses"), 0, "{counts}");
+    assert_eq!(world.count("oauth.refreshes"), refreshes + 1, "{counts}");
+}
