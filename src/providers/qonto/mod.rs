@@ -99,7 +99,7 @@ enum Auth {
     ApiKey(SecretString),
     Bearer(SecretString),
     /// A rotating pair kept by the token source (CONTRACT v2 section 6).
-    OAuth(Arc<oauth::TokenSource>),
+    Rotating(Arc<oauth::TokenSource>),
 }
 
 pub struct Qonto {
@@ -136,7 +136,7 @@ pub fn build(
         ],
     )?;
     let auth = match (oauth, api_key, present(&s.access_token)) {
-        (Some(config), _, _) => Auth::OAuth(oauth::TokenSource::new(&config, http)?),
+        (Some(config), _, _) => Auth::Rotating(oauth::TokenSource::new(&config, http)?),
         (None, Some([login, secret]), _) => Auth::ApiKey(SecretString::from(format!(
             "{}:{}",
             login.expose_secret(),
@@ -243,7 +243,7 @@ impl Qonto {
             Auth::ApiKey(v) => req.secret_header("Authorization", v.expose_secret()),
             Auth::Bearer(t) => req.bearer_auth(t.expose_secret()),
             // Added per call by `send`, from the token source.
-            Auth::OAuth(_) => req,
+            Auth::Rotating(_) => req,
         };
         if let Some(staging) = &self.staging_token {
             req = req.secret_header("X-Qonto-Staging-Token", staging.expose_secret());
@@ -261,7 +261,7 @@ impl Qonto {
         operation: &'static str,
         req: reqwest::RequestBuilder,
     ) -> Result<Response, CallError> {
-        let Auth::OAuth(source) = &self.auth else {
+        let Auth::Rotating(source) = &self.auth else {
             return self.http.send(NAME, operation, req).await;
         };
         let token = source.token().await?;
@@ -446,7 +446,7 @@ impl Provider for Qonto {
     /// A revoked OAuth grant, an empty token store, a run of 401s.
     fn problem(&self) -> Option<String> {
         match &self.auth {
-            Auth::OAuth(source) => source.problem(),
+            Auth::Rotating(source) => source.problem(),
             _ => None,
         }
     }

@@ -331,3 +331,67 @@ async fn a_401_rereads_the_store_for_a_newer_token() {
     assert_eq!(source.token().await.unwrap().expose_secret(), "access-2");
     assert!(f.refreshes().await.is_empty(), "a 401 never refreshes");
 }
+
+/// Every OAuth setting error names the key in its environment form, and
+/// none quotes a secret.
+#[test]
+fn bad_oauth_settings_name_the_key() {
+    let load = |vars: &[(&str, &str)]| {
+        let settings = crate::settings::Settings::load_from(
+            None,
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .and_then(|s| crate::providers::Registry::from_settings(&s).map(drop));
+        settings.err().map(|e| e.to_string())
+    };
+    let id = ("APPROVAL_PROVIDERS__QONTO__OAUTH__CLIENT_ID", "cid");
+    let secret = (
+        "APPROVAL_PROVIDERS__QONTO__OAUTH__CLIENT_SECRET",
+        "s3cret-value",
+    );
+    assert_eq!(load(&[id, secret]), None);
+    for (vars, key) in [
+        (vec![id], "APPROVAL_PROVIDERS__QONTO__OAUTH__CLIENT_SECRET"),
+        (
+            vec![
+                id,
+                (
+                    "APPROVAL_PROVIDERS__QONTO__OAUTH__CLIENT_SECRET",
+                    "REPLACE_ME",
+                ),
+            ],
+            "APPROVAL_PROVIDERS__QONTO__OAUTH__CLIENT_SECRET",
+        ),
+        (
+            vec![
+                id,
+                secret,
+                ("APPROVAL_PROVIDERS__QONTO__OAUTH__TOKEN_STORE", "redis://x"),
+            ],
+            "APPROVAL_PROVIDERS__QONTO__OAUTH__TOKEN_STORE",
+        ),
+        (
+            vec![
+                id,
+                secret,
+                ("APPROVAL_PROVIDERS__QONTO__OAUTH__REFRESH_AT", "1.5"),
+            ],
+            "APPROVAL_PROVIDERS__QONTO__OAUTH__REFRESH_AT",
+        ),
+        (
+            vec![
+                id,
+                secret,
+                ("APPROVAL_PROVIDERS__QONTO__OAUTH__TOKEN_URL", "ftp://x"),
+            ],
+            "APPROVAL_PROVIDERS__QONTO__OAUTH__TOKEN_URL",
+        ),
+    ] {
+        let e = load(&vars).unwrap_or_else(|| panic!("{vars:?} must fail"));
+        assert!(
+            e.starts_with(&format!("invalid configuration value for {key}: ")),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret-value"), "{e}");
+    }
+}
