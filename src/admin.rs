@@ -140,12 +140,19 @@ pub(crate) fn router(
         })
 }
 
-async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
-    if s.health.ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+/// 503 also while a provider cannot be called at all (a revoked Qonto
+/// OAuth grant): the body names each such problem on its own line.
+async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
+    let problems = s.health.provider_problems();
+    if s.health.ready() && problems.is_empty() {
+        return (StatusCode::OK, "ready\n".to_owned());
     }
+    let mut body = "not ready\n".to_owned();
+    for problem in problems {
+        body.push_str(&problem);
+        body.push('\n');
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 async fn status(State(s): State<AdminState>) -> axum::Json<serde_json::Value> {

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 use approval_worker::{
-    commands::{check, dead_letters, run, sign, simulate},
+    commands::{check, dead_letters, qonto_oauth, run, sign, simulate},
     settings::Settings,
     telemetry,
     tools::{bench, demo},
@@ -75,6 +75,9 @@ enum Command {
     /// Inspect or replay the parking lot (P.dead).
     #[command(subcommand)]
     DeadLetters(dead_letters::DeadLetters),
+    /// Qonto OAuth: log in once (authorization-code flow) or show the token store's state.
+    #[command(subcommand, name = "qonto-oauth")]
+    QontoOAuth(qonto_oauth::QontoOAuth),
 }
 
 impl Command {
@@ -118,6 +121,7 @@ fn main() -> ExitCode {
             Command::Run => run::run(settings).await,
             Command::Check => check::run(settings).await,
             Command::DeadLetters(cmd) => dead_letters::run(settings, cmd).await,
+            Command::QontoOAuth(cmd) => qonto_oauth::run(settings, cmd).await,
             Command::Simulate(args) => simulate::run(args).await,
             Command::Sign(args) => sign::run(args),
             Command::Bench {

@@ -1,11 +1,14 @@
 //! Readiness as the admin endpoint reports it: connected to the broker,
-//! topology declared and consuming, and not draining; and which broker node
-//! the session uses.
+//! topology declared and consuming, and not draining; which broker node
+//! the session uses; and what keeps a provider from being called at all
+//! (a revoked Qonto OAuth grant), which only an operator can fix.
 
 use std::sync::{
-    Mutex,
+    Mutex, OnceLock,
     atomic::{AtomicBool, Ordering},
 };
+
+use crate::providers::Registry;
 
 #[derive(Debug, Default)]
 pub struct Readiness {
@@ -16,6 +19,8 @@ pub struct Readiness {
     node: Mutex<Option<String>>,
     /// Why the last session ended or could not start, until one consumes.
     problem: Mutex<Option<String>>,
+    /// The providers whose problems are reported.
+    providers: OnceLock<Registry>,
 }
 
 impl Readiness {
@@ -38,6 +43,20 @@ impl Readiness {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Reports the problems of `registry`'s providers from now on.
+    pub fn watch_providers(&self, registry: Registry) {
+        let _ = self.providers.set(registry);
+    }
+
+    /// `provider: problem` lines, one per provider that cannot be called
+    /// now for want of an operator (texts without secrets).
+    pub fn provider_problems(&self) -> Vec<String> {
+        self.providers
+            .get()
+            .map(Registry::problems)
+            .unwrap_or_default()
     }
 
     /// Whether the process is draining for a stop.

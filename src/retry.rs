@@ -34,9 +34,14 @@ pub enum ErrorClass {
     /// cannot be used for now (a revoked OAuth grant, a tripped breaker).
     /// The decision waits in a retry tier without spending an attempt, at
     /// least `retry_after` when given.
-    #[allow(dead_code)] // until the isolation gate and the OAuth store use it
     Unavailable,
 }
+
+/// The `provider_code` of an [`ErrorClass::Unavailable`] refusal whose
+/// cause is the credentials (a revoked OAuth grant, an empty token store,
+/// a run of 401s): a decision still held when the retry horizon passes is
+/// parked `unauthorized`, not `exhausted`.
+pub const CREDENTIALS_UNUSABLE: &str = "credentials_unusable";
 
 impl ErrorClass {
     /// A failure that may pass by itself: what it left unknown is asked

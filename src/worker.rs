@@ -66,6 +66,7 @@ impl Worker {
     pub fn new(settings: Settings, registry: Registry, shutdown: CancellationToken) -> Self {
         let topology = Topology::new(&settings.amqp.prefix, settings.amqp.delivery_limit);
         let readiness = Arc::new(Readiness::default());
+        readiness.watch_providers(registry.clone());
         let session = Session::new(&settings, topology, readiness.clone(), shutdown.clone());
         let delays = RetryDelays {
             initial: settings.retry.initial_backoff,
@@ -599,6 +600,9 @@ impl Dispatch<'_> {
             .delay(self.attempts.max(1), None)
             .max(error.retry_after.unwrap_or_default());
         if self.history.elapsed() + delay > self.shared.settings.retry.horizon {
+            if error.provider_code.as_deref() == Some(crate::retry::CREDENTIALS_UNUSABLE) {
+                return Ending::refused(ErrorKind::Unauthorized, error, Resolution::Call);
+            }
             return Ending::exhausted(Some(error), "the retry horizon would be passed");
         }
         Ending::Later {

@@ -32,6 +32,14 @@ pub async fn run(settings: Settings) -> ExitCode {
         );
     }
     let mut problems = Vec::new();
+    match crate::providers::qonto::oauth_config(&settings.providers) {
+        Ok(Some(config)) => match crate::commands::qonto_oauth::check_store(&config).await {
+            Ok(line) => println!("{line}"),
+            Err(problem) => problems.push(problem),
+        },
+        Ok(None) => {}
+        Err(e) => problems.push(e.to_string()),
+    }
     let (verdict, warnings) = settings.auth_report();
     for warning in warnings {
         eprintln!("warning: {warning}");

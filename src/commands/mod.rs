@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod dead_letters;
+pub mod qonto_oauth;
 pub mod run;
 pub mod sign;
 pub mod simulate;

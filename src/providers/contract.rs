@@ -160,6 +160,12 @@ pub trait Provider: Send + Sync + 'static {
         async move { Err(error) }
     }
 
+    /// What keeps the client from calling its provider at all now (a
+    /// revoked OAuth grant), for readiness; `None` when nothing does.
+    fn problem(&self) -> Option<String> {
+        None
+    }
+
     /// Polls a human confirmation step started by [`Reply::NeedsConfirmation`].
     fn poll_confirmation(
         &self,
@@ -178,6 +184,9 @@ pub trait Client: Send + Sync + 'static {
     /// Validates `decision` for this provider; the result carries the parsed
     /// target with it, so it is the only way to make a call.
     fn bind<'a>(&'a self, decision: &'a Decision) -> Result<Box<dyn Bound + 'a>, String>;
+
+    /// See [`Provider::problem`].
+    fn problem(&self) -> Option<String>;
 }
 
 /// One decision bound to its provider and its parsed target.
@@ -210,6 +219,10 @@ impl<P: Provider> Client for P {
             decision,
             target,
         }))
+    }
+
+    fn problem(&self) -> Option<String> {
+        Provider::problem(self)
     }
 }
 

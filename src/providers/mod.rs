@@ -45,6 +45,12 @@ pub struct Registry {
     providers: BTreeMap<&'static str, Option<Arc<dyn Client>>>,
 }
 
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.names()).finish()
+    }
+}
+
 impl Registry {
     pub fn from_settings(settings: &Settings) -> Result<Self, SettingsError> {
         let http = http::Http::from_settings(&settings.worker)?;
@@ -68,6 +74,15 @@ impl Registry {
             Some(None) => Lookup::Disabled,
             None => Lookup::Unknown,
         }
+    }
+
+    /// What keeps enabled providers from being called now, as
+    /// `provider: problem` lines (for `/readyz`).
+    pub fn problems(&self) -> Vec<String> {
+        self.providers
+            .iter()
+            .filter_map(|(name, p)| Some(format!("{name}: {}", p.as_ref()?.problem()?)))
+            .collect()
     }
 
     pub(crate) fn names(&self) -> impl Iterator<Item = (&'static str, bool)> + '_ {

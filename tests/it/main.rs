@@ -18,5 +18,6 @@ mod parking;
 mod process;
 mod providers_e2e;
 mod qonto;
+mod qonto_oauth;
 mod recovery;
 mod topology;

@@ -5,6 +5,7 @@
 //! given); a 428 starts the SCA wait. Both carry `X-Qonto-Idempotency-Key`,
 //! and Qonto replays the cached success for a key within 30 minutes.
 
+pub mod oauth;
 pub mod sim;
 #[cfg(test)]
 mod tests;
@@ -89,12 +90,16 @@ struct QontoSettings {
     secret_key: Option<Credential>,
     access_token: Option<Credential>,
     staging_token: Option<Credential>,
+    #[serde(default)]
+    oauth: oauth::OAuthSettings,
 }
 
 enum Auth {
     /// `Authorization: {login}:{secret_key}`, one raw string, not Basic.
     ApiKey(SecretString),
     Bearer(SecretString),
+    /// A rotating pair kept by the token source (CONTRACT v2 section 6).
+    Rotating(Arc<oauth::TokenSource>),
 }
 
 pub struct Qonto {
@@ -118,8 +123,11 @@ pub fn build(
 ) -> Result<Option<Arc<dyn Client>>, SettingsError> {
     let s: QontoSettings = sections.section(NAME)?;
     let base = check_base_url(NAME, &s.base_url)?;
-    // Two credential sets: the API key (login and secret key together),
-    // else an OAuth access token; the API key wins when both are set.
+    let staging_token = present(&s.staging_token).cloned();
+    // Three credential sets: an OAuth client wins (the contract's rule),
+    // then the API key (login and secret key together), then a static
+    // access token.
+    let oauth = oauth::OAuthConfig::from_settings(&s.oauth, staging_token.as_ref())?;
     let api_key = credentials(
         NAME,
         [
@@ -127,21 +135,31 @@ pub fn build(
             ("secret_key", present(&s.secret_key)),
         ],
     )?;
-    let auth = match (api_key, present(&s.access_token)) {
-        (Some([login, secret]), _) => Auth::ApiKey(SecretString::from(format!(
+    let auth = match (oauth, api_key, present(&s.access_token)) {
+        (Some(config), _, _) => Auth::Rotating(oauth::TokenSource::new(&config, http)?),
+        (None, Some([login, secret]), _) => Auth::ApiKey(SecretString::from(format!(
             "{}:{}",
             login.expose_secret(),
             secret.expose_secret()
         ))),
-        (None, Some(token)) => Auth::Bearer(token.clone()),
-        (None, None) => return Ok(None),
+        (None, None, Some(token)) => Auth::Bearer(token.clone()),
+        (None, None, None) => return Ok(None),
     };
     Ok(Some(Arc::new(Qonto {
         http: http.clone(),
         base,
         auth,
-        staging_token: present(&s.staging_token).cloned(),
+        staging_token,
     })))
+}
+
+/// The checked OAuth settings, for the `qonto-oauth` commands and `check`;
+/// `None` when no OAuth client is configured.
+pub fn oauth_config(
+    sections: &ProviderSections,
+) -> Result<Option<oauth::OAuthConfig>, SettingsError> {
+    let s: QontoSettings = sections.section(NAME)?;
+    oauth::OAuthConfig::from_settings(&s.oauth, present(&s.staging_token))
 }
 
 /// A decision's target as Qonto's calls need it.
@@ -224,11 +242,51 @@ impl Qonto {
         let mut req = match &self.auth {
             Auth::ApiKey(v) => req.secret_header("Authorization", v.expose_secret()),
             Auth::Bearer(t) => req.bearer_auth(t.expose_secret()),
+            // Added per call by `send`, from the token source.
+            Auth::Rotating(_) => req,
         };
         if let Some(staging) = &self.staging_token {
             req = req.secret_header("X-Qonto-Staging-Token", staging.expose_secret());
         }
         req
+    }
+
+    /// Sends `req` (built by [`Qonto::request`]). With OAuth, the token
+    /// source's token goes with it; a 401 re-reads the store and, when a
+    /// newer token is there, sends once more (a 401 applied nothing, so the
+    /// repeat is safe); a 401 with the freshest token is returned for
+    /// `classify` (Auth) and counts towards the source's breaker.
+    async fn send(
+        &self,
+        operation: &'static str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<Response, CallError> {
+        let Auth::Rotating(source) = &self.auth else {
+            return self.http.send(NAME, operation, req).await;
+        };
+        let token = source.token().await?;
+        let again = req.try_clone();
+        let response = self
+            .http
+            .send(NAME, operation, req.bearer_auth(token.expose_secret()))
+            .await?;
+        if response.status != StatusCode::UNAUTHORIZED {
+            source.accepted();
+            return Ok(response);
+        }
+        let (Some(fresh), Some(again)) = (source.rejected(&token).await, again) else {
+            return Ok(response);
+        };
+        let response = self
+            .http
+            .send(NAME, operation, again.bearer_auth(fresh.expose_secret()))
+            .await?;
+        if response.status == StatusCode::UNAUTHORIZED {
+            source.rejected(&fresh).await;
+        } else {
+            source.accepted();
+        }
+        Ok(response)
     }
 
     /// Qonto's error classes, in one place.
@@ -385,6 +443,14 @@ impl Provider for Qonto {
         true
     }
 
+    /// A revoked OAuth grant, an empty token store, a run of 401s.
+    fn problem(&self) -> Option<String> {
+        match &self.auth {
+            Auth::Rotating(source) => source.problem(),
+            _ => None,
+        }
+    }
+
     type Target<'d> = Target<'d>;
 
     fn validate<'d>(&self, d: &'d Decision) -> Result<Target<'d>, String> {
@@ -422,7 +488,7 @@ impl Provider for Qonto {
         if let Some(body) = body {
             req = req.json(&body);
         }
-        let mut response = self.http.send(NAME, verb, req).await?;
+        let mut response = self.send(verb, req).await?;
         // The token we replay with and any a 428 hands out are credentials
         // for this approve: nothing the worker keeps or logs may quote them.
         let new_token = sca_token(&response.body);
@@ -481,10 +547,7 @@ impl Provider for Qonto {
         for &pass in PASSES {
             for page in 1..=PAGES_PER_PASS {
                 let url = self.list_url(pass, d.action, t.singular, since.as_deref(), page);
-                let response = self
-                    .http
-                    .send(NAME, "read", self.request(Method::GET, url))
-                    .await?;
+                let response = self.send("read", self.request(Method::GET, url)).await?;
                 if !response.status.is_success() {
                     return Err(Self::classify(&response));
                 }
@@ -518,8 +581,7 @@ impl Provider for Qonto {
             &format!("/v2/sca_sessions/{}", http::segment(token)),
         );
         let response = self
-            .http
-            .send(NAME, "sca_poll", self.request(Method::GET, url))
+            .send("sca_poll", self.request(Method::GET, url))
             .await?;
         if !response.status.is_success() {
             return Err(redact_error(Self::classify(&response), &[token]));
