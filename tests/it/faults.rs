@@ -165,7 +165,9 @@ async fn a_provider_storm_ends_applied_within_the_attempt_limit() {
         broker.publish(&d).await;
     }
     let started = Instant::now();
-    let outcomes = settled(broker, &ids, Duration::from_secs(120)).await;
+    // Each 429 now pauses its whole provider for its Retry-After: about 31 s
+    // alone, several times that on a machine busy with other tests.
+    let outcomes = settled(broker, &ids, Duration::from_secs(240)).await;
     let mut histogram = BTreeMap::<u64, usize>::new();
     for o in outcomes.values() {
         let calls = o["attempts"].as_u64().unwrap();
