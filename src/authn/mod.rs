@@ -21,3 +21,4 @@ pub use keys::{KeyError, KeyProblem, Keys, SigningKey};
 pub use webhook::{
     FailureKind, SignError, SignatureHeaders, SignedHeaders, Verified, VerifyError, sign, verify,
 };
+pub mod batch;
