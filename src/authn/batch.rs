@@ -20,10 +20,13 @@
 //! it. Without the private key nobody can make one, so it lets no one in
 //! who could not sign anyway.
 
-use std::sync::{Arc, OnceLock};
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+};
 
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// The most signatures in one batch. The batching task checks a batch on
 /// a runtime thread, as each delivery task checked its own signature
@@ -33,18 +36,31 @@ pub const MAX_BATCH: usize = 64;
 
 /// One signature waiting for its answer.
 struct Job {
+    ticket: u64,
     message: Arc<Vec<u8>>,
     signature: Signature,
     key: VerifyingKey,
     answer: oneshot::Sender<bool>,
 }
 
-/// The handle the delivery tasks share. Its task starts with the first
-/// signature, on the runtime that verifies it, and ends when the handle
-/// is dropped.
+/// The signatures waiting for a batch, shared by the delivery tasks.
+///
+/// There is no batching task: a task queues its signature, lets the other
+/// tasks that are ready now run (one scheduler round), then takes whatever
+/// is queued, its own signature and the others', verifies it all and
+/// answers each. A task that finds its signature taken waits for the
+/// answer of the task that took it. Verification stays on the delivery
+/// tasks, spread over the runtime's threads as before.
 #[derive(Default)]
 pub struct Batcher {
-    queue: OnceLock<Option<mpsc::UnboundedSender<Job>>>,
+    queue: Mutex<Queue>,
+}
+
+/// Jobs in the order they were queued, each with its ticket.
+#[derive(Default)]
+struct Queue {
+    next: u64,
+    jobs: VecDeque<Job>,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -55,71 +71,54 @@ impl std::fmt::Debug for Batcher {
 
 impl Batcher {
     /// Whether `signature` over `message` was made with `key`, as
-    /// `VerifyingKey::verify` (RFC 8032) judges it. Outside a tokio runtime,
-    /// or when the batching task is gone (the runtime is shutting down), the
-    /// signature is checked here, alone: an answer is never lost.
+    /// `VerifyingKey::verify` (RFC 8032) judges it.
     pub async fn verify(&self, message: Vec<u8>, signature: Signature, key: VerifyingKey) -> bool {
         let message = Arc::new(message);
-        let Some(queue) = self.queue() else {
-            return single(&key, &message, &signature);
-        };
         let (answer, answered) = oneshot::channel();
-        let job = Job {
-            message: message.clone(),
-            signature,
-            key,
-            answer,
+        let ticket = {
+            let mut queue = self.lock();
+            let ticket = queue.next;
+            queue.next += 1;
+            queue.jobs.push_back(Job {
+                ticket,
+                message: message.clone(),
+                signature,
+                key,
+                answer,
+            });
+            ticket
         };
-        if queue.send(job).is_err() {
-            return single(&key, &message, &signature);
+        tokio::task::yield_now().await;
+        // Batches are taken from the front until this task's own signature
+        // is taken, by this task or another: never more, so no task keeps
+        // verifying for others under a steady load.
+        loop {
+            let batch: Vec<Job> = {
+                let mut queue = self.lock();
+                if queue.jobs.front().is_none_or(|j| j.ticket > ticket) {
+                    break;
+                }
+                let take = queue.jobs.len().min(MAX_BATCH);
+                queue.jobs.drain(..take).collect()
+            };
+            #[cfg(test)]
+            stats::record(batch.len());
+            let verdicts = check(&batch);
+            for (job, valid) in batch.into_iter().zip(verdicts) {
+                // A delivery task that was cancelled no longer waits.
+                let _ = job.answer.send(valid);
+            }
         }
         match answered.await {
             Ok(valid) => valid,
+            // The task that took it panicked: checked here, alone, so an
+            // answer is never lost.
             Err(_) => single(&key, &message, &signature),
         }
     }
 
-    fn queue(&self) -> Option<&mpsc::UnboundedSender<Job>> {
-        self.queue
-            .get_or_init(|| {
-                let runtime = tokio::runtime::Handle::try_current().ok()?;
-                // Unbounded, yet never longer than the deliveries in flight
-                // (the prefetch): each waits for its one answer.
-                let (queue, jobs) = mpsc::unbounded_channel();
-                runtime.spawn(run(jobs));
-                Some(queue)
-            })
-            .as_ref()
-    }
-}
-
-async fn run(mut jobs: mpsc::UnboundedReceiver<Job>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(job) = jobs.recv().await {
-        batch.push(job);
-        take_queued(&mut jobs, &mut batch);
-        if batch.len() == 1 {
-            // The task that woke this one has only just queued its job; the
-            // other tasks that are ready now get to queue theirs first.
-            tokio::task::yield_now().await;
-            take_queued(&mut jobs, &mut batch);
-        }
-        #[cfg(test)]
-        stats::record(batch.len());
-        let verdicts = check(&batch);
-        for (job, valid) in batch.drain(..).zip(verdicts) {
-            // A delivery task that was cancelled no longer waits.
-            let _ = job.answer.send(valid);
-        }
-    }
-}
-
-fn take_queued(jobs: &mut mpsc::UnboundedReceiver<Job>, batch: &mut Vec<Job>) {
-    while batch.len() < MAX_BATCH {
-        match jobs.try_recv() {
-            Ok(job) => batch.push(job),
-            Err(_) => return,
-        }
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
