@@ -330,18 +330,25 @@ mod tests {
     }
 
     #[test]
-    fn outside_a_runtime_a_signature_is_checked_alone() {
+    fn a_cancelled_submitter_leaves_the_others_their_answers() {
         let batcher = Batcher::default();
         let signer = key(1);
-        let good = case(1, &signer, false);
-        let bad = case(2, &signer, true);
-        // No runtime: nothing is spawned, the future completes at its
-        // first poll.
-        let verify = |c: Case| {
-            futures_util::FutureExt::now_or_never(batcher.verify(c.message, c.signature, c.key))
-        };
-        assert_eq!(verify(good), Some(true));
-        assert_eq!(verify(bad), Some(false));
+        let verify = |c: Case| batcher.verify(c.message, c.signature, c.key);
+        // Queued, then dropped before its batch is taken (a delivery task
+        // cancelled when the broker session is lost).
+        let mut cancelled = Box::pin(verify(case(0, &signer, false)));
+        assert_eq!(futures_util::FutureExt::now_or_never(&mut cancelled), None);
+        drop(cancelled);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let verdicts = rt.block_on(futures_util::future::join_all([
+            verify(case(1, &signer, false)),
+            verify(case(2, &signer, true)),
+            verify(case(3, &signer, false)),
+        ]));
+        assert_eq!(verdicts, [true, false, true]);
+        assert!(batcher.lock().jobs.is_empty(), "a job was left queued");
     }
 
     /// CPU time of this process so far (all threads).
