@@ -215,7 +215,13 @@ async fn verify(
             authenticate::signature(auth, batcher, signature, origin, body, history).await
         }
     };
-    judged(shared, || checked, || authenticate::echo(body), body, history)
+    judged(
+        shared,
+        || checked,
+        || authenticate::echo(body),
+        body,
+        history,
+    )
 }
 
 /// The routing key and the publisher, once the body says what it decides.

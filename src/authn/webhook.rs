@@ -365,7 +365,11 @@ fn lone_ed25519(
     if candidates.next().is_some() {
         return None;
     }
-    Some((*position, *key, ed25519_dalek::Signature::from_bytes(&bytes)))
+    Some((
+        *position,
+        *key,
+        ed25519_dalek::Signature::from_bytes(&bytes),
+    ))
 }
 
 /// Unix seconds as the reference libraries write them: decimal digits,
@@ -981,7 +985,11 @@ mod tests {
             .map(|i| {
                 let body = format!("{{\"n\":{i}}}").into_bytes();
                 let id = format!("msg_{i}");
-                let ts = if i % 6 == 4 { VECTOR_TS - 100_000 } else { VECTOR_TS };
+                let ts = if i % 6 == 4 {
+                    VECTOR_TS - 100_000
+                } else {
+                    VECTOR_TS
+                };
                 let mut signed = match i % 6 {
                     1 => sign(&hmac, &id, ts, &body).unwrap(),
                     _ => sign(&signing, &id, ts, &body).unwrap(),
