@@ -24,7 +24,7 @@ use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 use settle::{Dispatched, Ending, Settle};
 
 use crate::{
-    authn::SignatureHeaders,
+    authn::{self, SignatureHeaders},
     broker::{Delivery, History, Origin, PendingConfirmation, Session, Topology},
     decision::{self, Decision},
     isolation::{Gate, Isolation, Refusal},
@@ -54,6 +54,8 @@ struct Shared {
     /// every call passes.
     isolation: Arc<Isolation>,
     shutdown: CancellationToken,
+    /// Where concurrent deliveries pool their Ed25519 signatures.
+    batcher: authn::Batcher,
 }
 
 pub struct Worker {
@@ -84,6 +86,7 @@ impl Worker {
                 delays,
                 locks: TargetLocks::default(),
                 shutdown,
+                batcher: authn::Batcher::default(),
             }),
             session,
             readiness,
@@ -163,7 +166,7 @@ async fn decide(
 ) -> Result<Settle, Settle> {
     let body = delivery.body();
     let (signature, origin) = (delivery.signature(), delivery.origin());
-    verify(shared, signature, &origin, body, history)?;
+    verify(shared, signature, &origin, body, history).await?;
     let decision = parse(body, history)?;
     authorize(shared, &origin, &decision, body, history)?;
     let call = validate(shared, &decision, body, history)?;
@@ -220,7 +223,7 @@ async fn poisoned(
 }
 
 /// Upstream's signature, before anything of the body is trusted.
-fn verify(
+async fn verify(
     shared: &Shared,
     signature: SignatureHeaders<'_>,
     origin: &Origin<'_>,
@@ -228,8 +231,20 @@ fn verify(
     history: &History,
 ) -> Result<(), Settle> {
     let auth = &shared.settings.auth;
-    let check = || authenticate::signature(auth, signature, origin, body, history);
-    judged(shared, check, || authenticate::echo(body), body, history)
+    let checked = match auth.mode {
+        AuthMode::Off => Ok(()),
+        AuthMode::Enforce | AuthMode::Monitor => {
+            let batcher = &shared.batcher;
+            authenticate::signature(auth, batcher, signature, origin, body, history).await
+        }
+    };
+    judged(
+        shared,
+        || checked,
+        || authenticate::echo(body),
+        body,
+        history,
+    )
 }
 
 /// The routing key and the publisher, once the body says what it decides.

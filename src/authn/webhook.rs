@@ -20,7 +20,10 @@ use base64::Engine;
 use hmac::Mac;
 use time::OffsetDateTime;
 
-use super::keys::{B64, HmacSha256, Keys, SigningKey, random_bytes};
+use super::{
+    batch::Batcher,
+    keys::{B64, HmacSha256, Keys, SigningKey, random_bytes},
+};
 
 pub const ID_HEADER: &str = "webhook-id";
 pub const TIMESTAMP_HEADER: &str = "webhook-timestamp";
@@ -127,69 +130,126 @@ pub fn verify(
     received_at: OffsetDateTime,
     max_age: Duration,
 ) -> Result<Verified, VerifyError> {
-    let id = headers
-        .id
-        .ok_or(VerifyError::unauthenticated("no webhook-id header"))?;
-    if !valid_id(id) {
-        return Err(VerifyError::unauthenticated(
-            "webhook-id is not 1 to 64 characters of A-Z, a-z, 0-9, _ and -",
-        ));
-    }
-    let timestamp = headers
-        .timestamp
-        .ok_or(VerifyError::unauthenticated("no webhook-timestamp header"))?;
-    let (signed_at, signed_time) =
-        parse_timestamp(timestamp).ok_or(VerifyError::unauthenticated(
-            "webhook-timestamp is not Unix seconds (decimal digits, no sign, no leading zero)",
-        ))?;
-    let signature = headers
-        .signature
-        .ok_or(VerifyError::unauthenticated("no webhook-signature header"))?;
-    // Both are times `time` represents (years -9999 to 9999), so no
-    // difference of their Unix seconds overflows.
-    let received = received_at.unix_timestamp();
-    let ahead = signed_at - received;
-    if ahead > secs(MAX_FUTURE) {
-        return Err(VerifyError::unauthenticated(format!(
-            "signed {ahead} s in the future, more than the {} s of clock skew allowed",
-            MAX_FUTURE.as_secs()
-        )));
-    }
-    if keys.is_empty() {
-        return Err(VerifyError::unauthenticated(
-            "no trusted key is configured (APPROVAL_AUTH__KEYS)",
-        ));
-    }
-    if entries(signature).nth(MAX_ENTRIES).is_some() {
-        return Err(VerifyError::unauthenticated(format!(
-            "webhook-signature has more than {MAX_ENTRIES} entries"
-        )));
-    }
-    let signed = Signed {
-        id,
-        timestamp,
-        body,
+    let claim = Claim::read(keys, headers, body, received_at)?;
+    let key = match_hmac(keys, &claim.signed, claim.signature)
+        .or_else(|| match_ed25519(keys, &claim.signed, claim.signature));
+    claim.judge(key, max_age)
+}
+
+/// [`verify`], with the common Ed25519 case (one `v1a` entry, one Ed25519
+/// key) checked in a batch with the signatures of the other deliveries
+/// being verified at the same moment. The verdict is [`verify`]'s.
+pub async fn verify_batched(
+    batcher: &Batcher,
+    keys: &Keys,
+    headers: SignatureHeaders<'_>,
+    body: &[u8],
+    received_at: OffsetDateTime,
+    max_age: Duration,
+) -> Result<Verified, VerifyError> {
+    let claim = Claim::read(keys, headers, body, received_at)?;
+    let key = match match_hmac(keys, &claim.signed, claim.signature) {
+        Some(key) => Some(key),
+        None => match lone_ed25519(keys, claim.signature) {
+            Some((position, key, signature)) => batcher
+                .verify(claim.signed.to_vec(), signature, key)
+                .await
+                .then_some(position),
+            None => match_ed25519(keys, &claim.signed, claim.signature),
+        },
     };
-    let key = match_hmac(keys, &signed, signature)
-        .or_else(|| match_ed25519(keys, &signed, signature))
-        .ok_or(VerifyError::unauthenticated(
+    claim.judge(key, max_age)
+}
+
+/// What a delivery claims, once its headers were read and its date is not
+/// too far ahead: everything but the signature check itself.
+struct Claim<'a> {
+    signed: Signed<'a>,
+    signature: &'a str,
+    signed_at: i64,
+    signed_time: OffsetDateTime,
+    received: i64,
+}
+
+impl<'a> Claim<'a> {
+    fn read(
+        keys: &Keys,
+        headers: SignatureHeaders<'a>,
+        body: &'a [u8],
+        received_at: OffsetDateTime,
+    ) -> Result<Self, VerifyError> {
+        let id = headers
+            .id
+            .ok_or(VerifyError::unauthenticated("no webhook-id header"))?;
+        if !valid_id(id) {
+            return Err(VerifyError::unauthenticated(
+                "webhook-id is not 1 to 64 characters of A-Z, a-z, 0-9, _ and -",
+            ));
+        }
+        let timestamp = headers
+            .timestamp
+            .ok_or(VerifyError::unauthenticated("no webhook-timestamp header"))?;
+        let (signed_at, signed_time) =
+            parse_timestamp(timestamp).ok_or(VerifyError::unauthenticated(
+                "webhook-timestamp is not Unix seconds (decimal digits, no sign, no leading zero)",
+            ))?;
+        let signature = headers
+            .signature
+            .ok_or(VerifyError::unauthenticated("no webhook-signature header"))?;
+        // Both are times `time` represents (years -9999 to 9999), so no
+        // difference of their Unix seconds overflows.
+        let received = received_at.unix_timestamp();
+        let ahead = signed_at - received;
+        if ahead > secs(MAX_FUTURE) {
+            return Err(VerifyError::unauthenticated(format!(
+                "signed {ahead} s in the future, more than the {} s of clock skew allowed",
+                MAX_FUTURE.as_secs()
+            )));
+        }
+        if keys.is_empty() {
+            return Err(VerifyError::unauthenticated(
+                "no trusted key is configured (APPROVAL_AUTH__KEYS)",
+            ));
+        }
+        if entries(signature).nth(MAX_ENTRIES).is_some() {
+            return Err(VerifyError::unauthenticated(format!(
+                "webhook-signature has more than {MAX_ENTRIES} entries"
+            )));
+        }
+        Ok(Self {
+            signed: Signed {
+                id,
+                timestamp,
+                body,
+            },
+            signature,
+            signed_at,
+            signed_time,
+            received,
+        })
+    }
+
+    /// The verdict, given the position of the key that verified (if any).
+    fn judge(self, key: Option<usize>, max_age: Duration) -> Result<Verified, VerifyError> {
+        let key = key.ok_or(VerifyError::unauthenticated(
             "no signature entry verifies with a configured key",
         ))?;
-    let age = received - signed_at;
-    if age > secs(max_age) {
-        return Err(VerifyError {
-            kind: FailureKind::Stale,
-            message: format!(
-                "signed {age} s before it was received, more than the maximum age of {} s",
-                max_age.as_secs()
-            )
-            .into(),
-        });
+        let age = self.received - self.signed_at;
+        if age > secs(max_age) {
+            return Err(VerifyError {
+                kind: FailureKind::Stale,
+                message: format!(
+                    "signed {age} s before it was received, more than the maximum age of {} s",
+                    max_age.as_secs()
+                )
+                .into(),
+            });
+        }
+        Ok(Verified {
+            signed_at: self.signed_time,
+            key,
+        })
     }
-    Ok(Verified {
-        signed_at: signed_time,
-        key,
-    })
 }
 
 /// The parts of the signed bytes, hashed in turn rather than copied
@@ -288,6 +348,28 @@ fn match_ed25519(keys: &Keys, signed: &Signed<'_>, signature: &str) -> Option<us
         }
     }
     None
+}
+
+/// The one (entry, key) pair to check when there is one `v1a` entry that
+/// decodes and one Ed25519 key: the case a batch takes. Any other number
+/// of candidates takes [`match_ed25519`], with its bound and its order.
+fn lone_ed25519(
+    keys: &Keys,
+    signature: &str,
+) -> Option<(usize, ed25519_dalek::VerifyingKey, ed25519_dalek::Signature)> {
+    let [(position, key)] = keys.ed25519.as_slice() else {
+        return None;
+    };
+    let mut candidates = decoded::<64>(signature, "v1a");
+    let bytes = candidates.next()?;
+    if candidates.next().is_some() {
+        return None;
+    }
+    Some((
+        *position,
+        *key,
+        ed25519_dalek::Signature::from_bytes(&bytes),
+    ))
 }
 
 /// Unix seconds as the reference libraries write them: decimal digits,
@@ -445,6 +527,34 @@ mod tests {
     const VECTOR_V1A: &str = "v1a,tQ9V2XOqn7jL/DQenEFpqIugdBVtiMmER5mhSkXBNwM0mkATuDe6KYYUuxqtaiHeYGb7KaaBRdM5WqyeFiL8Ag==";
 
     const DAY: Duration = Duration::from_secs(86_400);
+
+    /// Every test below verifies both ways, [`super::verify`] and
+    /// [`verify_batched`], and requires the same verdict of both.
+    fn verify(
+        keys: &Keys,
+        headers: SignatureHeaders<'_>,
+        body: &[u8],
+        received_at: OffsetDateTime,
+        max_age: Duration,
+    ) -> Result<Verified, VerifyError> {
+        let single = super::verify(keys, headers, body, received_at, max_age);
+        let batched = runtime().block_on(verify_batched(
+            &Batcher::default(),
+            keys,
+            headers,
+            body,
+            received_at,
+            max_age,
+        ));
+        assert_eq!(single, batched, "verify and verify_batched disagree");
+        single
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+    }
 
     fn at(ts: i64) -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp(ts).unwrap()
@@ -856,5 +966,59 @@ mod tests {
             signed.signature,
             format!("v1a,{}", B64.encode(expected.to_bytes()))
         );
+    }
+
+    #[test]
+    fn concurrent_decisions_in_one_batch_get_the_verdicts_verify_gives() {
+        use secrecy::ExposeSecret;
+        let (seed, public) = generate_ed25519();
+        let secret = generate_secret();
+        let k = keys(&[secret.expose_secret(), &public]);
+        let signing = SigningKey::parse_all([seed.expose_secret()]).unwrap();
+        let hmac = SigningKey::parse_all([secret.expose_secret()]).unwrap();
+        let (_, foreign) = generate_ed25519();
+        let foreign = keys(&[&foreign]);
+        let now = at(VECTOR_TS + 10);
+        // Valid Ed25519 and HMAC, a changed body, a foreign signature, a
+        // stale one, one with two entries (the single path), in turn.
+        let cases: Vec<(SignedHeaders, Vec<u8>)> = (0..96)
+            .map(|i| {
+                let body = format!("{{\"n\":{i}}}").into_bytes();
+                let id = format!("msg_{i}");
+                let ts = if i % 6 == 4 {
+                    VECTOR_TS - 100_000
+                } else {
+                    VECTOR_TS
+                };
+                let mut signed = match i % 6 {
+                    1 => sign(&hmac, &id, ts, &body).unwrap(),
+                    _ => sign(&signing, &id, ts, &body).unwrap(),
+                };
+                match i % 6 {
+                    2 => return (signed, format!("{{\"n\":{}}}", i + 1).into_bytes()),
+                    3 => signed.signature = bogus_v1a(i as u8),
+                    5 => signed.signature = format!("{} {}", bogus_v1a(1), signed.signature),
+                    _ => {}
+                }
+                (signed, body)
+            })
+            .collect();
+        let batcher = Batcher::default();
+        let batched = runtime().block_on(futures_util::future::join_all(cases.iter().map(
+            |(signed, body)| verify_batched(&batcher, &k, signed.as_headers(), body, now, DAY),
+        )));
+        for (i, ((signed, body), got)) in cases.iter().zip(batched).enumerate() {
+            let expected = super::verify(&k, signed.as_headers(), body, now, DAY);
+            assert_eq!(got, expected, "decision {i}");
+            let kind = expected.as_ref().err().map(VerifyError::kind);
+            let wanted = match i % 6 {
+                0 | 1 | 5 => None,
+                4 => Some(FailureKind::Stale),
+                _ => Some(FailureKind::Unauthenticated),
+            };
+            assert_eq!(kind, wanted, "decision {i}");
+            // No key of another upstream vouches for any of them.
+            unauthenticated(super::verify(&foreign, signed.as_headers(), body, now, DAY));
+        }
     }
 }

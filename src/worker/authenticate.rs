@@ -8,7 +8,7 @@
 use tracing::warn;
 
 use crate::{
-    authn::{self, FailureKind, SignatureHeaders},
+    authn::{self, Batcher, FailureKind, SignatureHeaders},
     broker::{History, Origin},
     decision::{self, Decision, Echo},
     outcome::ErrorKind,
@@ -33,8 +33,9 @@ impl Refusal {
 /// The signature over the body as received. Its age is measured from the
 /// first receipt our hop MAC vouches for (now, for anything else), so a
 /// retry copy of a decision that was in time stays in time.
-pub(super) fn signature(
+pub(super) async fn signature(
     auth: &AuthSettings,
+    batcher: &Batcher,
     signature: SignatureHeaders<'_>,
     origin: &Origin<'_>,
     body: &[u8],
@@ -45,13 +46,15 @@ pub(super) fn signature(
             "no trusted signing key is configured (APPROVAL_AUTH__KEYS)",
         ));
     }
-    let verified = authn::verify(
+    let verified = authn::verify_batched(
+        batcher,
         &auth.keys,
         signature,
         body,
         history.first_received_at,
         auth.max_age,
     )
+    .await
     .map_err(|e| Refusal {
         kind: match e.kind() {
             FailureKind::Stale => ErrorKind::Stale,
