@@ -147,6 +147,9 @@ async fn qonto_at_50_per_second_drains_400_decisions_without_a_429() {
         "quota 1/2s at the simulator only: 3 decisions applied {:?} after the pause was seen, {throttled} throttled",
         pause_seen.elapsed()
     );
+    // Each 429 paused every Qonto call: the decisions that met one came
+    // back after it (a retry in process, or a deferral) instead of
+    // spending their attempts on more 429s.
     assert!((1..=4).contains(&throttled), "{after:?}");
     assert_eq!(after.by_status.get(&429), Some(&throttled), "{after:?}");
     assert_eq!(after.state_changes, n as u64 + 3, "{after:?}");
@@ -165,13 +168,6 @@ async fn qonto_at_50_per_second_drains_400_decisions_without_a_429() {
             r#"approval_provider_paused{provider="ledger_v1"}"#
         ),
         0.0
-    );
-    assert!(
-        series(
-            &metrics_paused,
-            r#"approval_deferrals_total{provider="qonto",reason="paused"}"#
-        ) >= 1.0,
-        "{metrics_paused}"
     );
     worker.signal(libc::SIGTERM);
     assert_eq!(worker.wait(DEADLINE).await.code(), Some(0));
@@ -397,33 +393,55 @@ async fn concurrency_follows_a_provider_whose_latency_grows_with_load() {
         (lowest.get() <= initial / 4).then_some(s)
     })
     .await;
-    let lowest = lowest.get();
     let down_after = started.elapsed();
+    let low_limit = lowest.get();
     let metrics_low = app.metrics().await;
-    let busiest_loaded = stats(sim, "ledger_v1").max_in_flight;
 
-    // The provider recovers; load continues.
+    // The provider recovers; load continues. The answers of calls sent
+    // under the law still arrive slow, so the limit may dip further first;
+    // then it grows by one per round trip.
     sim.set_faults("ledger_v1", fast);
     let cleared = Instant::now();
-    publish(broker, "ledger_v1", "b", burst).await;
-    let highest = Cell::new(0);
-    let high = wait_for("the limit to go back up", DEADLINE, || async {
+    let more = 2 * burst;
+    publish(broker, "ledger_v1", "b", more).await;
+    let seen = std::cell::RefCell::new(Vec::new());
+    let high = wait_for("the limit to go back up", Duration::from_secs(40), || async {
         let s = status(&app).await?;
-        highest.set(highest.get().max(limit(&s)?));
-        (highest.get() >= lowest * 3).then_some(s)
+        let l = limit(&s)?;
+        lowest.set(lowest.get().min(l));
+        let mut seen = seen.borrow_mut();
+        if seen.last().is_none_or(|&(_, last)| last != l) {
+            seen.push((ms(cleared.elapsed()), l));
+        }
+        (l >= initial / 2).then_some(s)
     })
     .await;
-    let highest = highest.get();
     let up_after = cleared.elapsed();
     let metrics_high = app.metrics().await;
-    let outcomes = applied(broker, "a", burst, Duration::from_secs(60)).await;
-    let more = applied(broker, "b", burst, Duration::from_secs(60)).await;
+    let outcomes = applied(broker, "a", burst, Duration::from_secs(90)).await;
+    let outcomes_more = applied(broker, "b", more, Duration::from_secs(90)).await;
+    let lowest = lowest.get();
+    let highest = limit(&high).unwrap_or_default();
+    let mean_call = |m: &str| {
+        let sum = series(
+            m,
+            r#"approval_provider_call_duration_seconds_sum{provider="ledger_v1"}"#,
+        );
+        let count = series(
+            m,
+            r#"approval_provider_call_duration_seconds_count{provider="ledger_v1"}"#,
+        );
+        Duration::from_secs_f64(if count > 0.0 { sum / count } else { 0.0 })
+    };
     let ledger = stats(sim, "ledger_v1");
     println!(
-        "adaptive concurrency: limit {initial} -> {lowest} within {down_after:?} of the burst \
-         (at most {busiest_loaded} in flight at the provider), back to {highest} within {up_after:?} \
-         of the latency law's end; {} calls in all",
-        ledger.calls
+        "adaptive concurrency: limit {initial} -> {low_limit} within {down_after:?} of the burst \
+         (lowest {lowest}), back to {highest} within {up_after:?} of the latency law's end; \
+         {} calls, mean call {:?} under the law, {:?} in all; limit after the law (ms, limit): {:?}",
+        ledger.calls,
+        mean_call(&metrics_low),
+        mean_call(&metrics_high),
+        seen.borrow()
     );
     let gauge = |m: &str| {
         series(
@@ -431,9 +449,11 @@ async fn concurrency_follows_a_provider_whose_latency_grows_with_load() {
             r#"approval_provider_concurrency_limit{provider="ledger_v1"}"#,
         )
     };
-    let c = &low["providers"]["ledger_v1"]["concurrency"];
-    assert!(c["in_flight"].as_u64() <= c["limit"].as_u64(), "{low}");
-    assert_eq!(c["adaptive"], true, "{low}");
+    // Calls sent before a decrease stay in flight above the new limit.
+    assert_eq!(
+        low["providers"]["ledger_v1"]["concurrency"]["adaptive"], true,
+        "{low}"
+    );
     assert!(gauge(&metrics_low) < initial as f64, "{metrics_low}");
     assert!(gauge(&metrics_high) > gauge(&metrics_low), "{metrics_high}");
     assert!(
@@ -444,7 +464,7 @@ async fn concurrency_follows_a_provider_whose_latency_grows_with_load() {
         series(
             &metrics_low,
             r#"approval_provider_in_flight{provider="ledger_v1"}"#
-        ) <= gauge(&metrics_low),
+        ) >= 1.0,
         "{metrics_low}"
     );
     // Other providers' limits are their own.
@@ -462,7 +482,10 @@ async fn concurrency_follows_a_provider_whose_latency_grows_with_load() {
         "{metrics_high}"
     );
     assert!(
-        outcomes.iter().chain(&more).all(|o| o.body["attempts"] == 1),
+        outcomes
+            .iter()
+            .chain(&outcomes_more)
+            .all(|o| o.body["attempts"] == 1),
         "a deferral spent an attempt"
     );
     assert_eq!(ledger.double_state_changes, 0, "{ledger:?}");
