@@ -158,7 +158,10 @@ async fn qonto_at_50_per_second_drains_400_decisions_without_a_429() {
         "{paused}"
     );
     assert_eq!(
-        series(&metrics_paused, r#"approval_provider_paused{provider="qonto"}"#),
+        series(
+            &metrics_paused,
+            r#"approval_provider_paused{provider="qonto"}"#
+        ),
         1.0,
         "{metrics_paused}"
     );
@@ -209,6 +212,7 @@ async fn an_outage_of_one_provider(name: &str, mode: OutageMode) {
                 .await;
         }
     }
+    let published = started.elapsed();
     applied(broker, "l", n_ledger, outage).await;
     let ledger_done = started.elapsed();
     let open = wait_for("FlexPay's breaker open in /status", DEADLINE, || async {
@@ -231,9 +235,11 @@ async fn an_outage_of_one_provider(name: &str, mode: OutageMode) {
     let probes_allowed = outage.as_millis().div_ceil(cool_down.as_millis()) as usize;
     let most = failures + share + probes_allowed;
     println!(
-        "outage ({mode:?}, {outage:?}): Ledger v1's {n_ledger} applied {ledger_done:?} after it began; \
+        "outage ({mode:?}, {outage:?}): Ledger v1's {n_ledger} applied {ledger_done:?} after it began \
+         (all {} published within {published:?}); \
          FlexPay saw {} calls during it (bound {most}: {failures} failures + a share of {share} in flight + {probes_allowed} probes), \
          {} answered 429; all {n_flexpay} FlexPay applied {recovery:?} after it ended, attempts at most {}",
+        n_flexpay + n_ledger,
         fx.outage_calls,
         fx.by_status.get(&429).copied().unwrap_or(0),
         attempts.iter().max().copied().unwrap_or(0),
@@ -270,10 +276,7 @@ async fn an_outage_of_one_provider(name: &str, mode: OutageMode) {
     // Ledger v1's closed, and the gauges to match.
     let f = &open["providers"]["flexpay"]["breaker"];
     assert!(f["since"].is_string(), "{open}");
-    assert!(
-        f["cool_down_ms"].as_u64() >= Some(ms(cool_down)),
-        "{open}"
-    );
+    assert!(f["cool_down_ms"].as_u64() >= Some(ms(cool_down)), "{open}");
     assert_eq!(
         open["providers"]["ledger_v1"]["breaker"]["state"], "closed",
         "{open}"
@@ -405,16 +408,20 @@ async fn concurrency_follows_a_provider_whose_latency_grows_with_load() {
     let more = 2 * burst;
     publish(broker, "ledger_v1", "b", more).await;
     let seen = std::cell::RefCell::new(Vec::new());
-    let high = wait_for("the limit to go back up", Duration::from_secs(40), || async {
-        let s = status(&app).await?;
-        let l = limit(&s)?;
-        lowest.set(lowest.get().min(l));
-        let mut seen = seen.borrow_mut();
-        if seen.last().is_none_or(|&(_, last)| last != l) {
-            seen.push((ms(cleared.elapsed()), l));
-        }
-        (l >= initial / 2).then_some(s)
-    })
+    let high = wait_for(
+        "the limit to go back up",
+        Duration::from_secs(40),
+        || async {
+            let s = status(&app).await?;
+            let l = limit(&s)?;
+            lowest.set(lowest.get().min(l));
+            let mut seen = seen.borrow_mut();
+            if seen.last().is_none_or(|&(_, last)| last != l) {
+                seen.push((ms(cleared.elapsed()), l));
+            }
+            (l >= initial / 2).then_some(s)
+        },
+    )
     .await;
     let up_after = cleared.elapsed();
     let metrics_high = app.metrics().await;
@@ -537,7 +544,10 @@ async fn a_decision_held_by_a_revoked_grant_ends_unauthorized_at_the_horizon() {
     for (k, v) in sim
         .worker_env()
         .into_iter()
-        .chain(sim::qonto_oauth::worker_env(&sim.base_url("qonto"), &options))
+        .chain(sim::qonto_oauth::worker_env(
+            &sim.base_url("qonto"),
+            &options,
+        ))
     {
         app = app.env(&k, v);
     }
@@ -570,11 +580,18 @@ async fn a_decision_held_by_a_revoked_grant_ends_unauthorized_at_the_horizon() {
     assert_eq!(parked.len(), 1);
     assert_eq!(parked[0].headers["x-approval-error-kind"], "unauthorized");
     // Held first (one hold of the token source), ended by the horizon.
-    assert!(took >= Duration::from_secs(9), "ended before it was held: {took:?}");
+    assert!(
+        took >= Duration::from_secs(9),
+        "ended before it was held: {took:?}"
+    );
     assert_eq!(qonto.state_changing_calls, 0, "{qonto:?}");
     assert_eq!(qonto.count("oauth.invalid_grants"), 1, "{qonto:?}");
     let text = o.body.to_string();
-    for secret in ["it-unknown-refresh", "it-stale-access", &options.client_secret] {
+    for secret in [
+        "it-unknown-refresh",
+        "it-stale-access",
+        &options.client_secret,
+    ] {
         assert!(!text.contains(secret), "the outcome holds a secret: {text}");
     }
     app.stop_worker().await;
