@@ -12,6 +12,7 @@ mod budget;
 mod faults;
 mod inputs;
 mod isolation;
+mod isolation_sim;
 mod limits;
 mod nodes;
 mod parking;
