@@ -308,13 +308,35 @@ async fn kill(mut p: Process) -> Process {
     p
 }
 
-/// The generations `p` refreshed (or seeded) itself, by its log.
-fn refreshed(p: &Process) -> Vec<u64> {
+/// The generations `p` refreshed (or seeded) itself, by its log, each with
+/// when it said so.
+fn refreshes_logged(p: &Process) -> Vec<(u64, OffsetDateTime)> {
     p.json_lines()
         .iter()
         .filter(|l| l["message"] == "Qonto OAuth token pair refreshed")
-        .filter_map(|l| l["generation"].as_u64())
+        .filter_map(|l| {
+            let at = OffsetDateTime::parse(
+                l["timestamp"].as_str()?,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .ok()?;
+            Some((l["generation"].as_u64()?, at))
+        })
         .collect()
+}
+
+fn refreshed(p: &Process) -> Vec<u64> {
+    refreshes_logged(p).into_iter().map(|(g, _)| g).collect()
+}
+
+/// Waits until `p` logged its refresh of `generation` (after writing it).
+async fn wait_refreshed(p: &Process, generation: u64) {
+    wait_for(
+        &format!("the refresh of generation {generation} in the log"),
+        DEADLINE,
+        || async { refreshed(p).contains(&generation).then_some(()) },
+    )
+    .await;
 }
 
 /// The decisions `p` applied, by its log.
@@ -326,17 +348,33 @@ fn applied(p: &Process) -> BTreeSet<String> {
         .collect()
 }
 
-/// Every generation from 1 to `generation` was written by exactly one of
-/// `processes`: one refresh per rotation, whoever made it.
-fn assert_each_generation_once(processes: &[&Process], generation: u64) {
-    let mut all: Vec<u64> = processes.iter().flat_map(|p| refreshed(p)).collect();
+/// One refresh per rotation, whoever made it: every generation from 1 to
+/// `generation` was written by exactly one of `processes`, and none before
+/// the pair it replaced had fallen due (0.8 of `lifetime` after the one
+/// before; a second refresh of the same rotation, even with the newest
+/// refresh token, would come at once).
+fn assert_each_generation_once(processes: &[&Process], generation: u64, lifetime: Duration) {
+    let mut all: Vec<(u64, OffsetDateTime)> =
+        processes.iter().flat_map(|p| refreshes_logged(p)).collect();
     all.sort_unstable();
     let per_process: Vec<Vec<u64>> = processes.iter().map(|p| refreshed(p)).collect();
     assert_eq!(
-        all,
+        all.iter().map(|(g, _)| *g).collect::<Vec<_>>(),
         (1..=generation).collect::<Vec<_>>(),
         "generations refreshed per process: {per_process:?}"
     );
+    // The log's time is taken a moment after the pair's issue time; the
+    // slack covers that moment, far less than a rotation.
+    let least = lifetime.mul_f64(0.8) - Duration::from_millis(300);
+    for pair in all.windows(2) {
+        let gap = pair[1].1 - pair[0].1;
+        assert!(
+            gap >= least,
+            "generation {} came {gap} after {}, before the pair fell due",
+            pair[1].0,
+            pair[0].0
+        );
+    }
 }
 
 /// Publishes one Qonto approve every `every` until `stop`; returns their
@@ -438,7 +476,7 @@ async fn short_lived_tokens_a_stream_of_approves_is_all_applied_without_revocati
         started.elapsed().as_secs_f64()
     );
     world.assert_one_refresh_per_rotation(generation);
-    assert_each_generation_once(&[&worker], generation);
+    assert_each_generation_once(&[&worker], generation, Duration::from_secs(3));
     assert!(generation >= 10, "{}", world.oauth_counts());
     assert_decided_once(&world, ids.len());
 }
@@ -486,7 +524,7 @@ async fn two_processes_sharing_a_postgres_store_under_load_refresh_once_per_rota
     );
     assert!(!stored.revoked);
     world.assert_one_refresh_per_rotation(generation);
-    assert_each_generation_once(&[&a, &b], generation);
+    assert_each_generation_once(&[&a, &b], generation, Duration::from_secs(3));
     assert!(generation >= 6, "{}", world.oauth_counts());
     assert!(
         !by_a.is_empty() && !by_b.is_empty(),
@@ -553,7 +591,7 @@ async fn two_processes_racing_on_a_file_store_refresh_once() {
         started.elapsed().as_secs_f64()
     );
     world.assert_one_refresh_per_rotation(generation);
-    assert_each_generation_once(&[&a, &b], generation);
+    assert_each_generation_once(&[&a, &b], generation, Duration::from_secs(4));
     assert_decided_once(&world, all.len());
 }
 
@@ -564,8 +602,9 @@ async fn two_processes_racing_on_a_file_store_refresh_once() {
 /// stored pair, never the seed still configured nor a used refresh token:
 /// no grace reuse, no revocation, every approve applied once.
 async fn killed_mid_run_restarts_on_the_stored_pair(name: &str, store: Store) {
+    const LIFETIME: Duration = Duration::from_secs(3);
     let started = Instant::now();
-    let world = World::new(Duration::from_secs(3)).await;
+    let world = World::new(LIFETIME).await;
     let app = spawn_app(world.app(name, &store, true).without_worker()).await;
     let stop_publishing = CancellationToken::new();
     let publishing = publish_until(&app, name, Duration::from_millis(100), &stop_publishing);
@@ -574,10 +613,12 @@ async fn killed_mid_run_restarts_on_the_stored_pair(name: &str, store: Store) {
         // Past the seeding and one refresh of its own, then right after the next.
         let seen = store.wait_past(1).await.generation;
         let within = store.wait_past(seen).await.generation;
+        wait_refreshed(&first, within).await;
         let first = kill(first).await;
         let second = replica(&app);
         let second_from = store.wait_past(within).await.generation;
         let after = store.wait_past(second_from).await.generation;
+        wait_refreshed(&second, after).await;
         let second = kill(second).await;
         world.options.clock.advance(Duration::from_secs(70));
         // The server's clock moved on but the worker's did not: the stored
@@ -614,7 +655,7 @@ async fn killed_mid_run_restarts_on_the_stored_pair(name: &str, store: Store) {
     );
     assert!(!stored.revoked);
     world.assert_one_refresh_per_rotation(generation);
-    assert_each_generation_once(&[&first, &second, &third], generation);
+    assert_each_generation_once(&[&first, &second, &third], generation, LIFETIME);
     assert!(
         refreshed(&second).iter().all(|g| *g > within)
             && refreshed(&third).iter().all(|g| *g > after),
