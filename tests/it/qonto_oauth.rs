@@ -229,14 +229,21 @@ impl Store {
     }
 
     /// Waits until the stored generation is past `generation`: a refresh
-    /// was just written. Returns the new record.
+    /// was just written. Returns the new record; fails at once when the
+    /// store records the grant revoked (no generation would follow).
     async fn wait_past(&self, generation: u64) -> Stored {
-        wait_for(
+        let stored = wait_for(
             &format!("a stored generation past {generation}"),
             DEADLINE,
-            || async { self.read().await.filter(|s| s.generation > generation) },
+            || async {
+                self.read()
+                    .await
+                    .filter(|s| s.generation > generation || s.revoked)
+            },
         )
-        .await
+        .await;
+        assert!(!stored.revoked, "the grant was revoked: {stored:?}");
+        stored
     }
 
     /// The stored record, which must be there.
@@ -489,9 +496,11 @@ async fn short_lived_tokens_a_stream_of_approves_is_all_applied_without_revocati
 async fn two_processes_sharing_a_postgres_store_under_load_refresh_once_per_rotation() {
     let started = Instant::now();
     // Some latency keeps several calls of each process in flight when its
-    // token falls due.
+    // token falls due, and the refresh holding the lock while the other
+    // process comes for it.
     let faults = Faults {
-        latency_ms: 20,
+        latency_ms: 50,
+        include_auth: true,
         ..Faults::default()
     };
     let world = World::with_faults(Duration::from_secs(3), faults).await;
