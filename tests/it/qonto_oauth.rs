@@ -610,10 +610,15 @@ async fn two_processes_racing_on_a_file_store_refresh_once() {
 /// it (the OAuth server's clock moved 70 s on). Each new process takes the
 /// stored pair, never the seed still configured nor a used refresh token:
 /// no grace reuse, no revocation, every approve applied once.
-async fn killed_mid_run_restarts_on_the_stored_pair(name: &str, store: Store) {
+async fn killed_mid_run_restarts_on_the_stored_pair(name: &str, postgres: bool) {
     const LIFETIME: Duration = Duration::from_secs(3);
     let started = Instant::now();
     let world = World::new(LIFETIME).await;
+    let store = if postgres {
+        Store::postgres().await
+    } else {
+        Store::file(&world)
+    };
     let app = spawn_app(world.app(name, &store, true).without_worker()).await;
     let stop_publishing = CancellationToken::new();
     let publishing = publish_until(&app, name, Duration::from_millis(100), &stop_publishing);
@@ -675,17 +680,12 @@ async fn killed_mid_run_restarts_on_the_stored_pair(name: &str, store: Store) {
 
 #[tokio::test]
 async fn a_process_killed_mid_run_restarts_on_a_file_store_within_and_after_the_grace() {
-    let world_dir = std::env::temp_dir().join(format!("it-qonto-kill-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&world_dir).unwrap();
-    let store = Store::File(world_dir.join("qonto-oauth.json"));
-    killed_mid_run_restarts_on_the_stored_pair("oauth-kill-file", store).await;
-    let _ = std::fs::remove_dir_all(&world_dir);
+    killed_mid_run_restarts_on_the_stored_pair("oauth-kill-file", false).await;
 }
 
 #[tokio::test]
 async fn a_process_killed_mid_run_restarts_on_a_postgres_store_within_and_after_the_grace() {
-    let store = Store::postgres().await;
-    killed_mid_run_restarts_on_the_stored_pair("oauth-kill-pg", store).await;
+    killed_mid_run_restarts_on_the_stored_pair("oauth-kill-pg", true).await;
 }
 
 /// A revoked grant: Qonto decisions are held (not parked, no call to
@@ -695,6 +695,7 @@ async fn a_process_killed_mid_run_restarts_on_a_postgres_store_within_and_after_
 /// any secret.
 #[tokio::test]
 async fn a_revoked_grant_holds_qonto_until_a_login_heals_it() {
+    let started = Instant::now();
     let world = World::new(Duration::from_secs(3600)).await;
     let redirect = format!("http://127.0.0.1:{}/callback", free_port());
     let app = spawn_app(
@@ -817,6 +818,12 @@ async fn a_revoked_grant_holds_qonto_until_a_login_heals_it() {
     worker.signal(libc::SIGTERM);
     assert!(worker.wait(DEADLINE).await.success(), "{}", worker.output());
     let logs = worker.output();
+    eprintln!(
+        "revoked grant healed by a login: generation 2, {} oauth.code_exchanges={}, {:.1} s",
+        world.oauth_counts(),
+        world.count("oauth.code_exchanges"),
+        started.elapsed().as_secs_f64()
+    );
     assert_eq!(
         logs.matches("Qonto OAuth grant revoked").count(),
         1,
