@@ -172,11 +172,6 @@ impl TestApp {
         Process::spawn(args, &env)
     }
 
-    /// The environment this app's workers run with (for a second worker).
-    pub fn env(&self) -> Vec<(String, String)> {
-        self.env.clone()
-    }
-
     /// The in-process or spawned worker's `/metrics` text.
     pub async fn metrics(&self) -> String {
         let url = format!("{}/metrics", self.admin_url());

@@ -116,6 +116,15 @@ impl Process {
         self.output.lock().unwrap().clone()
     }
 
+    /// Its JSON log lines so far (`APPROVAL_LOG__FORMAT=json`), parsed;
+    /// any other line is skipped.
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.output()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     /// Sends a signal (`libc::SIGTERM`, `libc::SIGKILL`).
     pub fn signal(&self, sig: libc::c_int) {
         let pid = self.child.id().expect("running");
