@@ -69,6 +69,11 @@ enum Command {
         /// takes at least 11.5 minutes at 20000.
         #[arg(long, value_name = "DECISIONS", num_args = 0..=1, default_missing_value = "20000")]
         qonto_quota: Option<usize>,
+        /// Then measure the worker with unsigned, HMAC-signed and
+        /// Ed25519-signed decisions in turn, rounds interleaved, and report
+        /// each mode's throughput as a share of unsigned.
+        #[arg(long)]
+        compare_auth: bool,
     },
     /// Print the signature headers (webhook-id, -timestamp, -signature) for a decision body on stdin.
     Sign(sign::Args),
@@ -132,6 +137,7 @@ fn main() -> ExitCode {
                 rounds,
                 auth,
                 qonto_quota,
+                compare_auth,
             } => {
                 let options = bench::BenchOptions {
                     decisions,
@@ -141,6 +147,7 @@ fn main() -> ExitCode {
                     rounds,
                     auth,
                     qonto_quota,
+                    compare_auth,
                 };
                 match bench::run(cli.config.as_deref(), options).await {
                     Ok(figures) => {

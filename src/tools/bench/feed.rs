@@ -46,6 +46,12 @@ impl Feed {
         })
     }
 
+    /// Signs what follows with `signer` (or not at all); returns the one
+    /// used so far.
+    pub(super) fn swap_signer(&mut self, signer: Option<Signer>) -> Option<Signer> {
+        std::mem::replace(&mut self.signer, signer)
+    }
+
     /// Loads one decision and returns the outcome event it caused.
     pub(super) async fn one_event(&mut self, bodies: Vec<Vec<u8>>) -> Result<Vec<u8>, BenchError> {
         let signed = self.sign(bodies);

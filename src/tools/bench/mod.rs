@@ -20,6 +20,7 @@
 //! the first arrives during the load or after it. Latency is measured on a
 //! paced stream, publish to outcome.
 
+mod auth;
 mod ceiling;
 mod feed;
 mod process;
@@ -58,6 +59,8 @@ pub struct BenchOptions {
     pub auth: BenchAuth,
     /// Decisions of the Qonto quota phase; `None` skips it.
     pub qonto_quota: Option<usize>,
+    /// Also measure unsigned, HMAC and Ed25519 decisions side by side.
+    pub compare_auth: bool,
 }
 
 /// `--auth`: the signature every decision carries and the worker checks.
@@ -263,6 +266,24 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
 
     let usage = process_usage(worker.id().unwrap_or_default());
     terminate(&mut worker).await;
+    // Each mode's own worker on the same queues, the providers still
+    // unlimited; the worker's signature checks are what differs.
+    let auth_phase = match (&measured, options.compare_auth) {
+        (Ok(_), true) => {
+            let sim_env: Vec<_> = worker_env
+                .iter()
+                .filter(|(k, _)| !k.starts_with("APPROVAL_AUTH__"))
+                .cloned()
+                .collect();
+            let spawn = |mode_env: &[(String, String)]| {
+                let mut env = sim_env.clone();
+                env.extend(mode_env.iter().cloned());
+                spawn_worker(config, &prefix, prefetch, &env)
+            };
+            Some(auth::phase(&mut feed, &mix, n, rounds, spawn).await)
+        }
+        _ => None,
+    };
     // Its own worker on the same queues (the first one is gone), limited
     // as configured, with the other providers still off.
     let quota_phase = match (&measured, options.qonto_quota) {
@@ -290,6 +311,7 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
     sim.shutdown();
     let mut f = measured?;
     let quota_report = quota_phase.transpose()?;
+    let auth_report = auth_phase.transpose()?;
     let processed = f.processed as f64;
     let mut report = json!({
         "decisions": n,
@@ -319,6 +341,7 @@ pub async fn run(config: Option<&Path>, options: BenchOptions) -> Result<Value, 
         "double_state_changes": total.double_state_changes,
         "provider_limits": "off",
         "qonto_quota": quota_report,
+        "auth_comparison": auth_report,
     });
     // `<name>_per_s` for every multi-call unit, null when not in the mix.
     for name in multi_call {
