@@ -336,8 +336,11 @@ async fn dispatch<'a>(
     };
     let wait = shared.settings.worker.call_wait;
     let ending = match shared.shares.acquire(provider, wait).await {
+        // A full share frees at the pace of its provider's calls: coming
+        // back sooner would only take a slot from another provider again.
         None => dispatch.deferred(
             "busy",
+            BUSY_DEFERRAL,
             "its provider's share of the prefetch window stayed full",
         ),
         Some(_share) => {
@@ -348,7 +351,10 @@ async fn dispatch<'a>(
             };
             match tokio::time::timeout_at(deadline, run).await {
                 Ok(ending) => ending,
-                Err(_) => dispatch.deferred("budget", "the delivery's time budget ran out"),
+                Err(_) => {
+                    let why = "the delivery's time budget ran out";
+                    dispatch.deferred("budget", Duration::ZERO, why)
+                }
             }
         }
     };
@@ -573,57 +579,58 @@ impl Dispatch<'_> {
         }
     }
 
-    /// Hands the decision to a retry queue before anything more is done
-    /// for it here; the attempts made so far stay counted (a call cut short
-    /// may have reached the provider: the next delivery reads the target
-    /// first where the provider has no idempotency).
-    fn deferred(&self, reason: &'static str, why: &'static str) -> Ending {
+    /// Hands the decision to a retry tier without a call, for at least
+    /// `at_least`, keeping any pending confirmation; `None` once the retry
+    /// horizon has passed. Every such wait obeys one rule: a decision is
+    /// deferred up to the horizon, never past it (a wait that would pass it
+    /// is cut to end there), and only one still deferred then ends.
+    fn defer(
+        &self,
+        reason: &'static str,
+        at_least: Duration,
+        why: &dyn std::fmt::Display,
+    ) -> Option<Ending> {
+        let left = self
+            .shared
+            .settings
+            .retry
+            .horizon
+            .checked_sub(self.history.elapsed())
+            .filter(|left| !left.is_zero())?;
+        let delays = &self.shared.delays;
+        let delay = delays.delay(self.attempts.max(1), Some(at_least)).min(left);
         let provider = self.call.provider();
         metrics::counter!("approval_deferrals_total", "provider" => provider, "reason" => reason)
             .increment(1);
-        // A full share frees at the pace of its provider's calls: coming
-        // back sooner would only take a slot from another provider again.
-        let floor = if reason == "busy" {
-            BUSY_DEFERRAL
-        } else {
-            Duration::ZERO
-        };
-        let delay = self
-            .shared
-            .delays
-            .delay(self.attempts.max(1), None)
-            .max(floor);
-        if self.history.elapsed() + delay > self.shared.settings.retry.horizon {
-            return Ending::exhausted(None, "the retry horizon would be passed");
-        }
-        warn!(reason, "{why}; moved to a retry queue");
-        Ending::Later {
+        let retry_in_ms = delay.as_millis() as u64;
+        info!(reason, retry_in_ms, "{why}; moved to a retry queue");
+        Some(Ending::Later {
             delay,
             confirmation: self.history.confirmation.clone(),
-        }
+        })
     }
 
-    /// The client would not call its provider: wait in a retry tier, for
-    /// at least what the client asked, until the retry horizon.
+    /// The worker itself could not go on here (the provider's share of the
+    /// prefetch window stayed full, or the delivery's budget ran out); the
+    /// attempts made so far stay counted (a call cut short may have reached
+    /// the provider: the next delivery reads the target first where the
+    /// provider has no idempotency).
+    fn deferred(&self, reason: &'static str, at_least: Duration, why: &'static str) -> Ending {
+        self.defer(reason, at_least, &why)
+            .unwrap_or_else(|| Ending::exhausted(None, "the retry horizon passed"))
+    }
+
+    /// The client would not call its provider, for at least what it asked;
+    /// past the horizon, unusable credentials end `unauthorized`.
     fn held(&self, error: CallError) -> Ending {
-        let provider = self.call.provider();
-        metrics::counter!("approval_deferrals_total", "provider" => provider, "reason" => "unavailable")
-            .increment(1);
-        let delay = self
-            .shared
-            .delays
-            .delay(self.attempts.max(1), None)
-            .max(error.retry_after.unwrap_or_default());
-        if self.history.elapsed() + delay > self.shared.settings.retry.horizon {
-            if error.provider_code.as_deref() == Some(crate::retry::CREDENTIALS_UNUSABLE) {
-                return Ending::refused(ErrorKind::Unauthorized, error, Resolution::Call);
-            }
-            return Ending::exhausted(Some(error), "the retry horizon would be passed");
+        let at_least = error.retry_after.unwrap_or_default();
+        if let Some(later) = self.defer("unavailable", at_least, &error) {
+            return later;
         }
-        Ending::Later {
-            delay,
-            confirmation: self.history.confirmation.clone(),
+        if error.provider_code.as_deref() == Some(crate::retry::CREDENTIALS_UNUSABLE) {
+            return Ending::refused(ErrorKind::Unauthorized, error, Resolution::Call);
         }
+        Ending::exhausted(Some(error), "the retry horizon passed")
     }
 
     /// A call through the provider's gate, or the gate's refusal.
@@ -634,40 +641,11 @@ impl Dispatch<'_> {
         gated(self.gate, self.deadline, call).await
     }
 
-    /// The provider's gate refused a call, which was not made: the decision
-    /// waits in a retry tier, at least as long as the gate asked, without
-    /// spending an attempt, and keeps any pending confirmation. Only once
-    /// the retry horizon has passed does it end `exhausted`: a wait that
-    /// would pass it is cut to end at it, for one last try.
+    /// The provider's gate refused a call, which was not made: no attempt
+    /// is spent.
     fn gate_deferred(&self, refusal: Refusal) -> Ending {
-        let provider = self.call.provider();
-        let reason = refusal.reason;
-        metrics::counter!("approval_deferrals_total", "provider" => provider, "reason" => reason)
-            .increment(1);
-        let horizon = self.shared.settings.retry.horizon;
-        let Some(left) = horizon
-            .checked_sub(self.history.elapsed())
-            .filter(|l| !l.is_zero())
-        else {
-            return Ending::exhausted(None, "the retry horizon passed");
-        };
-        let delay = self
-            .shared
-            .delays
-            .delay(self.attempts.max(1), None)
-            .max(refusal.retry_in)
-            .min(left);
-        let retry_in_ms = delay.as_millis() as u64;
-        info!(
-            reason,
-            retry_in_ms,
-            "{}; moved to a retry queue",
-            refusal.why()
-        );
-        Ending::Later {
-            delay,
-            confirmation: self.history.confirmation.clone(),
-        }
+        self.defer(refusal.reason, refusal.retry_in, &refusal.why())
+            .unwrap_or_else(|| Ending::exhausted(None, "the retry horizon passed"))
     }
 
     fn past_horizon(&self) -> bool {

@@ -34,6 +34,12 @@ pub const SIGNATURE_HEADER: &str = "webhook-signature";
 /// outcome never depends on where the valid entry sits.
 pub const MAX_ENTRIES: usize = 16;
 
+/// Longest `webhook-signature` in bytes: sixteen entries of about 92 bytes
+/// each. The worker's retry and park copies carry the header only up to
+/// this length, so a longer one is refused here, before any provider call,
+/// rather than lost on the copy of a decision already applied once.
+pub const MAX_SIGNATURE_LEN: usize = MAX_ENTRIES * 96;
+
 /// Ed25519 verifications per message, over all entries and keys. Sixteen
 /// `v1a` entries against sixteen public keys would be 256 verifications
 /// (several milliseconds) bought with one publish; 32 covers any real
@@ -210,6 +216,11 @@ impl<'a> Claim<'a> {
             return Err(VerifyError::unauthenticated(
                 "no trusted key is configured (APPROVAL_AUTH__KEYS)",
             ));
+        }
+        if signature.len() > MAX_SIGNATURE_LEN {
+            return Err(VerifyError::unauthenticated(format!(
+                "webhook-signature is longer than {MAX_SIGNATURE_LEN} bytes"
+            )));
         }
         if entries(signature).nth(MAX_ENTRIES).is_some() {
             return Err(VerifyError::unauthenticated(format!(
@@ -888,6 +899,18 @@ mod tests {
             VECTOR_BODY,
         ));
         assert!(e.contains("16"), "{e}");
+    }
+
+    #[test]
+    fn a_signature_longer_than_a_copy_carries_is_refused() {
+        let k = keys(&[VECTOR_SECRET]);
+        let longest = format!(
+            "{VECTOR_V1}{}",
+            " ".repeat(MAX_SIGNATURE_LEN - VECTOR_V1.len())
+        );
+        check(&k, &longest, VECTOR_BODY).unwrap();
+        let e = unauthenticated(check(&k, &format!("{longest} "), VECTOR_BODY));
+        assert!(e.contains("longer than"), "{e}");
     }
 
     #[test]

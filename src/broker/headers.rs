@@ -9,6 +9,7 @@
 //! or grow it past the largest frame the broker accepts, which closes the
 //! whole connection.
 
+use crate::authn::webhook::MAX_SIGNATURE_LEN;
 use lapin::{
     BasicProperties,
     types::{AMQPValue, FieldTable},
@@ -28,9 +29,9 @@ pub const DELIVERY_COUNT: &str = "x-delivery-count";
 /// The worker's MAC over its own state on a copy (CONTRACT v2 section 3).
 pub const HOP: &str = crate::authn::hop::HEADER;
 /// Upstream's signature (CONTRACT v2 section 4.1).
-pub const WEBHOOK_ID: &str = "webhook-id";
-pub const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";
-pub const WEBHOOK_SIGNATURE: &str = "webhook-signature";
+pub const WEBHOOK_ID: &str = crate::authn::webhook::ID_HEADER;
+pub const WEBHOOK_TIMESTAMP: &str = crate::authn::webhook::TIMESTAMP_HEADER;
+pub const WEBHOOK_SIGNATURE: &str = crate::authn::webhook::SIGNATURE_HEADER;
 /// Set by RabbitMQ 3.12+ message interceptors at ingress (milliseconds).
 pub const INGRESS_TIMESTAMP: &str = "timestamp_in_ms";
 
@@ -51,11 +52,11 @@ pub const CARRIED: &[&str] = &[
 ];
 
 /// Longest carried value, in bytes: W3C caps `tracestate` at 512
-/// characters, and the verifier reads at most 16 signature entries (about
-/// 92 bytes each). A longer value is dropped rather than truncated (a cut
-/// trace header or signature is invalid either way).
+/// characters. A longer value is dropped rather than truncated (a cut
+/// trace header is invalid either way). A signature may be longer, up to
+/// what the verifier accepts at all, so every signature that passed
+/// survives the copy.
 pub const MAX_CARRIED_LEN: usize = 512;
-const MAX_SIGNATURE_LEN: usize = 16 * 96;
 
 /// The headers the hop MAC vouches for: the state a delivery trusts from an
 /// earlier one (attempts, first receipt, a pending confirmation) and the
