@@ -143,8 +143,8 @@ pub(crate) fn router(
 /// 503 also while a provider cannot be called at all (a revoked Qonto
 /// OAuth grant): the body names each such problem on its own line.
 async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
-    let problems = s.health.provider_problems();
-    if s.health.ready() && problems.is_empty() {
+    let (ready, problems) = readiness(&s.health);
+    if ready {
         return (StatusCode::OK, "ready\n".to_owned());
     }
     let mut body = "not ready\n".to_owned();
@@ -155,9 +155,18 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
     (StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
+/// What `/readyz` and `/status` both report: ready only with the broker
+/// session up and every provider callable, and the providers' problems.
+fn readiness(health: &Readiness) -> (bool, Vec<String>) {
+    let problems = health.provider_problems();
+    (health.ready() && problems.is_empty(), problems)
+}
+
 async fn status(State(s): State<AdminState>) -> axum::Json<serde_json::Value> {
+    let (ready, problems) = readiness(&s.health);
     axum::Json(serde_json::json!({
-        "ready": s.health.ready(),
+        "ready": ready,
+        "provider_problems": problems,
         "draining": s.health.draining(),
         "broker": {
             "node": s.health.broker_node(),

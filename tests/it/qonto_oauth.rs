@@ -737,6 +737,17 @@ async fn a_revoked_grant_holds_qonto_until_a_login_heals_it() {
     .await;
     assert!(body.contains("qonto-oauth login"), "{body}");
     assert!(!body.contains("it-unknown-refresh"), "{body}");
+    // `/status` agrees with `/readyz`, and says why.
+    let status: serde_json::Value = reqwest::get(format!("{}/status", app.admin_url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["ready"], false, "{status}");
+    let problems = status["provider_problems"].to_string();
+    assert!(problems.contains("revoked"), "{status}");
+    assert!(!problems.contains("it-unknown-refresh"), "{status}");
     assert_eq!(
         world.count("oauth.invalid_grants"),
         1,
