@@ -22,11 +22,6 @@ use tokio::time::Instant;
 /// flood from growing the simulator's memory without limit.
 const SEEN_CAP: usize = 1 << 20;
 
-/// Windows per quota; more is a typo, not a provider.
-const MAX_WINDOWS: usize = 8;
-const MAX_LIMIT: u64 = 1_000_000_000;
-const MAX_PERIOD: Duration = Duration::from_secs(7 * 24 * 3600);
-
 /// At most `limit` calls in any rolling `period`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Window {
@@ -109,61 +104,23 @@ impl fmt::Display for Quota {
     }
 }
 
-/// `off`, `none` or an empty text: no quota; otherwise comma-separated
-/// `N/<duration>` windows with `ms`, `s`, `m` or `h` (`1000/10s,10000/10m`).
+/// The worker's own `RATE_LIMIT` syntax and bounds, so a quota the
+/// simulator enforces is one the worker can be set to keep.
 impl FromStr for Quota {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        if text.is_empty() || text.eq_ignore_ascii_case("off") || text.eq_ignore_ascii_case("none")
-        {
-            return Ok(Self::default());
-        }
-        let windows = text
-            .split(',')
-            .map(parse_window)
-            .collect::<Result<Vec<_>, _>>()?;
-        if windows.len() > MAX_WINDOWS {
-            return Err(format!("a quota has at most {MAX_WINDOWS} windows"));
-        }
-        Ok(Self(windows))
+        let windows = crate::isolation::limiter::parse(text)?;
+        Ok(Self(
+            windows
+                .into_iter()
+                .map(|w| Window {
+                    limit: w.limit.into(),
+                    period: w.window,
+                })
+                .collect(),
+        ))
     }
-}
-
-fn parse_window(text: &str) -> Result<Window, String> {
-    let text = text.trim();
-    let bad =
-        |why: &str| format!("quota window {text:?}: {why} (expected N/<duration>, e.g. 1000/10s)");
-    let (limit, period) = text.split_once('/').ok_or_else(|| bad("no '/'"))?;
-    let limit: u64 = limit
-        .trim()
-        .parse()
-        .map_err(|_| bad("N is not a whole number"))?;
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(bad("N must be between 1 and 1000000000"));
-    }
-    let period = period.trim();
-    let split = period
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| bad("the duration has no unit (ms, s, m, h)"))?;
-    let (amount, unit) = period.split_at(split);
-    let amount: u64 = amount
-        .parse()
-        .map_err(|_| bad("the duration is not a whole number"))?;
-    let unit_ms = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => return Err(bad("the unit must be ms, s, m or h")),
-    };
-    let period = amount
-        .checked_mul(unit_ms)
-        .map(Duration::from_millis)
-        .filter(|p| !p.is_zero() && *p <= MAX_PERIOD)
-        .ok_or_else(|| bad("the duration must be above zero and at most 7 days"))?;
-    Ok(Window { limit, period })
 }
 
 impl Serialize for Quota {
