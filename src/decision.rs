@@ -52,6 +52,10 @@ pub(crate) struct Echo {
     pub(crate) target: Option<Value>,
     pub(crate) decided_by: Option<String>,
     pub(crate) decided_at: Option<String>,
+    /// The key of a decision the worker read and trusts: part of its
+    /// outcome's event id, so two decisions with one `decision_id` and
+    /// different targets never share an event id.
+    pub(crate) idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +73,7 @@ impl Decision {
             target: Some(Value::Object(self.target.clone())),
             decided_by: self.decided_by.clone(),
             decided_at: self.decided_at.clone(),
+            idempotency_key: Some(self.idempotency_key.clone()),
         }
     }
 

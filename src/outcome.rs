@@ -143,7 +143,12 @@ impl OutcomeEvent {
     /// even their event ids are stable across redeliveries.
     pub fn new(echo: Echo, status: Status, received_at: OffsetDateTime, raw_body: &[u8]) -> Self {
         Self {
-            event_id: event_id(echo.decision_id.as_deref(), None, status, raw_body),
+            event_id: event_id(
+                echo.decision_id.as_deref(),
+                echo.idempotency_key.as_deref(),
+                status,
+                raw_body,
+            ),
             decision_id: echo.decision_id,
             provider: echo.provider,
             action: echo.action,
@@ -152,7 +157,7 @@ impl OutcomeEvent {
             error: None,
             provider_state: None,
             provider_response: None,
-            idempotency_key: None,
+            idempotency_key: echo.idempotency_key,
             attempts: 0,
             resolution: None,
             confirmation: None,
@@ -161,14 +166,6 @@ impl OutcomeEvent {
             decided_by: echo.decided_by,
             decided_at: echo.decided_at,
         }
-    }
-
-    /// Sets the idempotency key that was sent, and the event id that
-    /// depends on it.
-    pub fn with_key(mut self, key: &str) -> Self {
-        self.event_id = event_id(self.decision_id.as_deref(), Some(key), self.status, &[]);
-        self.idempotency_key = Some(key.to_owned());
-        self
     }
 
     /// `<provider>.<status>`, with `unknown` when the provider is unreadable.
@@ -338,13 +335,13 @@ mod tests {
         let e = OutcomeEvent::new(
             Echo {
                 decision_id: Some("d1".into()),
+                idempotency_key: Some("k1".into()),
                 ..Echo::default()
             },
             Status::Applied,
             OffsetDateTime::now_utc(),
             b"",
-        )
-        .with_key("k1");
+        );
         assert_eq!((e.event_id, e.idempotency_key.as_deref()), (a, Some("k1")));
     }
 

@@ -139,10 +139,42 @@ pub(super) fn judged(mode: AuthMode, checked: Result<(), Refusal>) -> Result<(),
     }
 }
 
-/// What an outcome can echo of a body refused before it was read.
+/// What an outcome can echo of a body refused before it was read. Not its
+/// key: an unauthenticated body's outcome then never shares an event id
+/// with the outcome of a decision the worker trusted, so a forged copy
+/// cannot make consumers drop the genuine event as a duplicate.
 pub(super) fn echo(body: &[u8]) -> Echo {
-    match decision::parse(body) {
+    let echo = match decision::parse(body) {
         Ok(d) => d.echo(),
         Err(e) => *e.echo,
+    };
+    Echo {
+        idempotency_key: None,
+        ..echo
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use time::OffsetDateTime;
+
+    use crate::outcome::{OutcomeEvent, Status};
+    use crate::tools::sim::samples;
+
+    /// A forged, unsigned copy of a decision and the decision itself,
+    /// refused after it was read (its provider disabled, say), announce
+    /// different events: consumers dropping duplicates by event id keep
+    /// both.
+    #[test]
+    fn an_unauthenticated_body_never_shares_an_event_id_with_a_trusted_one() {
+        let body = serde_json::to_vec(&samples::decision("qonto", "approve", "d-1")).unwrap();
+        let trusted = crate::decision::parse(&body).unwrap().echo();
+        let forged = super::echo(&body);
+        assert_eq!(forged.decision_id.as_deref(), Some("d-1"));
+        assert_eq!(forged.idempotency_key, None);
+        let now = OffsetDateTime::now_utc();
+        let a = OutcomeEvent::new(trusted, Status::Invalid, now, &body);
+        let b = OutcomeEvent::new(forged, Status::Invalid, now, &body);
+        assert_ne!(a.event_id, b.event_id);
     }
 }

@@ -321,6 +321,8 @@ pub(super) fn invalid(
 ) -> Settle {
     warn!(error_kind = kind.as_str(), problem = %problem, "decision not applied");
     let mut event = OutcomeEvent::new(echo, Status::Invalid, history.received_at, body);
+    // Nothing was sent with it.
+    event.idempotency_key = None;
     event.error = Some(OutcomeError::new(kind, problem));
     event.attempts = history.attempts;
     Settle::Final(Box::new(event))
@@ -341,8 +343,7 @@ pub(super) fn poison(decision: &Decision, history: &History) -> Settle {
 }
 
 fn base_event(d: &Decision, history: &History, status: Status) -> OutcomeEvent {
-    let mut e =
-        OutcomeEvent::new(d.echo(), status, history.received_at, &[]).with_key(&d.idempotency_key);
+    let mut e = OutcomeEvent::new(d.echo(), status, history.received_at, &[]);
     e.attempts = history.attempts;
     e
 }
