@@ -231,20 +231,12 @@ async fn verify(
     history: &History,
 ) -> Result<(), Settle> {
     let auth = &shared.settings.auth;
-    let checked = match auth.mode {
-        AuthMode::Off => Ok(()),
-        AuthMode::Enforce | AuthMode::Monitor => {
-            let batcher = &shared.batcher;
-            authenticate::signature(auth, batcher, signature, origin, body, history).await
-        }
-    };
-    judged(
-        shared,
-        || checked,
-        || authenticate::echo(body),
-        body,
-        history,
-    )
+    if auth.mode == AuthMode::Off {
+        return Ok(());
+    }
+    let batcher = &shared.batcher;
+    let checked = authenticate::signature(auth, batcher, signature, origin, body, history).await;
+    judged(shared, checked, || authenticate::echo(body), body, history)
 }
 
 /// The routing key and the publisher, once the body says what it decides.
@@ -255,24 +247,24 @@ fn authorize(
     body: &[u8],
     history: &History,
 ) -> Result<(), Settle> {
-    let check = || authenticate::publisher(&shared.settings.auth, origin, decision);
-    judged(shared, check, || decision.echo(), body, history)
+    let auth = &shared.settings.auth;
+    if auth.mode == AuthMode::Off {
+        return Ok(());
+    }
+    let checked = authenticate::publisher(auth, origin, decision);
+    judged(shared, checked, || decision.echo(), body, history)
 }
 
-/// Runs an authenticity check unless the mode is `off`; a refusal the
-/// mode enforces settles the decision as invalid.
+/// A refusal the authenticity mode enforces settles the decision as
+/// invalid (`monitor` logs and counts it, and goes on).
 fn judged(
     shared: &Shared,
-    check: impl FnOnce() -> Result<(), authenticate::Refusal>,
+    checked: Result<(), authenticate::Refusal>,
     echo: impl FnOnce() -> decision::Echo,
     body: &[u8],
     history: &History,
 ) -> Result<(), Settle> {
-    let mode = shared.settings.auth.mode;
-    if mode == AuthMode::Off {
-        return Ok(());
-    }
-    authenticate::judged(mode, check())
+    authenticate::judged(shared.settings.auth.mode, checked)
         .map_err(|r| settle::invalid(echo(), r.kind, r.problem, history, body))
 }
 

@@ -54,6 +54,10 @@ struct Job {
 #[derive(Default)]
 pub struct Batcher {
     queue: Mutex<Queue>,
+    /// The largest batch this batcher formed, for its own tests (the
+    /// global counters below are shared by every test running at once).
+    #[cfg(test)]
+    largest: std::sync::atomic::AtomicUsize,
 }
 
 /// Jobs in the order they were queued, each with its ticket.
@@ -102,7 +106,11 @@ impl Batcher {
                 queue.jobs.drain(..take).collect()
             };
             #[cfg(test)]
-            stats::record(batch.len());
+            {
+                stats::record(batch.len());
+                let largest = &self.largest;
+                largest.fetch_max(batch.len(), std::sync::atomic::Ordering::Relaxed);
+            }
             let verdicts = check(&batch);
             for (job, valid) in batch.into_iter().zip(verdicts) {
                 // A delivery task that was cancelled no longer waits.
@@ -156,16 +164,10 @@ mod stats {
 
     static BATCHES: AtomicUsize = AtomicUsize::new(0);
     static SIGNATURES: AtomicUsize = AtomicUsize::new(0);
-    static LARGEST: AtomicUsize = AtomicUsize::new(0);
 
     pub(super) fn record(len: usize) {
         BATCHES.fetch_add(1, Relaxed);
         SIGNATURES.fetch_add(len, Relaxed);
-        LARGEST.fetch_max(len, Relaxed);
-    }
-
-    pub(super) fn largest() -> usize {
-        LARGEST.load(Relaxed)
     }
 
     /// Batches and signatures so far.
@@ -322,7 +324,7 @@ mod tests {
         .expect("the batcher did not answer every submitter in time");
         assert_eq!(total, 64 * 8);
         assert!(
-            stats::largest() > 1,
+            batcher.largest.load(std::sync::atomic::Ordering::Relaxed) > 1,
             "no batch of more than one signature was formed"
         );
     }

@@ -62,6 +62,9 @@ pub(super) async fn signature(
         },
         problem: e.message().to_owned(),
     })?;
+    // Which key vouched: operators remove an old key once this stops
+    // counting for it (README, rotating a key).
+    metrics::counter!("approval_verified_total", "key" => key_label(verified.key)).increment(1);
     // Only upstream's own publish is stamped at its signing time; the
     // worker's copies are stamped when the worker republished them.
     if origin.via_decisions_exchange
@@ -72,6 +75,19 @@ pub(super) async fn signature(
             .map_err(|e| Refusal::unauthenticated(e.message().to_owned()))?;
     }
     Ok(())
+}
+
+/// A key's 1-based position in `APPROVAL_AUTH__KEYS` as a metric label,
+/// without an allocation per decision.
+fn key_label(position: usize) -> &'static str {
+    const LABELS: [&str; authn::keys::MAX_KEYS] = [
+        "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    position
+        .checked_sub(1)
+        .and_then(|i| LABELS.get(i))
+        .copied()
+        .unwrap_or("other")
 }
 
 /// What only the read body can tell: on a delivery through the decisions
@@ -165,6 +181,14 @@ mod tests {
     /// refused after it was read (its provider disabled, say), announce
     /// different events: consumers dropping duplicates by event id keep
     /// both.
+    #[test]
+    fn each_key_position_has_its_label() {
+        assert_eq!(super::key_label(1), "1");
+        assert_eq!(super::key_label(16), "16");
+        assert_eq!(super::key_label(0), "other");
+        assert_eq!(super::key_label(17), "other");
+    }
+
     #[test]
     fn an_unauthenticated_body_never_shares_an_event_id_with_a_trusted_one() {
         let body = serde_json::to_vec(&samples::decision("qonto", "approve", "d-1")).unwrap();
