@@ -16,7 +16,7 @@
 
 use std::{
     fs::{self, File, OpenOptions, TryLockError},
-    io::{ErrorKind, Write},
+    io::{ErrorKind, Read, Write},
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -74,7 +74,17 @@ impl FileStore {
                 "is larger than {MAX_FILE} bytes: not a token store"
             )));
         }
-        let text = fs::read(&self.path).map_err(|e| self.error(format!("cannot be read: {e}")))?;
+        // The handle checked above, not the path again: it may have been
+        // replaced meanwhile. Bounded, as the file may grow after the check.
+        let mut text = Vec::new();
+        file.take(MAX_FILE + 1)
+            .read_to_end(&mut text)
+            .map_err(|e| self.error(format!("cannot be read: {e}")))?;
+        if text.len() as u64 > MAX_FILE {
+            return Err(self.error(format!(
+                "is larger than {MAX_FILE} bytes: not a token store"
+            )));
+        }
         if text.iter().all(u8::is_ascii_whitespace) {
             return Ok(None);
         }

@@ -296,6 +296,9 @@ struct Current {
     unauthorized: u32,
     breaker_until: Option<Instant>,
     watching: bool,
+    /// When the configured seed met `invalid_grant`: nothing is stored
+    /// then, and without this an empty store would send it again forever.
+    seed_refused: Option<OffsetDateTime>,
 }
 
 /// Where the Qonto client gets its bearer token.
@@ -322,6 +325,19 @@ impl std::fmt::Debug for TokenSource {
 fn unusable(message: String, retry_after: Duration) -> CallError {
     let mut e = CallError::new(ErrorClass::Unavailable, message);
     e.provider_code = Some(CREDENTIALS_UNUSABLE.to_owned());
+    e.retry_after = Some(retry_after);
+    e
+}
+
+/// An expired token while the refresh backs off: nothing reached Qonto, so
+/// the decision waits without spending an attempt; the grant itself is not
+/// known to be unusable, hence no `CREDENTIALS_UNUSABLE`.
+fn backing_off(retry_after: Duration) -> CallError {
+    let mut e = CallError::new(
+        ErrorClass::Unavailable,
+        "the Qonto OAuth access token expired and its refresh failed; trying again later"
+            .to_owned(),
+    );
     e.retry_after = Some(retry_after);
     e
 }
@@ -409,14 +425,30 @@ impl TokenSource {
             }
         }
         let _flight = self.flight.lock().await;
-        // Another task of this process may have renewed meanwhile.
+        // Another task of this process may have renewed, or failed to,
+        // meanwhile: a failure is not repeated by each caller queued behind
+        // it (the same refresh token, long past the server's grace).
         {
             let c = self.current();
+            let now_i = Instant::now();
+            if let Some(problem) = &c.problem
+                && c.last_read.is_some_and(|at| now_i < at + UNUSABLE_REREAD)
+            {
+                return Err(unusable(problem.describe(), UNUSABLE_HOLD));
+            }
             if c.problem.is_none()
                 && let Some(r) = &c.record
-                && OffsetDateTime::now_utc() < r.refresh_due(self.refresh_at)
             {
-                return Ok(r.access_token.clone());
+                let now = OffsetDateTime::now_utc();
+                if now < r.refresh_due(self.refresh_at) {
+                    return Ok(r.access_token.clone());
+                }
+                if let Some(until) = c.refresh_after.filter(|t| now_i < *t) {
+                    if r.expired(now) {
+                        return Err(backing_off(until - now_i));
+                    }
+                    return Ok(r.access_token.clone());
+                }
             }
         }
         self.renew().await
@@ -482,9 +514,14 @@ impl TokenSource {
             loop {
                 tokio::time::sleep(UNUSABLE_REREAD).await;
                 let Some(source) = this.upgrade() else { return };
-                if source.current().problem.is_none() {
-                    source.current().watching = false;
-                    return;
+                {
+                    // One guard: a problem recorded between a check and the
+                    // clearing would otherwise be left without a watcher.
+                    let mut c = source.current();
+                    if c.problem.is_none() {
+                        c.watching = false;
+                        return;
+                    }
                 }
                 let _ = source.token().await;
             }
@@ -493,13 +530,17 @@ impl TokenSource {
 
     /// A store problem: with a valid cached token, keep going on it.
     fn store_failed(&self, e: StoreError) -> Result<SecretString, CallError> {
-        let c = self.current();
+        let mut c = self.current();
         if c.problem.is_none()
             && let Some(r) = &c.record
             && !r.expired(OffsetDateTime::now_utc())
         {
             tracing::warn!(error = %e, "Qonto OAuth token store unavailable; the current token is still valid");
-            return Ok(r.access_token.clone());
+            let token = r.access_token.clone();
+            // The next caller uses it too, rather than waiting on the store
+            // (up to LOCK_WAIT) on a decision's path.
+            c.refresh_after = Some(Instant::now() + REFRESH_BACKOFF);
+            return Ok(token);
         }
         drop(c);
         Err(self.fail(Problem::Store(e.to_string())))
@@ -519,20 +560,25 @@ impl TokenSource {
                 self.current().record = Some(r);
             }
             Ok(None) if self.seed.is_none() => return Err(self.fail(Problem::Empty)),
-            Ok(None) => {}
+            Ok(None) => {
+                let refused = self.current().seed_refused;
+                if let Some(at) = refused {
+                    return Err(self.fail(Problem::Revoked(at)));
+                }
+            }
             Err(e) => return self.store_failed(e),
         }
-        // Backing off after a transient failure, with a valid token.
-        let backing_off = {
+        // Backing off after a transient failure: the valid token goes on;
+        // an expired one (or none) waits rather than refreshing again.
+        {
             let c = self.current();
-            c.refresh_after
-                .is_some_and(|t| Instant::now() < t)
-                .then(|| c.record.clone())
-                .flatten()
-                .filter(|r| !r.expired(now))
-        };
-        if let Some(r) = backing_off {
-            return Ok(r.access_token);
+            let now_i = Instant::now();
+            if let Some(until) = c.refresh_after.filter(|t| now_i < *t) {
+                return match c.record.as_ref().filter(|r| !r.expired(now)) {
+                    Some(r) => Ok(r.access_token.clone()),
+                    None => Err(backing_off(until - now_i)),
+                };
+            }
         }
         let mut locked = match self.store.lock(LOCK_WAIT).await {
             Ok(l) => l,
@@ -551,6 +597,11 @@ impl TokenSource {
             }
             Some(r) => (r.refresh_token.clone(), r.generation),
             None => match &self.seed {
+                Some(_) if self.current().seed_refused.is_some() => {
+                    drop(locked);
+                    let at = self.current().seed_refused.unwrap_or(now);
+                    return Err(self.fail(Problem::Revoked(at)));
+                }
                 Some(seed) => {
                     tracing::info!(
                         "seeding the empty Qonto OAuth token store from the configured refresh token"
@@ -595,7 +646,9 @@ impl TokenSource {
                     let _ = locked.release().await;
                     self.current().record = Some(r);
                 } else {
+                    // The seed was refused: nothing to mark in the store.
                     drop(locked);
+                    self.current().seed_refused = Some(now);
                 }
                 Err(self.fail(Problem::Revoked(now)))
             }
@@ -618,7 +671,8 @@ impl TokenSource {
                     .filter(|r| !r.expired(OffsetDateTime::now_utc()))
                 {
                     Some(r) => Ok(r.access_token.clone()),
-                    None => Err(e),
+                    // Nothing reached Qonto: not a spent attempt.
+                    None => Err(backing_off(REFRESH_BACKOFF)),
                 }
             }
         }
@@ -631,12 +685,15 @@ impl TokenSource {
         let mut wait = Duration::from_millis(500);
         loop {
             match self.endpoint.exchange(Grant::Refresh(token)).await {
-                Err(EndpointError::Transient(e))
-                    if started.elapsed() + wait < REFRESH_RETRY_SPAN =>
-                {
+                Err(EndpointError::Transient(e)) => {
+                    // The server's Retry-After counts: a repeat past the span
+                    // could fall outside the grace.
+                    let pause = wait.max(e.retry_after.unwrap_or_default());
+                    if started.elapsed() + pause >= REFRESH_RETRY_SPAN {
+                        return Err(EndpointError::Transient(e));
+                    }
                     tracing::warn!(error = %e, "Qonto OAuth refresh answer lost; repeating it within the grace period");
-                    let asked = e.retry_after.unwrap_or_default();
-                    tokio::time::sleep(wait.max(asked).min(REFRESH_RETRY_SPAN)).await;
+                    tokio::time::sleep(pause).await;
                     wait = (wait * 2).min(Duration::from_secs(8));
                 }
                 other => return other,

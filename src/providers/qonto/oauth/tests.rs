@@ -284,9 +284,82 @@ async fn a_lost_refresh_answer_is_repeated_with_the_same_token() {
 }
 
 /// A token endpoint that keeps failing while the old token is still valid:
-/// calls go on with the old token, and the refresh is tried again later.
+/// calls go on with the old token, and the refresh is tried again later,
+/// not by the next call. (Retry-After past the retry span: one request.)
 #[tokio::test]
 async fn while_the_endpoint_fails_the_valid_token_is_used() {
+    let f = Fixture::new().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503).insert_header("retry-after", "60"))
+        .expect(1)
+        .mount(&f.server)
+        .await;
+    f.put(2, 85, 100).await;
+    let source = f.source(None);
+    assert_eq!(source.token().await.unwrap().expose_secret(), "access-2");
+    assert_eq!(source.token().await.unwrap().expose_secret(), "access-2");
+    assert_eq!(f.refreshes().await, ["refresh-2"]);
+    assert!(source.problem().is_none());
+}
+
+/// An expired token and a token endpoint down: every caller is told to
+/// wait (not an attempt, not a grant problem), with ONE token request per
+/// back-off, not one per queued caller.
+#[tokio::test]
+async fn an_expired_token_with_the_endpoint_down_waits_with_one_request() {
+    let f = Fixture::new().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503).insert_header("retry-after", "60"))
+        .expect(1)
+        .mount(&f.server)
+        .await;
+    f.put(2, 200, 100).await;
+    let source = f.source(None);
+    let calls = (0..10).map(|_| {
+        let source = source.clone();
+        tokio::spawn(async move { source.token().await })
+    });
+    for call in calls {
+        let e = call.await.unwrap().unwrap_err();
+        assert_eq!(e.class, ErrorClass::Unavailable, "{e}");
+        assert_eq!(e.provider_code, None, "{e}");
+        let wait = e.retry_after.expect("a retry_after");
+        assert!(
+            wait > Duration::ZERO && wait <= super::REFRESH_BACKOFF,
+            "{wait:?}"
+        );
+    }
+    assert_eq!(f.refreshes().await, ["refresh-2"]);
+    assert!(source.problem().is_none());
+}
+
+/// A seed refused with invalid_grant leaves the store empty; a re-read
+/// must not send it again.
+#[tokio::test]
+async fn a_refused_seed_is_not_sent_again() {
+    let f = Fixture::new().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+            "error": "invalid_grant", "error_description": "unknown refresh token"
+        })))
+        .expect(1)
+        .mount(&f.server)
+        .await;
+    let source = f.source(Some("seed-token"));
+    let e = source.token().await.unwrap_err();
+    assert_eq!(e.provider_code.as_deref(), Some(CREDENTIALS_UNUSABLE));
+    // Past the re-read interval, as the watcher would call.
+    source.current().last_read = Some(tokio::time::Instant::now() - super::UNUSABLE_REREAD);
+    let e = source.token().await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Unavailable);
+    assert!(source.problem().unwrap().contains("revoked"));
+    assert_eq!(f.refreshes().await, ["seed-token"]);
+}
+
+/// The token endpoint refuses the client (invalid_client): calls are held
+/// and the grant is not marked revoked.
+#[tokio::test]
+async fn a_refused_client_holds_calls() {
     let f = Fixture::new().await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(401).set_body_json(json!({"error": "invalid_client"})))
