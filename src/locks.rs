@@ -11,10 +11,28 @@ use std::{
 
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
+/// A semaphore per provider, made on first use.
+pub(crate) type Semaphores = Mutex<HashMap<&'static str, Arc<Semaphore>>>;
+
+/// `provider`'s semaphore in `map`, made with `permits` on first use. A
+/// poisoned map is still whole (a panic cannot leave an entry half made),
+/// so it is used rather than panicking every later call.
+pub(crate) fn per_provider(
+    map: &Semaphores,
+    provider: &'static str,
+    permits: usize,
+) -> Arc<Semaphore> {
+    map.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(provider)
+        .or_insert_with(|| Arc::new(Semaphore::new(permits)))
+        .clone()
+}
+
 /// At most `share` deliveries per provider at once.
 pub struct ProviderShares {
     share: usize,
-    map: Mutex<HashMap<&'static str, Arc<Semaphore>>>,
+    map: Semaphores,
 }
 
 impl ProviderShares {
@@ -33,13 +51,7 @@ impl ProviderShares {
         provider: &'static str,
         wait: Duration,
     ) -> Option<OwnedSemaphorePermit> {
-        let slots = self
-            .map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(provider)
-            .or_insert_with(|| Arc::new(Semaphore::new(self.share)))
-            .clone();
+        let slots = per_provider(&self.map, provider, self.share);
         tokio::time::timeout(wait, slots.acquire_owned())
             .await
             .ok()?

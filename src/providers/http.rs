@@ -2,8 +2,7 @@
 //! reads, path-segment encoding, status classes and call metrics.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -16,6 +15,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use crate::{
+    locks::{Semaphores, per_provider},
     outcome::bounded_copy,
     retry::{self, CallError, ErrorClass},
     settings::{SettingsError, WorkerSettings},
@@ -234,19 +234,6 @@ fn unbuildable(operation: &str) -> CallError {
              settings (is there a line break or another control character inside a credential?)"
         ),
     )
-}
-
-type Semaphores = Mutex<HashMap<&'static str, Arc<Semaphore>>>;
-
-/// `provider`'s semaphore in `map`, made with `permits` on first use. A
-/// poisoned map is still whole (a panic cannot leave an entry half made),
-/// so it is used rather than panicking every later call.
-fn per_provider(map: &Semaphores, provider: &'static str, permits: usize) -> Arc<Semaphore> {
-    map.lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .entry(provider)
-        .or_insert_with(|| Arc::new(Semaphore::new(permits)))
-        .clone()
 }
 
 pub fn status_class(status: StatusCode) -> &'static str {
