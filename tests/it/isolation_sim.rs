@@ -529,7 +529,7 @@ async fn a_decision_held_by_a_revoked_grant_ends_unauthorized_at_the_horizon() {
     let store = dir.0.join("qonto-oauth.json");
     // A stored pair whose refresh token the server never issued and whose
     // access token expired: its refresh is answered invalid_grant.
-    write_0600(
+    crate::helpers::qonto::write_token_file(
         &store,
         &serde_json::json!({
             "access_token": "it-stale-access",
@@ -618,17 +618,4 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn write_0600(path: &std::path::Path, value: &Value) {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .unwrap();
-    f.write_all(value.to_string().as_bytes()).unwrap();
 }

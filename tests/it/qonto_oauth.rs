@@ -287,7 +287,7 @@ impl Drop for Store {
 /// A worker process (the real binary) on this app, with an admin port of
 /// its own so several run side by side.
 fn replica(app: &TestApp) -> Process {
-    let bind = format!("127.0.0.1:{}", free_port());
+    let bind = format!("127.0.0.1:{}", crate::helpers::app::free_port());
     app.run_with(&["run"], &[("APPROVAL_ADMIN__BIND", &bind)])
 }
 
@@ -697,7 +697,10 @@ async fn a_process_killed_mid_run_restarts_on_a_postgres_store_within_and_after_
 async fn a_revoked_grant_holds_qonto_until_a_login_heals_it() {
     let started = Instant::now();
     let world = World::new(Duration::from_secs(3600)).await;
-    let redirect = format!("http://127.0.0.1:{}/callback", free_port());
+    let redirect = format!(
+        "http://127.0.0.1:{}/callback",
+        crate::helpers::app::free_port()
+    );
     let app = spawn_app(
         world
             .app("oauth-revoked", &Store::file(&world), false)
@@ -717,7 +720,7 @@ async fn a_revoked_grant_holds_qonto_until_a_login_heals_it() {
         "refreshed_by": "it:1"
     });
     let path = world.dir.join("qonto-oauth.json");
-    write_0600(&path, &stale);
+    crate::helpers::qonto::write_token_file(&path, &stale);
 
     let mut worker = app.run(&["run"]);
     let ready = format!("{}/readyz", app.admin_url());
@@ -847,25 +850,4 @@ async fn a_revoked_grant_holds_qonto_until_a_login_heals_it() {
     ] {
         assert!(!logs.contains(secret), "a log line holds a secret");
     }
-}
-
-fn write_0600(path: &std::path::Path, value: &serde_json::Value) {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .unwrap();
-    f.write_all(value.to_string().as_bytes()).unwrap();
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

@@ -215,7 +215,7 @@ fn worker_env(broker: &TestBroker) -> Vec<(String, String)> {
 }
 
 /// A port nobody listens on right now, for a process's admin endpoint.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -113,3 +113,18 @@ pub fn decline(decision_id: &str, request_id: &str) -> Value {
 pub fn request_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
+
+/// Writes a Qonto OAuth token store file as the worker requires it: owner
+/// read and write only.
+pub fn write_token_file(path: &std::path::Path, value: &Value) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(value.to_string().as_bytes()).unwrap();
+}
